@@ -1,0 +1,1 @@
+"""Building blocks written once against the Python array API standard (2024.12)."""

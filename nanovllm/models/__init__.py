@@ -1,0 +1,30 @@
+"""Model registry keyed by the `architectures` field of config.json."""
+
+from __future__ import annotations
+
+import importlib
+
+from ..layers.rotary import UnsupportedFeatureError
+
+# architecture -> (module, class)
+MODELS = {
+    "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
+}
+
+
+class UnsupportedArchitectureError(ValueError):
+    pass
+
+
+def model_class(config: dict, source: str = "config.json"):
+    archs = config.get("architectures") or []
+    for arch in archs:
+        if arch in MODELS:
+            module, cls = MODELS[arch]
+            return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+    raise UnsupportedArchitectureError(
+        f"{source}: architecture {archs or config.get('model_type')!r} is not supported; "
+        f"supported architectures: {', '.join(sorted(MODELS))}")
+
+
+__all__ = ["MODELS", "UnsupportedArchitectureError", "UnsupportedFeatureError", "model_class"]

@@ -1,0 +1,39 @@
+"""Backends: which array namespace, device and dtype; and the few things the standard lacks."""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import Backend, BackendError
+
+# name -> (module in this package, the library it needs, the pip extra that installs it)
+BACKENDS = {
+    "numpy": ("numpy_backend", "numpy", None),
+    "array_api_strict": ("strict_backend", "array_api_strict", "strict"),
+    "jax": ("jax_backend", "jax", "jax"),
+    "torch": ("torch_backend", "torch", "torch"),
+    "cupy": ("cupy_backend", "cupy", "cupy"),
+}
+ALIASES = {"strict": "array_api_strict", "array-api-strict": "array_api_strict", "np": "numpy"}
+
+
+def get_backend(name: str = "numpy", device: str | None = None, dtype: str = "float32") -> Backend:
+    key = ALIASES.get(name, name)
+    if key not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}; known backends: {', '.join(BACKENDS)}")
+    module, library, extra = BACKENDS[key]
+    try:
+        importlib.import_module(library)
+    except ImportError as exc:
+        raise BackendError(f"backend {key!r} needs the {library!r} package, which is not "
+                           f"installed ({exc}); install it with: pip install 'nanovllm[{extra}]'"
+                           ) from exc
+    try:
+        mod = importlib.import_module(f"{__name__}.{module}")
+    except ModuleNotFoundError as exc:
+        raise BackendError(f"backend {key!r} is not implemented in this version; known and "
+                           f"implemented: numpy, array_api_strict") from exc
+    return mod.make(device, str(dtype))
+
+
+__all__ = ["Backend", "BackendError", "BACKENDS", "get_backend"]

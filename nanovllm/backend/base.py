@@ -1,0 +1,51 @@
+"""What every backend offers: the namespace, device and dtype, plus what the standard lacks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+
+class BackendError(ValueError):
+    """An unknown backend, a missing array library, or an option the backend cannot honour."""
+
+
+@dataclass(eq=False)
+class Backend:
+    name: str
+    xp: Any
+    device: Any = None
+    dtype: Any = None  # the compute dtype (xp.float32 unless asked otherwise)
+    int_dtype: Any = None  # index dtype for token ids, positions and slots
+    extra: dict = field(default_factory=dict)
+
+    def asarray(self, host: Any, dtype: Any = None) -> Any:
+        """Host (numpy or Python) data -> an array on this backend's device."""
+        return self.xp.asarray(host, dtype=dtype, device=self.device)
+
+    def weight(self, host: np.ndarray) -> Any:
+        """A float weight from the host, cast to the compute dtype."""
+        return self.asarray(np.ascontiguousarray(host), dtype=self.dtype)
+
+    def index(self, host: Any) -> Any:
+        return self.asarray(np.asarray(host), dtype=self.int_dtype)
+
+    def to_host(self, x: Any) -> np.ndarray:
+        return np.asarray(x)
+
+    def scatter_rows(self, pool: Any, slots: Any, rows: Any) -> Any:
+        """pool[slots] = rows along axis 0; in place where the library allows. Returns the pool."""
+        pool[slots] = rows
+        return pool
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any = None) -> Any:
+        return self.xp.zeros(shape, dtype=dtype or self.dtype, device=self.device)
+
+    def jit(self, fn: Callable, **kwargs: Any) -> Callable:
+        return fn
+
+    def describe(self) -> str:
+        dtype = getattr(self.dtype, "__name__", self.dtype)
+        return f"{self.name} (device={self.device}, dtype={dtype})"

@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+import array_api_compat.numpy as xp
+
+from .base import Backend, BackendError
+
+
+def make(device: str | None, dtype: str) -> Backend:
+    if device not in (None, "cpu"):
+        raise BackendError(f"device={device!r}: the numpy backend runs on the CPU only; "
+                           "pass device='cpu' or omit it")
+    if dtype != "float32":
+        raise BackendError(f"dtype={dtype!r}: the numpy backend computes in float32 only "
+                           "(OpenBLAS has no fast float16/bfloat16); pass dtype='float32'")
+    return Backend("numpy", xp, "cpu", xp.float32, xp.int64)

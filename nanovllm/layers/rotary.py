@@ -1,0 +1,88 @@
+"""Rotary position embedding in Hugging Face's half-split layout, with its scaling variants."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+class UnsupportedFeatureError(ValueError):
+    """A valid config that uses a feature nanovllm does not implement."""
+
+
+@dataclass(slots=True)
+class RopeSpec:
+    dim: int
+    theta: float = 10000.0
+    kind: str = "default"  # default | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+def rope_spec(config: dict, dim: int) -> RopeSpec:
+    """Reads both spellings: transformers 5 `rope_parameters`, older `rope_theta` + `rope_scaling`."""
+    params = dict(config.get("rope_scaling") or {})
+    params.update(config.get("rope_parameters") or {})
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default")) or "default"
+    spec = RopeSpec(dim=dim, theta=float(theta), kind=kind)
+    if kind == "default":
+        return spec
+    if kind not in ("linear", "llama3"):
+        raise UnsupportedFeatureError(
+            f"rope scaling type {kind!r} is not supported; supported: default, linear, llama3")
+    spec.factor = float(params["factor"])
+    if kind == "llama3":
+        spec.low_freq_factor = float(params["low_freq_factor"])
+        spec.high_freq_factor = float(params["high_freq_factor"])
+        spec.original_max_position = int(params["original_max_position_embeddings"])
+    return spec
+
+
+def inverse_frequencies(xp, spec: RopeSpec, device=None):
+    exponent = xp.arange(0, spec.dim, 2, dtype=xp.float32, device=device) / spec.dim
+    inv_freq = 1.0 / (spec.theta ** exponent)
+    if spec.kind == "linear":
+        return inv_freq / spec.factor
+    if spec.kind == "llama3":
+        low_wavelen = spec.original_max_position / spec.low_freq_factor
+        high_wavelen = spec.original_max_position / spec.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = xp.where(wavelen > low_wavelen, inv_freq / spec.factor, inv_freq)
+        smooth = (spec.original_max_position / wavelen - spec.low_freq_factor) / (
+            spec.high_freq_factor - spec.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / spec.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return xp.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+class RotaryEmbedding:
+    """Precomputes cos/sin for every position once; applies them by `take` on the positions."""
+
+    def __init__(self, xp, spec: RopeSpec, max_positions: int, dtype, device=None):
+        self.xp = xp
+        inv_freq = inverse_frequencies(xp, spec, device)
+        pos = xp.arange(max_positions, dtype=xp.float32, device=device)
+        freqs = pos[:, None] * inv_freq[None, :]
+        self.cos = xp.astype(xp.cos(freqs), dtype)
+        self.sin = xp.astype(xp.sin(freqs), dtype)
+        self.half = spec.dim // 2
+
+    def tables(self, positions):
+        """cos, sin of shape [T, 1, dim/2], to broadcast over heads."""
+        xp = self.xp
+        return (xp.take(self.cos, positions, axis=0)[:, None, :],
+                xp.take(self.sin, positions, axis=0)[:, None, :])
+
+    def apply(self, x, cos, sin):
+        """x: [T, heads, head_dim]; rotates the first `dim` features of each head."""
+        xp = self.xp
+        h = self.half
+        x1, x2 = x[..., :h], x[..., h:2 * h]
+        rotated = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+        if x.shape[-1] > 2 * h:
+            rotated.append(x[..., 2 * h:])
+        return xp.concat(rotated, axis=-1)

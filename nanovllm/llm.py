@@ -1,0 +1,153 @@
+"""The library API, shaped as vLLM's: LLM(model).generate(prompts, SamplingParams(...))."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+
+from .backend import get_backend
+from .config import EngineConfig
+from .engine.llm_engine import InvalidRequestError, LLMEngine
+from .engine.model_runner import ModelRunner, kv_cache_bytes_per_block
+from .loader import load_model
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+Prompt = str | list[int]
+DEFAULT_KV_CACHE_MEMORY = 1 << 30
+
+
+class LLM:
+    def __init__(self, model: str | None = None, backend: str = "numpy", device: str | None = None,
+                 dtype: str = "float32", max_model_len: int | None = None,
+                 max_num_seqs: int = 32, max_num_batched_tokens: int = 512, block_size: int = 16,
+                 num_kv_blocks: int | None = None, kv_cache_memory: int | None = None,
+                 enable_prefix_caching: bool = True, seed: int = 0, verbose: bool = True):
+        if block_size <= 0:  # checked before loading weights, the slow part
+            EngineConfig(block_size=block_size)
+        self.backend = get_backend(backend, device=device, dtype=dtype)
+        loaded = load_model(model, self.backend, max_model_len)
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        model_max = self.model.cfg.max_position_embeddings
+        if max_model_len is not None and max_model_len > model_max:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's "
+                             f"max_position_embeddings={model_max}; pass at most {model_max}")
+        itemsize = 4 if dtype == "float32" else 2
+        per_block = kv_cache_bytes_per_block(self.model, block_size, itemsize)
+        if num_kv_blocks is None:
+            budget = DEFAULT_KV_CACHE_MEMORY if kv_cache_memory is None else kv_cache_memory
+            wanted_len = max_model_len or model_max
+            needed = max_num_seqs * -(-wanted_len // block_size) + 1
+            num_kv_blocks = min(max(budget // per_block, 2), needed)
+        if max_model_len is None:
+            max_model_len = min(model_max, (num_kv_blocks - 1) * block_size)
+        self.config = EngineConfig(
+            max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+            num_kv_blocks=num_kv_blocks, enable_prefix_caching=enable_prefix_caching)
+        runner = ModelRunner(self.model, self.backend, self.config, loaded.eos_token_ids, seed)
+        self.engine = LLMEngine(self.model, self.tokenizer, runner, self.config,
+                                loaded.eos_token_ids)
+        if verbose:
+            tokens = (num_kv_blocks - 1) * block_size
+            print(f"nanovllm: {loaded.path.name} on {self.backend.describe()}, loaded in "
+                  f"{loaded.load_seconds:.1f}s; KV cache: {num_kv_blocks} blocks x {block_size} "
+                  f"= {tokens} tokens, {num_kv_blocks * per_block / 2**20:.0f} MiB; "
+                  f"max_model_len={max_model_len}", file=sys.stderr)
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    # ---- offline generation ----------------------------------------------------------------
+    def _add_all(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams]) -> list[str]:
+        """Adds every request or none: a bad prompt leaves the engine as it was."""
+        added: list[str] = []
+        try:
+            for prompt, p in zip(prompts, params):
+                added.append(self.engine.add_request(prompt, p))
+        except Exception:
+            for rid in added:
+                self.engine.abort_request(rid)
+            raise
+        return added
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
+                                        and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; "
+                                 "pass one, or one per prompt")
+        ids = self._add_all(prompts, params)
+        return self._run(ids, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+            bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True)
+        try:
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.finished and out.request_id not in done:
+                        done[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            for rid in ids:
+                if rid not in done:
+                    self.engine.abort_request(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [done[rid] for rid in ids]
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.chat_prompt(c, add_generation_prompt) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """A conversation rendered with the model's chat template, as token ids."""
+        if self.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer, so it cannot chat; pass "
+                                      "token ids to generate() instead")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # ---- streaming -------------------------------------------------------------------------
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None
+               ) -> Iterator[str]:
+        """Yields the text of one request as it is generated (the first sample if n > 1).
+
+        Text that could still turn out to be the start of a stop string is held back until
+        it is clear it is not.
+        """
+        params = sampling_params or SamplingParams()
+        rid = self.engine.add_request(prompt, params)
+        hold = max((len(s) for s in params.stop_strings), default=1) - 1
+        sent, finished = 0, False
+        try:
+            while not finished:
+                for out in self.engine.step():
+                    if out.request_id != rid:
+                        continue
+                    text, finished = out.outputs[0].text, out.finished
+                    upto = len(text) if finished else max(sent, len(text) - hold)
+                    if upto > sent:
+                        yield text[sent:upto]
+                        sent = upto
+        finally:
+            if not finished:
+                self.engine.abort_request(rid)

@@ -1,0 +1,166 @@
+"""Llama family (Llama 2/3.x, TinyLlama, SmolLM2): RMSNorm, GQA with RoPE, SwiGLU MLP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..layers.activation import silu
+from ..layers.attention import paged_attention, write_kv
+from ..layers.linear import embedding, linear, prepare_linear
+from ..layers.norm import rms_norm
+from ..layers.rotary import RotaryEmbedding, UnsupportedFeatureError, rope_spec
+from .base import check_tensors, require
+
+
+@dataclass(slots=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+    max_position_embeddings: int
+
+    @classmethod
+    def from_hf(cls, c: dict) -> LlamaConfig:
+        if c.get("hidden_act", "silu") != "silu":
+            raise UnsupportedFeatureError(f"hidden_act={c['hidden_act']!r} is not supported for "
+                                          "Llama; supported: 'silu'")
+        heads = require(c, "num_attention_heads")
+        hidden = require(c, "hidden_size")
+        return cls(
+            vocab_size=require(c, "vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=require(c, "intermediate_size"),
+            num_layers=require(c, "num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or hidden // heads,
+            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            attention_bias=bool(c.get("attention_bias", False)),
+            mlp_bias=bool(c.get("mlp_bias", False)),
+            max_position_embeddings=c.get("max_position_embeddings", 2048),
+        )
+
+
+class LlamaForCausalLM:
+    def __init__(self, hf_config: dict, backend, max_positions: int | None = None):
+        self.backend = backend
+        self.xp = backend.xp
+        self.cfg = cfg = LlamaConfig.from_hf(hf_config)
+        self.rope_spec = rope_spec(hf_config, cfg.head_dim)
+        self.max_positions = max_positions or cfg.max_position_embeddings
+        self.num_layers, self.num_kv_heads, self.head_dim = (
+            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+        self.vocab_size = cfg.vocab_size
+        self.scale = cfg.head_dim ** -0.5
+        self.params: dict = {}
+
+    def expected_shapes(self) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+        c = self.cfg
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        shapes = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
+                  "model.norm.weight": (c.hidden_size,)}
+        optional = set()
+        if c.tie_word_embeddings:
+            optional.add("lm_head.weight")
+        else:
+            shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            layer = {
+                "input_layernorm.weight": (c.hidden_size,),
+                "post_attention_layernorm.weight": (c.hidden_size,),
+                "self_attn.q_proj.weight": (q, c.hidden_size),
+                "self_attn.k_proj.weight": (kv, c.hidden_size),
+                "self_attn.v_proj.weight": (kv, c.hidden_size),
+                "self_attn.o_proj.weight": (c.hidden_size, q),
+                "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
+                "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
+                "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
+            }
+            if c.attention_bias:
+                layer |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+                          "self_attn.v_proj.bias": (kv,), "self_attn.o_proj.bias": (c.hidden_size,)}
+            if c.mlp_bias:
+                layer |= {"mlp.gate_proj.bias": (c.intermediate_size,),
+                          "mlp.up_proj.bias": (c.intermediate_size,),
+                          "mlp.down_proj.bias": (c.hidden_size,)}
+            shapes |= {p + k: v for k, v in layer.items()}
+            optional.add(p + "self_attn.rotary_emb.inv_freq")
+        return shapes, optional
+
+    def load_weights(self, tensors: dict, source: str) -> None:
+        """Host tensors with Hugging Face names -> fused, matmul-ready arrays on the device."""
+        expected, optional = self.expected_shapes()
+        check_tensors(expected, optional, tensors, source)
+        xp, b, c = self.xp, self.backend, self.cfg
+
+        def w(name):
+            return b.weight(tensors.pop(name))
+
+        def fused(*names):
+            return prepare_linear(xp, xp.concat([w(n) for n in names], axis=0))
+
+        def fused_bias(*names):
+            return xp.concat([w(n) for n in names], axis=0) if names[0] in tensors else None
+
+        layers = []
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            a, m = p + "self_attn.", p + "mlp."
+            layers.append({
+                "attn_norm": w(p + "input_layernorm.weight"),
+                "mlp_norm": w(p + "post_attention_layernorm.weight"),
+                "qkv_b": fused_bias(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"),
+                "qkv": fused(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
+                "o_b": fused_bias(a + "o_proj.bias"),
+                "o": fused(a + "o_proj.weight"),
+                "gate_up_b": fused_bias(m + "gate_proj.bias", m + "up_proj.bias"),
+                "gate_up": fused(m + "gate_proj.weight", m + "up_proj.weight"),
+                "down_b": fused_bias(m + "down_proj.bias"),
+                "down": fused(m + "down_proj.weight"),
+            })
+        embed = w("model.embed_tokens.weight")
+        if c.tie_word_embeddings:
+            tensors.pop("lm_head.weight", None)
+            head = prepare_linear(xp, embed)
+        else:
+            head = fused("lm_head.weight")
+        self.params = {"embed": embed, "layers": layers, "norm": w("model.norm.weight"),
+                       "lm_head": head}
+        self.rotary = RotaryEmbedding(xp, self.rope_spec, self.max_positions, b.dtype, b.device)
+
+    def forward(self, input_ids, positions, kv_caches: list, meta):
+        """Token ids [T] -> final hidden states [T, hidden]; writes the step's K/V to the pools."""
+        xp, c, P = self.xp, self.cfg, self.params
+        T = input_ids.shape[0]
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        cos, sin = self.rotary.tables(positions)
+        h = embedding(xp, P["embed"], input_ids)
+        for i, L in enumerate(P["layers"]):
+            x = rms_norm(xp, h, L["attn_norm"], c.rms_norm_eps)
+            qkv = linear(x, L["qkv"], L["qkv_b"])
+            q = xp.reshape(qkv[:, :q_size], (T, c.num_heads, c.head_dim))
+            k = xp.reshape(qkv[:, q_size:q_size + kv_size], (T, c.num_kv_heads, c.head_dim))
+            v = xp.reshape(qkv[:, q_size + kv_size:], (T, c.num_kv_heads, c.head_dim))
+            q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
+            k_pool, v_pool = write_kv(self.backend, *kv_caches[i], k, v, meta.slot_mapping)
+            kv_caches[i] = (k_pool, v_pool)
+            o = paged_attention(xp, q, k_pool, v_pool, meta, self.scale)
+            h = h + linear(o, L["o"], L["o_b"])
+            x = rms_norm(xp, h, L["mlp_norm"], c.rms_norm_eps)
+            gu = linear(x, L["gate_up"], L["gate_up_b"])
+            n = c.intermediate_size
+            h = h + linear(silu(xp, gu[:, :n]) * gu[:, n:], L["down"], L["down_b"])
+        return rms_norm(xp, h, P["norm"], c.rms_norm_eps), kv_caches
+
+    def compute_logits(self, hidden):
+        return hidden @ self.params["lm_head"]

@@ -1,0 +1,82 @@
+"""SamplingParams: vLLM's fields and defaults, validated when built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: all tokens
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int | None = 16  # None: up to max_model_len
+    min_tokens: int = 0
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    _stop: list[str] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        self._validate()
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return self._stop
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def _validate(self) -> None:
+        def bad(name: str, allowed: str) -> ValueError:
+            return ValueError(f"SamplingParams.{name}={getattr(self, name)!r} is invalid; "
+                              f"allowed: {allowed}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not is_int(self.n) or self.n < 1:
+            raise bad("n", "an integer >= 1")
+        if not 0.0 <= self.temperature <= 1e4 or self.temperature != self.temperature:
+            raise bad("temperature", "0 (greedy) or a float in (0, 1e4]")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "a float in (0, 1]")
+        if not is_int(self.top_k) or self.top_k < 0:
+            raise bad("top_k", "an integer >= 1, or 0 / -1 for all tokens")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", "a float in [0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise bad(name, "a float in [-2, 2]")
+        if not 0.0 < self.repetition_penalty <= 100.0:
+            raise bad("repetition_penalty", "a float in (0, 100], 1 for none")
+        if self.seed is not None and not is_int(self.seed):
+            raise bad("seed", "an integer or None")
+        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
+            raise bad("max_tokens", "an integer >= 1, or None for up to max_model_len")
+        if not is_int(self.min_tokens) or self.min_tokens < 0 or (
+                self.max_tokens is not None and self.min_tokens > self.max_tokens):
+            raise bad("min_tokens", "an integer in [0, max_tokens]")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not is_int(v) or not 0 <= v <= 20):
+                raise bad(name, "None or an integer in [0, 20]")
+        if any(not isinstance(s, str) or not s for s in self._stop):
+            raise bad("stop", "a non-empty string or a list of non-empty strings")
+        if any(not is_int(t) or t < 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "a list of non-negative token ids")
