@@ -1,0 +1,256 @@
+"""A GGUF file: an HF-style config, dequantized float32 tensors with HF names, and its tokenizer."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+from tqdm import tqdm
+
+from .errors import WeightsError
+from .gguf_tokenizer import GGUFTokenizerData, build_tokenizer
+
+
+@dataclass(frozen=True, slots=True)
+class GGUFArch:
+    """How one GGUF architecture maps onto a Hugging Face one."""
+
+    hf_architecture: str
+    model_type: str
+    config_keys: dict[str, str]  # "{arch}.<key>" -> HF config key
+    globals: dict[str, str]  # GGUF tensor stem -> HF name, outside the blocks
+    layer: dict[str, str]  # "blk.{i}.<stem>" -> "model.layers.{i}.<name>"
+    defaults: dict[str, object] = field(default_factory=dict)
+    permute_qk: bool = False  # llama.cpp interleaves Q/K rows for its rotary layout
+
+
+LLAMA = GGUFArch(
+    hf_architecture="LlamaForCausalLM",
+    model_type="llama",
+    config_keys={
+        "embedding_length": "hidden_size",
+        "feed_forward_length": "intermediate_size",
+        "block_count": "num_hidden_layers",
+        "attention.head_count": "num_attention_heads",
+        "attention.head_count_kv": "num_key_value_heads",
+        "attention.key_length": "head_dim",
+        "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+        "rope.freq_base": "rope_theta",
+        "context_length": "max_position_embeddings",
+        "vocab_size": "vocab_size",
+    },
+    globals={"token_embd": "model.embed_tokens", "output_norm": "model.norm",
+             "output": "lm_head"},
+    layer={
+        "attn_norm": "input_layernorm",
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_norm": "post_attention_layernorm",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    },
+    defaults={"rope_theta": 10000.0, "rms_norm_eps": 1e-5, "hidden_act": "silu"},
+    permute_qk=True,
+)
+
+GGUF_ARCHS: dict[str, GGUFArch] = {"llama": LLAMA}
+_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_GLOBAL_NAME = re.compile(r"(\w+)\.(weight|bias)")
+
+
+def load_gguf(path: str | Path) -> tuple[dict, dict[str, np.ndarray], GGUFTokenizerData | None]:
+    """An HF-style config dict, float32 tensors keyed by HF name, and the tokenizer (if stored)."""
+    file = str(path)
+    reader = open_gguf(file)
+    arch = str(read_field(reader, "general.architecture", file))
+    if arch not in GGUF_ARCHS:
+        raise WeightsError(f"{file}: GGUF architecture {arch!r} is not supported; supported: "
+                           f"{', '.join(sorted(GGUF_ARCHS))}. Use the Hugging Face checkpoint")
+    spec = GGUF_ARCHS[arch]
+    names = {t.name for t in reader.tensors}
+    config = gguf_config(reader, arch, spec, names, file)
+    check_complete(names, spec, config["num_hidden_layers"], file)
+    tensors = {}
+    for tensor in tqdm(reader.tensors, desc=f"Dequantizing {Path(file).name}", unit="tensor",
+                       leave=False):
+        if tensor.name == "rope_freqs.weight":
+            continue
+        name = hf_name(tensor.name, spec, file)
+        values = dequantize_tensor(tensor, file)
+        if spec.permute_qk and (".q_proj." in name or ".k_proj." in name):
+            heads = config["num_attention_heads" if ".q_proj." in name else "num_key_value_heads"]
+            if values.shape[0] % (2 * heads):
+                raise WeightsError(f"{file}: tensor {tensor.name!r} has {values.shape[0]} rows, "
+                                   f"not a multiple of 2 x {heads} heads; the metadata is wrong")
+            values = unpermute_rows(values, heads)
+        tensors[name] = values
+    tokenizer = build_tokenizer(lambda key: read_field(reader, key, file, None), file)
+    return config, tensors, tokenizer
+
+
+def open_gguf(file: str) -> gguf.GGUFReader:
+    if not Path(file).is_file():
+        raise WeightsError(f"{file} does not exist; pass the path of a .gguf file")
+    try:
+        reader = gguf.GGUFReader(file)
+    except Exception as e:  # the reader signals a bad file with many exception types
+        raise WeightsError(f"{file} is not a readable GGUF file, or is truncated or corrupt "
+                           f"({type(e).__name__}: {e}); download it again") from e
+    for tensor in reader.tensors:
+        if tensor.data.nbytes != tensor.n_bytes:
+            raise WeightsError(f"{file}: tensor {tensor.name!r} holds {tensor.data.nbytes} bytes "
+                               f"instead of {tensor.n_bytes}; the file is truncated or corrupt")
+    return reader
+
+
+_MISSING = object()
+
+
+def read_field(reader: gguf.GGUFReader, key: str, file: str, default: object = _MISSING) -> object:
+    f = reader.fields.get(key)
+    if f is None:
+        if default is _MISSING:
+            raise WeightsError(f"{file} lacks the metadata key {key!r}; reconvert the model "
+                               f"with llama.cpp's convert_hf_to_gguf.py")
+        return default
+    try:
+        return f.contents()
+    except Exception as e:
+        raise WeightsError(f"{file}: metadata key {key!r} is corrupt ({e}); "
+                           f"download the file again") from e
+
+
+def gguf_config(reader: gguf.GGUFReader, arch: str, spec: GGUFArch, names: set[str],
+                file: str) -> dict:
+    config: dict = {"architectures": [spec.hf_architecture], "model_type": spec.model_type}
+    config |= spec.defaults
+    for key, hf_key in spec.config_keys.items():
+        value = read_field(reader, f"{arch}.{key}", file, None)
+        if value is not None:
+            config[hf_key] = float(value) if isinstance(value, float) else value
+    for hf_key in _REQUIRED:
+        if hf_key not in config:
+            gguf_key = next(k for k, v in spec.config_keys.items() if v == hf_key)
+            raise WeightsError(f"{file} lacks the metadata key '{arch}.{gguf_key}' ({hf_key}); "
+                               f"reconvert the model with llama.cpp's convert_hf_to_gguf.py")
+    config.setdefault("num_key_value_heads", config["num_attention_heads"])
+    rope_dims = read_field(reader, f"{arch}.rope.dimension_count", file, None)
+    heads = config["num_attention_heads"]
+    config.setdefault("head_dim", rope_dims or config["hidden_size"] // heads)
+    if "vocab_size" not in config:
+        config["vocab_size"] = next((int(t.shape[-1]) for t in reader.tensors
+                                     if t.name == "token_embd.weight"), 0)
+    config["tie_word_embeddings"] = "output.weight" not in names
+    config["attention_bias"] = "blk.0.attn_q.bias" in names
+    config["mlp_bias"] = "blk.0.ffn_up.bias" in names
+    config["rope_scaling"] = rope_scaling(reader, arch, config, file)
+    for name in ("bos", "eos", "padding"):
+        token = read_field(reader, f"tokenizer.ggml.{name}_token_id", file, None)
+        if token is not None:
+            config[f"{'pad' if name == 'padding' else name}_token_id"] = int(token)
+    return config
+
+
+def rope_scaling(reader: gguf.GGUFReader, arch: str, config: dict, file: str) -> dict | None:
+    prefix = f"{arch}.rope.scaling."
+    keys = {k[len(prefix):]: read_field(reader, k, file) for k in reader.fields
+            if k.startswith(prefix)}
+    kind = str(keys.pop("type", "none"))
+    keys.pop("finetuned", None)
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:
+        if kind != "none" or keys:
+            raise WeightsError(f"{file} has both rope_freqs.weight and {prefix}* metadata; "
+                               f"this mix is not supported")
+        return llama3_rope_scaling(dequantize_tensor(freqs, file), config, file)
+    if kind == "none":
+        return None
+    renames = {"factor": "factor", "original_context_length": "original_max_position_embeddings",
+               "yarn_beta_fast": "beta_fast", "yarn_beta_slow": "beta_slow"}
+    allowed = {"linear": ("factor",), "yarn": tuple(renames)}
+    if kind not in allowed:
+        raise WeightsError(f"{file}: {prefix}type={kind!r} is not supported (supported: "
+                           f"{', '.join(allowed)}); use the Hugging Face checkpoint")
+    for key in keys:
+        if key not in allowed[kind]:
+            raise WeightsError(f"{file}: {prefix}{key} is not supported with {kind} rope "
+                               f"scaling; use the Hugging Face checkpoint")
+    return {"rope_type": kind} | {renames[k]: v for k, v in keys.items()}
+
+
+def llama3_rope_scaling(divisors: np.ndarray, config: dict, file: str) -> dict:
+    """Recover HF's llama3 rope_scaling from the per-frequency divisors llama.cpp stores.
+
+    Scaling (original length, low, high factor) by one constant leaves every frequency the same,
+    so low_freq_factor=1 is chosen and the other two follow from the smoothly scaled frequencies.
+    """
+    divisors = divisors.astype(np.float64).ravel()
+    dim, theta = config["head_dim"], config["rope_theta"]
+    wavelen = 2 * math.pi * theta ** (np.arange(0, dim, 2) / dim)
+    factor = float(divisors.max())
+    smooth = (1 / divisors - 1 / factor) / (1 - 1 / factor) if factor > 1 else divisors * 0
+    middle = (smooth > 1e-6) & (smooth < 1 - 1e-6)
+    if len(divisors) != len(wavelen) or middle.sum() < 2:
+        raise WeightsError(f"{file}: rope_freqs.weight does not follow llama3 rope scaling "
+                           f"(with at least two smoothly scaled frequencies); this rope scaling "
+                           f"is not supported, use the Hugging Face checkpoint")
+    slope, intercept = np.polyfit(1 / wavelen[middle], smooth[middle], 1)  # smooth = a/λ + b
+    high = 1 - 1 / intercept
+    return {"rope_type": "llama3", "factor": _snap(factor), "low_freq_factor": 1.0,
+            "high_freq_factor": _snap(high),
+            "original_max_position_embeddings": _snap(slope * (high - 1))}
+
+
+def _snap(x: float) -> float | int:
+    """x, or the integer it is within float32 rounding of."""
+    return int(round(x)) if abs(x - round(x)) < 1e-5 * max(1.0, abs(x)) else float(x)
+
+
+def check_complete(names: set[str], spec: GGUFArch, layers: int, file: str) -> None:
+    needed = [f"{stem}.weight" for stem in spec.globals if stem != "output"]
+    needed += [f"blk.{i}.{stem}.weight" for i in range(layers) for stem in spec.layer]
+    missing = [name for name in needed if name not in names]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise WeightsError(f"{file} lacks tensor {missing[0]!r}{more}; the file is incomplete, "
+                           f"download or convert it again")
+
+
+def hf_name(name: str, spec: GGUFArch, file: str) -> str:
+    if m := _LAYER_NAME.fullmatch(name):
+        layer, stem, kind = m.groups()
+        if stem in spec.layer:
+            return f"model.layers.{layer}.{spec.layer[stem]}.{kind}"
+    elif (m := _GLOBAL_NAME.fullmatch(name)) and m.group(1) in spec.globals:
+        return f"{spec.globals[m.group(1)]}.{m.group(2)}"
+    raise WeightsError(f"{file}: tensor {name!r} has no Hugging Face counterpart for a "
+                       f"{spec.model_type} model; this variant is not supported")
+
+
+def dequantize_tensor(tensor: gguf.ReaderTensor, file: str) -> np.ndarray:
+    """A float32 copy of one tensor in HF (row-major, outermost first) shape."""
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    try:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError as e:
+        raise WeightsError(f"{file}: tensor {tensor.name!r} uses {tensor.tensor_type.name}, "
+                           f"which cannot be dequantized; requantize the model with another "
+                           f"type (e.g. Q8_0, Q4_K_M)") from e
+    values = np.asarray(values, dtype=np.float32).reshape(shape)
+    if np.shares_memory(values, tensor.data):
+        values = values.copy()
+    return values
+
+
+def unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row order (pairs interleaved per head) back to HF's half split."""
+    half = w.shape[0] // heads // 2
+    return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
