@@ -22,7 +22,8 @@ class EngineConfig:
         def positive(name: str) -> None:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name}={value!r} must be a positive integer; pass {name}=1 or more")
+                raise ValueError(
+                    f"{name}={value!r} must be a positive integer; pass {name}=1 or more")
 
         for name in ("block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                      "num_kv_blocks"):

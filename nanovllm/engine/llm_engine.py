@@ -44,6 +44,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._seq_ids = itertools.count()
+        self.last_step_tokens = (0, 0)  # (prefill, decode) tokens computed by the last step
 
     # ---- requests ----------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -120,6 +121,8 @@ class LLMEngine:
             if self.requests:
                 raise RuntimeError("the scheduler could not schedule any waiting request")
             return []
+        decode = sum(1 for s in batch.seqs if len(s.token_ids) == 1)
+        self.last_step_tokens = (batch.num_tokens - decode, decode)
         results = self.runner.execute(batch)
         self.scheduler.postprocess(batch, [r.token_id for r in results])
         touched: dict[str, Request] = {}

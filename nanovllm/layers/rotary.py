@@ -22,7 +22,7 @@ class RopeSpec:
 
 
 def rope_spec(config: dict, dim: int) -> RopeSpec:
-    """Reads both spellings: transformers 5 `rope_parameters`, older `rope_theta` + `rope_scaling`."""
+    """Reads both spellings: `rope_parameters` (transformers 5), `rope_theta` + `rope_scaling`."""
     params = dict(config.get("rope_scaling") or {})
     params.update(config.get("rope_parameters") or {})
     theta = params.get("rope_theta", config.get("rope_theta", 10000.0))

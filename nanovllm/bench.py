@@ -1,0 +1,115 @@
+"""python -m nanovllm bench: offline throughput in the manner of nano-vllm's bench.py, CPU-sized.
+
+Three scenarios on one LLM: batch-1 decode, one long prefill, and N concurrent requests with
+random input and output lengths (ignore_eos). Each is repeated and the median reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from .sampling_params import SamplingParams
+
+
+def run_requests(llm, prompts: list[list[int]], outputs: list[int]) -> dict:
+    """Runs the requests to completion through engine.step(), timing every step.
+
+    A step's time is split between prefill and decode in proportion to its tokens of each.
+    """
+    engine = llm.engine
+    start = time.perf_counter()
+    for p, n in zip(prompts, outputs):
+        engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+    first: dict[str, float] = {}
+    prefill_time = decode_time = 0.0
+    while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
+        outs = engine.step()
+        now = time.perf_counter()
+        p_tok, d_tok = engine.last_step_tokens
+        prefill_time += (now - t0) * p_tok / (p_tok + d_tok)
+        decode_time += (now - t0) * d_tok / (p_tok + d_tok)
+        for o in outs:
+            if o.outputs[0].token_ids and o.request_id not in first:
+                first[o.request_id] = now - start
+    total = time.perf_counter() - start
+    n_in, n_out = sum(map(len, prompts)), sum(outputs)
+    return {"total_tok_s": (n_in + n_out) / total, "prefill_tok_s": n_in / prefill_time,
+            "decode_tok_s": n_out / decode_time, "ttft_median_s": statistics.median(first.values())}
+
+
+def decode_tok_s(llm, prompt: list[int], new_tokens: int) -> float:
+    """Batch-1 decode speed: the tokens after the first over the time after the first."""
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    engine = llm.engine
+    engine.add_request(prompt, params)
+    engine.step()
+    t_first = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+    return (new_tokens - 1) / (time.perf_counter() - t_first)
+
+
+def main(argv: list[str]) -> None:
+    from .__main__ import add_model_args, make_llm
+
+    p = argparse.ArgumentParser(prog="python -m nanovllm bench", description=__doc__)
+    add_model_args(p)
+    p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument("--input-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
+    p.add_argument("--output-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
+    p.add_argument("--decode-tokens", type=int, default=64, help="batch-1 decode length")
+    p.add_argument("--prefill-len", type=int, default=512, help="long-prompt prefill length")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each scenario (median)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON line")
+    args = p.parse_args(argv)
+    args.no_prefix_caching = True  # every run must compute its prompts
+    llm = make_llm(args)
+    rng = np.random.default_rng(args.seed)
+    vocab = min(llm.model.vocab_size, 30000)
+
+    def tokens(n: int) -> list[int]:
+        return rng.integers(100, vocab, size=n).tolist()
+
+    lo, hi = args.input_len
+    prompts = [tokens(int(n)) for n in rng.integers(lo, hi + 1, size=args.num_requests)]
+    outputs = [int(n) for n in rng.integers(args.output_len[0], args.output_len[1] + 1,
+                                               size=args.num_requests)]
+    run_requests(llm, prompts[:2], [4, 4])  # warm-up
+    decode, prefill, batched = [], [], []
+    for _ in range(args.repeats):
+        decode.append(decode_tok_s(llm, tokens(32), args.decode_tokens))
+        long_prompt = tokens(args.prefill_len)
+        t0 = time.perf_counter()
+        llm.generate([long_prompt], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+        prefill.append(args.prefill_len / (time.perf_counter() - t0))
+        batched.append(run_requests(llm, prompts, outputs))
+    med = statistics.median
+    figures = {
+        "backend": llm.backend.name, "model": llm.model.__class__.__name__,
+        "batch1_decode_tok_s": med(decode),
+        f"prefill{args.prefill_len}_tok_s": med(prefill),
+        "requests": args.num_requests,
+        "batched_total_tok_s": med(r["total_tok_s"] for r in batched),
+        "batched_prefill_tok_s": med(r["prefill_tok_s"] for r in batched),
+        "batched_decode_tok_s": med(r["decode_tok_s"] for r in batched),
+        "batched_ttft_median_s": med(r["ttft_median_s"] for r in batched),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    compiles = getattr(llm.backend, "compilations", None)
+    if compiles is not None:
+        figures["compilations"] = compiles()
+    if args.json:
+        print(json.dumps(figures))
+        return
+    for k, v in figures.items():
+        print(f"{k:>28}: {v:.2f}" if isinstance(v, float) else f"{k:>28}: {v}")
+    sys.stdout.flush()
