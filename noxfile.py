@@ -1,0 +1,31 @@
+"""nox: the test suite once per array backend, and lint.
+
+    nox                                  # every session
+    nox -s "tests(backend='numpy')"      # one backend
+    nox -s lint
+"""
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+
+BACKENDS = {
+    "numpy": [],
+    "array_api_strict": ["strict"],
+}
+
+
+@nox.session(python=False)
+def lint(session: nox.Session) -> None:
+    session.run("python", "-m", "pip", "install", "-q", "ruff")
+    session.run("python", "-m", "ruff", "check", "nanovllm", "tests", "benchmarks", "noxfile.py")
+
+
+@nox.session
+@nox.parametrize("backend", list(BACKENDS))
+def tests(session: nox.Session, backend: str) -> None:
+    extras = ",".join(["test", *BACKENDS[backend]])
+    session.install("-e", f".[{extras}]")
+    session.run("python", "-m", "pytest", "-q", "-ra", *session.posargs,
+                env={"NANOVLLM_BACKEND": backend})
