@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,10 @@ class Backend:
 
     def jit(self, fn: Callable, **kwargs: Any) -> Callable:
         return fn
+
+    def inference(self) -> contextlib.AbstractContextManager:
+        """A context the model runs under (no autograd for torch)."""
+        return contextlib.nullcontext()
 
     def describe(self) -> str:
         dtype = getattr(self.dtype, "__name__", self.dtype)

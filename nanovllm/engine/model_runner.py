@@ -141,7 +141,7 @@ class ModelRunner:
     # ---- one step ------------------------------------------------------------------------
     def execute(self, batch) -> list[SeqResult]:
         """Runs one scheduled step; returns one SeqResult per batch.seqs entry, in order."""
-        xp, b = self.xp, self.backend
+        b = self.backend
         order = sorted(range(len(batch.seqs)), key=lambda i: len(batch.seqs[i].token_ids) > 1)
         seqs = [batch.seqs[i] for i in order]
         decode = [s for s in seqs if len(s.token_ids) == 1]
@@ -149,6 +149,11 @@ class ModelRunner:
         ids = [t for s in seqs for t in s.token_ids]
         pos = [p for s in seqs for p in range(s.start, s.start + len(s.token_ids))]
         meta = self._metadata(decode, prefill)
+        with b.inference():
+            return self._run(batch, seqs, ids, pos, meta)
+
+    def _run(self, batch, seqs, ids, pos, meta) -> list[SeqResult]:
+        xp, b = self.xp, self.backend
         hidden, self.kv_caches = self.model.forward(b.index(ids), b.index(pos),
                                                     self.kv_caches, meta)
         # rows of `hidden` that need logits: every prompt row for prompt-logprob requests,
