@@ -13,6 +13,7 @@ nox.options.reuse_existing_virtualenvs = True
 BACKENDS = {
     "numpy": [],
     "array_api_strict": ["strict"],
+    "jax": ["jax"],
     "torch": ["torch"],
 }
 

@@ -6,6 +6,7 @@ numpy, moved to the backend, and token ids come back to the host.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,10 @@ def _top_logprobs(row: np.ndarray, k: int, chosen: list[int]) -> dict[int, tuple
     return out
 
 
+def _identity(n: int) -> int:
+    return n
+
+
 class ModelRunner:
     def __init__(self, model, backend, config, eos_token_ids=(), seed: int = 0):
         self.model, self.backend, self.config = model, backend, config
@@ -52,58 +57,95 @@ class ModelRunner:
         self.kv_caches = [(backend.zeros(shape), backend.zeros(shape))
                           for _ in range(model.num_layers)]
         self.rng = np.random.default_rng(seed)
+        # a jitting backend wants few distinct shapes: it rounds sizes up to buckets
+        self.bucket = getattr(backend, "bucket", _identity)
+        self._step = backend.jit(self._device_step, donate_argnums=(1,))
+        self._sample = backend.jit(functools.partial(sample, self.xp))
+
+    def _device_step(self, params, kv_caches, ids, pos, meta, rows):
+        hidden, kv_caches = self.model.forward(params, ids, pos, kv_caches, meta)
+        return self.model.compute_logits(params, self.xp.take(hidden, rows, axis=0)), kv_caches
 
     # ---- batch -> arrays -------------------------------------------------------------
-    def _part(self, group, query_len: int, window: int | None) -> AttentionPart:
+    def _part(self, group, num_seqs: int, query_len: int, window: int | None) -> AttentionPart:
+        """Context slots and masks for `group`, padded to num_seqs x query_len x a bucketed L."""
         bs = self.block_size
-        S = len(group)
-        L = max(s.context_len for s in group)
+        S, L = num_seqs, self.bucket(max(s.context_len for s in group))
         blocks = -(-L // bs)
         table = np.zeros((S, blocks), dtype=np.int64)  # padded with the null block 0
+        starts = np.zeros(S, dtype=np.int64)
+        lens = np.zeros(S, dtype=np.int64)
         for i, s in enumerate(group):
             table[i, :len(s.block_table)] = s.block_table[:blocks]
+            starts[i], lens[i] = s.start, len(s.token_ids)
         slots = (table[:, :, None] * bs + np.arange(bs)).reshape(S, blocks * bs)[:, :L]
-        key_pos = np.arange(L)
-        starts = np.array([s.start for s in group])
-        q_pos = starts[:, None] + np.arange(query_len)[None, :]  # [S, Q]
-        lens = np.array([len(s.token_ids) for s in group])
-        q_pos = np.where(np.arange(query_len)[None, :] < lens[:, None], q_pos, 0)
-        mask = key_pos[None, None, :] <= q_pos[:, :, None]
+        q = np.arange(query_len)[None, :]
+        q_pos = np.where(q < lens[:, None], starts[:, None] + q, 0)  # padding sees key 0 only
+        key_pos = np.arange(L)[None, None, :]
+        mask = key_pos <= q_pos[:, :, None]
         if window is not None:
-            mask &= key_pos[None, None, :] > q_pos[:, :, None] - window
+            mask &= key_pos > q_pos[:, :, None] - window
         b = self.backend
         return AttentionPart(b.index(slots), b.asarray(mask[:, None, None, :, :]), S,
                              query_len, L)
 
-    def _metadata(self, decode, prefill) -> AttentionMetadata:
-        b = self.backend
+    def _layout(self, decode, prefill):
+        """Token ids, positions, metadata and each sequence's first row, padded if bucketing.
+
+        Rows: the decode tokens (one per sequence, padded to a bucket), then the prefill
+        chunks back to back (padded to a bucket). Padding tokens write to the null block.
+        """
+        b, bucket = self.backend, self.bucket
         window = getattr(self.model, "sliding_window", None)
-        slot_mapping = [x for s in decode + prefill for x in s.slot_mapping]
-        meta = AttentionMetadata(b.index(slot_mapping), len(decode), None, None)
+        nd = bucket(len(decode)) if decode else 0
+        ids, pos, slots, first = [], [], [], {}
+        for i, s in enumerate(decode):
+            first[id(s)] = i
+            ids.append(s.token_ids[0])
+            pos.append(s.start)
+            slots.extend(s.slot_mapping)
+        pad = nd - len(decode)
+        ids, pos, slots = ids + [0] * pad, pos + [0] * pad, slots + [0] * pad
+        meta = AttentionMetadata(None, nd, None, None)
         if decode:
-            meta.decode = self._part(decode, 1, window)
+            meta.decode = self._part(decode, nd, 1, window)
         if prefill:
-            Q = max(len(s.token_ids) for s in prefill)
-            part = self._part(prefill, Q, window)
-            qi, oi, offset = [], [], 0
+            Q = bucket(max(len(s.token_ids) for s in prefill))
+            S = bucket(len(prefill))
+            part = self._part(prefill, S, Q, window)
+            qi, oi = [], []
             for i, s in enumerate(prefill):
-                n = len(s.token_ids)
+                n, offset = len(s.token_ids), len(ids) - nd
+                first[id(s)] = len(ids)
+                ids.extend(s.token_ids)
+                pos.extend(range(s.start, s.start + n))
+                slots.extend(s.slot_mapping)
                 qi.extend(range(offset, offset + n))
                 qi.extend([offset] * (Q - n))
                 oi.extend(range(i * Q, i * Q + n))
-                offset += n
+            qi.extend([0] * ((S - len(prefill)) * Q))
+            tp = len(ids) - nd
+            pad = bucket(tp) - tp
+            ids, pos, slots = ids + [0] * pad, pos + [0] * pad, slots + [0] * pad
+            oi.extend([0] * pad)
             part.query_index, part.output_index = b.index(qi), b.index(oi)
             meta.prefill = part
-        return meta
+        meta.slot_mapping = b.index(slots)
+        return b.index(ids), b.index(pos), meta, first
 
     def _sampling_tensors(self, rows) -> SamplingTensors:
         b, V = self.backend, self.model.vocab_size
+        n = self.bucket(len(rows))
         params = [s.seq.params for s in rows]
-        temp = np.array([p.temperature for p in params], dtype=np.float32)
-        top_k = np.array([p.top_k if p.top_k > 0 else V for p in params], dtype=np.int64)
-        top_p = np.array([p.top_p for p in params], dtype=np.float32)
-        min_p = np.array([p.min_p for p in params], dtype=np.float32)
-        uniform = np.empty(len(rows), dtype=np.float64)
+        temp = np.zeros(n, dtype=np.float32)
+        temp[:len(rows)] = [p.temperature for p in params]
+        top_k = np.full(n, V, dtype=np.int64)
+        top_k[:len(rows)] = [p.top_k if p.top_k > 0 else V for p in params]
+        top_p = np.ones(n, dtype=np.float32)
+        top_p[:len(rows)] = [p.top_p for p in params]
+        min_p = np.zeros(n, dtype=np.float32)
+        min_p[:len(rows)] = [p.min_p for p in params]
+        uniform = np.zeros(n, dtype=np.float64)
         for i, s in enumerate(rows):
             p = s.seq.params
             if p.seed is not None:
@@ -114,19 +156,23 @@ class ModelRunner:
         penalties = None
         if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
                for p in params):
-            counts = np.zeros((len(rows), V), dtype=np.float32)
-            seen = np.zeros((len(rows), V), dtype=bool)
+            counts = np.zeros((n, V), dtype=np.float32)
+            seen = np.zeros((n, V), dtype=bool)
             for i, s in enumerate(rows):
                 out = np.asarray(s.seq.output_token_ids, dtype=np.int64)
                 counts[i] = np.bincount(out, minlength=V)[:V]
                 seen[i, s.seq.token_ids] = True
-            penalties = (b.asarray(counts), b.asarray(seen),
-                         b.asarray(np.array([p.presence_penalty for p in params], np.float32)),
-                         b.asarray(np.array([p.frequency_penalty for p in params], np.float32)),
-                         b.asarray(np.array([p.repetition_penalty for p in params], np.float32)))
+
+            def column(field: str, fill: float):
+                values = np.full(n, fill, dtype=np.float32)
+                values[:len(rows)] = [getattr(p, field) for p in params]
+                return b.asarray(values)
+
+            penalties = (b.asarray(counts), b.asarray(seen), column("presence_penalty", 0.0),
+                         column("frequency_penalty", 0.0), column("repetition_penalty", 1.0))
         banned = None
         if any(s.seq.num_output_tokens < s.seq.params.min_tokens for s in rows):
-            mask = np.zeros((len(rows), V), dtype=bool)
+            mask = np.zeros((n, V), dtype=bool)
             for i, s in enumerate(rows):
                 p = s.seq.params
                 if s.seq.num_output_tokens < p.min_tokens:
@@ -142,51 +188,42 @@ class ModelRunner:
     def execute(self, batch) -> list[SeqResult]:
         """Runs one scheduled step; returns one SeqResult per batch.seqs entry, in order."""
         b = self.backend
-        order = sorted(range(len(batch.seqs)), key=lambda i: len(batch.seqs[i].token_ids) > 1)
-        seqs = [batch.seqs[i] for i in order]
-        decode = [s for s in seqs if len(s.token_ids) == 1]
-        prefill = [s for s in seqs if len(s.token_ids) > 1]
-        ids = [t for s in seqs for t in s.token_ids]
-        pos = [p for s in seqs for p in range(s.start, s.start + len(s.token_ids))]
-        meta = self._metadata(decode, prefill)
-        with b.inference():
-            return self._run(batch, seqs, ids, pos, meta)
-
-    def _run(self, batch, seqs, ids, pos, meta) -> list[SeqResult]:
-        xp, b = self.xp, self.backend
-        hidden, self.kv_caches = self.model.forward(b.index(ids), b.index(pos),
-                                                    self.kv_caches, meta)
-        # rows of `hidden` that need logits: every prompt row for prompt-logprob requests,
-        # else only the last row of chunks that end in a sample
-        rows, sample_at, prompt_rows, offset = [], {}, {}, 0
-        for s in seqs:
-            n = len(s.token_ids)
-            p = s.seq.params
-            wants_prompt = (p.prompt_logprobs is not None
+        decode = [s for s in batch.seqs if len(s.token_ids) == 1]
+        prefill = [s for s in batch.seqs if len(s.token_ids) > 1]
+        ids, pos, meta, first = self._layout(decode, prefill)
+        # rows of the hidden states that need logits: every prompt row for prompt-logprob
+        # requests, else only the last row of chunks that end in a sample
+        rows, sample_at, prompt_rows = [], {}, {}
+        for s in decode + prefill:
+            n, offset = len(s.token_ids), first[id(s)]
+            wants_prompt = (s.seq.params.prompt_logprobs is not None
                             and s.start < s.seq.num_prompt_tokens - 1)
             if wants_prompt:
                 prompt_rows[id(s)] = len(rows)
                 rows.extend(range(offset, offset + n))
             if s.sample:
-                sample_at[id(s)] = len(rows) - 1 if wants_prompt else len(rows)
                 if not wants_prompt:
                     rows.append(offset + n - 1)
-            offset += n
-        results = {id(s): SeqResult() for s in seqs}
-        if rows:
-            logits = self.model.compute_logits(xp.take(hidden, b.index(rows), axis=0))
-            sampled = [s for s in seqs if s.sample]
+                sample_at[id(s)] = len(rows) - 1
+        results = {id(s): SeqResult() for s in batch.seqs}
+        if not rows:  # nothing to sample: still write the K/V
+            rows = [0]
+        rows += [0] * (self.bucket(len(rows)) - len(rows))
+        with b.inference():
+            logits, self.kv_caches = self._step(self.model.params, self.kv_caches, ids, pos,
+                                                meta, b.index(rows))
+            sampled = [s for s in decode + prefill if s.sample]
             if sampled:
-                self._sample(logits, sampled, [sample_at[id(s)] for s in sampled], results)
+                self._sample_rows(logits, sampled, [sample_at[id(s)] for s in sampled], results)
             if prompt_rows:
-                self._prompt_logprobs(logits, seqs, prompt_rows, results)
-        return [results[id(batch.seqs[i])] for i in range(len(batch.seqs))]
+                self._prompt_logprobs(logits, decode + prefill, prompt_rows, results)
+        return [results[id(s)] for s in batch.seqs]
 
-    def _sample(self, logits, sampled, at, results) -> None:
+    def _sample_rows(self, logits, sampled, at, results) -> None:
         xp, b = self.xp, self.backend
-        index = b.index(at)
-        rows = xp.take(logits, index, axis=0)
-        tokens = b.to_host(sample(xp, rows, self._sampling_tensors(sampled))).tolist()
+        at = at + [0] * (self.bucket(len(at)) - len(at))
+        rows = xp.take(logits, b.index(at), axis=0)
+        tokens = b.to_host(self._sample(rows, self._sampling_tensors(sampled))).tolist()
         want = [i for i, s in enumerate(sampled) if s.seq.params.logprobs is not None]
         lp = b.to_host(log_softmax(xp, xp.take(rows, b.index(want), axis=0))) if want else None
         for i, s in enumerate(sampled):

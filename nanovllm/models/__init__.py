@@ -9,6 +9,13 @@ from ..layers.rotary import UnsupportedFeatureError
 # architecture -> (module, class)
 MODELS = {
     "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("mistral", "MistralForCausalLM"),
+    "Qwen2ForCausalLM": ("qwen", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("qwen", "Qwen3ForCausalLM"),
+    "GraniteForCausalLM": ("granite", "GraniteForCausalLM"),
+    "GPT2LMHeadModel": ("gpt2", "GPT2LMHeadModel"),
+    "FalconForCausalLM": ("falcon", "FalconForCausalLM"),
+    "RWForCausalLM": ("falcon", "FalconForCausalLM"),  # RefinedWeb / RefinedWebModel configs
 }
 
 

@@ -138,12 +138,13 @@ class LlamaForCausalLM:
                        "lm_head": head}
         self.rotary = RotaryEmbedding(xp, self.rope_spec, self.max_positions, b.dtype, b.device)
 
-    def forward(self, input_ids, positions, kv_caches: list, meta):
+    def forward(self, params: dict, input_ids, positions, kv_caches: list, meta):
         """Token ids [T] -> final hidden states [T, hidden]; writes the step's K/V to the pools."""
-        xp, c, P = self.xp, self.cfg, self.params
+        xp, c, P = self.xp, self.cfg, params
         T = input_ids.shape[0]
         q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         cos, sin = self.rotary.tables(positions)
+        kv_caches = list(kv_caches)
         h = embedding(xp, P["embed"], input_ids)
         for i, L in enumerate(P["layers"]):
             x = rms_norm(xp, h, L["attn_norm"], c.rms_norm_eps)
@@ -162,5 +163,5 @@ class LlamaForCausalLM:
             h = h + linear(silu(xp, gu[:, :n]) * gu[:, n:], L["down"], L["down_b"])
         return rms_norm(xp, h, P["norm"], c.rms_norm_eps), kv_caches
 
-    def compute_logits(self, hidden):
-        return hidden @ self.params["lm_head"]
+    def compute_logits(self, params: dict, hidden):
+        return hidden @ params["lm_head"]

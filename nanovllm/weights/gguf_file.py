@@ -23,9 +23,11 @@ class GGUFArch:
     model_type: str
     config_keys: dict[str, str]  # "{arch}.<key>" -> HF config key
     globals: dict[str, str]  # GGUF tensor stem -> HF name, outside the blocks
-    layer: dict[str, str]  # "blk.{i}.<stem>" -> "model.layers.{i}.<name>"
+    layer: dict[str, str]  # "blk.{i}.<stem>" -> layer_prefix + "<name>"
     defaults: dict[str, object] = field(default_factory=dict)
     permute_qk: bool = False  # llama.cpp interleaves Q/K rows for its rotary layout
+    layer_prefix: str = "model.layers.{i}."
+    transposed: tuple[str, ...] = ()  # HF weights (name fragments) llama.cpp stores transposed
 
 
 LLAMA = GGUFArch(
@@ -60,7 +62,52 @@ LLAMA = GGUFArch(
     permute_qk=True,
 )
 
-GGUF_ARCHS: dict[str, GGUFArch] = {"llama": LLAMA}
+
+def _llama_like(hf_architecture: str, model_type: str, permute_qk: bool, config_keys=None,
+                layer=None, defaults=None) -> GGUFArch:
+    return GGUFArch(hf_architecture, model_type, LLAMA.config_keys | (config_keys or {}),
+                    LLAMA.globals, LLAMA.layer | (layer or {}),
+                    LLAMA.defaults | (defaults or {}), permute_qk=permute_qk)
+
+
+# llama.cpp converts Qwen with NEOX rope (no Q/K interleave), Granite as a Llama (interleaved)
+QWEN2 = _llama_like("Qwen2ForCausalLM", "qwen2", False, defaults={"rope_theta": 1000000.0})
+QWEN3 = _llama_like("Qwen3ForCausalLM", "qwen3", False, defaults={"rope_theta": 1000000.0},
+                    layer={"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"})
+GRANITE = _llama_like("GraniteForCausalLM", "granite", True, config_keys={
+    "embedding_scale": "embedding_multiplier", "residual_scale": "residual_multiplier",
+    "attention.scale": "attention_multiplier", "logit_scale": "logits_scaling"})
+
+# llama.cpp stores GPT-2's Conv1D weights transposed ([out, in]) and its tied head as output
+GPT2 = GGUFArch(
+    hf_architecture="GPT2LMHeadModel",
+    model_type="gpt2",
+    config_keys={
+        "embedding_length": "hidden_size",
+        "feed_forward_length": "intermediate_size",
+        "block_count": "num_hidden_layers",
+        "attention.head_count": "num_attention_heads",
+        "attention.layer_norm_epsilon": "layer_norm_epsilon",
+        "context_length": "max_position_embeddings",
+        "vocab_size": "vocab_size",
+    },
+    globals={"token_embd": "transformer.wte", "position_embd": "transformer.wpe",
+             "output_norm": "transformer.ln_f", "output": "lm_head"},
+    layer={
+        "attn_norm": "ln_1",
+        "attn_qkv": "attn.c_attn",
+        "attn_output": "attn.c_proj",
+        "ffn_norm": "ln_2",
+        "ffn_up": "mlp.c_fc",
+        "ffn_down": "mlp.c_proj",
+    },
+    defaults={"activation_function": "gelu_new", "layer_norm_epsilon": 1e-5},
+    layer_prefix="transformer.h.{i}.",
+    transposed=(".c_attn.weight", ".c_proj.weight", ".c_fc.weight"),
+)
+
+GGUF_ARCHS: dict[str, GGUFArch] = {"llama": LLAMA, "qwen2": QWEN2, "qwen3": QWEN3,
+                                   "granite": GRANITE, "gpt2": GPT2}
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_NAME = re.compile(r"(\w+)\.(weight|bias)")
@@ -91,6 +138,8 @@ def load_gguf(path: str | Path) -> tuple[dict, dict[str, np.ndarray], GGUFTokeni
                 raise WeightsError(f"{file}: tensor {tensor.name!r} has {values.shape[0]} rows, "
                                    f"not a multiple of 2 x {heads} heads; the metadata is wrong")
             values = unpermute_rows(values, heads)
+        if values.ndim == 2 and name.endswith(spec.transposed):
+            values = np.ascontiguousarray(values.T)
         tensors[name] = values
     tokenizer = build_tokenizer(lambda key: read_field(reader, key, file, None), file)
     return config, tensors, tokenizer
@@ -228,7 +277,7 @@ def hf_name(name: str, spec: GGUFArch, file: str) -> str:
     if m := _LAYER_NAME.fullmatch(name):
         layer, stem, kind = m.groups()
         if stem in spec.layer:
-            return f"model.layers.{layer}.{spec.layer[stem]}.{kind}"
+            return f"{spec.layer_prefix.format(i=layer)}{spec.layer[stem]}.{kind}"
     elif (m := _GLOBAL_NAME.fullmatch(name)) and m.group(1) in spec.globals:
         return f"{spec.globals[m.group(1)]}.{m.group(2)}"
     raise WeightsError(f"{file}: tensor {name!r} has no Hugging Face counterpart for a "

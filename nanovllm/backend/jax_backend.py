@@ -1,0 +1,73 @@
+"""JAX: the step runs under jax.jit, with the KV pool donated so K/V writes are in place.
+
+Sizes are rounded up to powers of two (`bucket`), so a run compiles a bounded number of
+times; `compilations()` counts them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..layers.attention import AttentionMetadata, AttentionPart
+from ..layers.sampler import SamplingTensors
+from .base import Backend, BackendError
+
+DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
+_registered = False
+
+
+def _register_pytrees() -> None:
+    global _registered
+    if _registered:
+        return
+    jax.tree_util.register_dataclass(
+        AttentionMetadata, data_fields=["slot_mapping", "decode", "prefill"],
+        meta_fields=["num_decode_tokens"])
+    jax.tree_util.register_dataclass(
+        AttentionPart, data_fields=["context_slots", "mask", "query_index", "output_index"],
+        meta_fields=["num_seqs", "query_len", "context_len"])
+    jax.tree_util.register_dataclass(
+        SamplingTensors,
+        data_fields=["temperature", "top_k", "top_p", "min_p", "uniform", "penalties", "banned"],
+        meta_fields=["all_greedy", "needs_sort", "needs_min_p"])
+    _registered = True
+
+
+class JaxBackend(Backend):
+    def asarray(self, host, dtype=None):
+        return jax.device_put(jnp.asarray(host, dtype=dtype), self.device)
+
+    def to_host(self, x):
+        return np.asarray(jax.device_get(x))
+
+    def scatter_rows(self, pool, slots, rows):
+        return pool.at[slots].set(rows.astype(pool.dtype))
+
+    def jit(self, fn, donate_argnums=(), **kwargs):
+        jitted = jax.jit(fn, donate_argnums=donate_argnums, **kwargs)
+        self.extra.setdefault("jitted", []).append(jitted)
+        return jitted
+
+    @staticmethod
+    def bucket(n: int) -> int:
+        return 1 << max(n - 1, 0).bit_length()
+
+    def compilations(self) -> int:
+        return sum(f._cache_size() for f in self.extra.get("jitted", []))
+
+
+def make(device: str | None, dtype: str) -> Backend:
+    if dtype not in DTYPES:
+        raise BackendError(f"dtype={dtype!r} is not supported by the jax backend; choose one "
+                           f"of {', '.join(DTYPES)}")
+    platform = {"gpu": "gpu", "cuda": "gpu"}.get((device or "").split(":")[0], device)
+    try:
+        devices = jax.devices(platform) if platform else jax.devices()
+    except RuntimeError as exc:
+        raise BackendError(f"device={device!r}: jax has no such device here ({exc}); pass "
+                           "device='cpu', or install jax[cuda] on a GPU machine") from exc
+    index = int(device.split(":")[1]) if device and ":" in device else 0
+    _register_pytrees()
+    return JaxBackend("jax", jnp, devices[index], DTYPES[dtype], jnp.int32)

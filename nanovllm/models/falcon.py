@@ -1,0 +1,215 @@
+"""Falcon (and the RefinedWeb/RefinedWebModel configs it grew from): LayerNorm, rotary, GELU.
+
+Three block layouts: sequential (attn then MLP), parallel with one shared norm, and the new
+decoder (Falcon-40B/180B) with grouped KV heads and ln_attn/ln_mlp. The fused query_key_value
+rows are reordered at load into [all Q | all K | all V] whatever the checkpoint's layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..layers.activation import gelu_tanh
+from ..layers.attention import paged_attention, write_kv
+from ..layers.erf import gelu_erf
+from ..layers.linear import embedding, linear, prepare_linear
+from ..layers.norm import layer_norm
+from ..layers.rotary import RotaryEmbedding, UnsupportedFeatureError, rope_spec
+from .base import check_tensors, require
+
+ACTIVATIONS = {"gelu": gelu_erf, "gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh}
+
+
+def _first(c: dict, *names, default=None):
+    return next((c[n] for n in names if c.get(n) is not None), default)
+
+
+@dataclass(slots=True)
+class FalconConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    layer_norm_eps: float
+    layout: str  # "grouped" (new decoder), "multi_query" ([Q.. K V]) or "per_head" ([q k v]..)
+    parallel_attn: bool
+    two_norms: bool  # ln_attn + ln_mlp (new decoder), else input_layernorm (+ post_attention)
+    bias: bool
+    activation: str
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+
+    @classmethod
+    def from_hf(cls, c: dict) -> FalconConfig:
+        if c.get("alibi"):
+            raise UnsupportedFeatureError("alibi=True (ALiBi position bias instead of rotary) is "
+                                          "not supported for Falcon; only rotary Falcon models")
+        if c.get("apply_residual_connection_post_layernorm"):
+            raise UnsupportedFeatureError("apply_residual_connection_post_layernorm=True is not "
+                                          "supported for Falcon")
+        act = c.get("activation", "gelu")
+        if act not in ACTIVATIONS:
+            raise UnsupportedFeatureError(f"activation={act!r} is not supported for Falcon; "
+                                          f"supported: {', '.join(ACTIVATIONS)}")
+        model_type = c.get("model_type")
+        hidden = _first(c, "hidden_size", "n_embed")
+        heads = _first(c, "num_attention_heads", "n_head")
+        layers = _first(c, "num_hidden_layers", "n_layer")
+        if hidden is None or heads is None or layers is None:
+            raise ValueError("config.json lacks hidden_size, num_attention_heads or "
+                             "num_hidden_layers (or n_embed/n_head/n_layer), which Falcon needs")
+        # RefinedWeb (original Falcon-40B) is the new decoder; RefinedWebModel (7B) the old one
+        new = bool(c.get("new_decoder_architecture", model_type == "RefinedWeb"))
+        parallel = bool(c.get("parallel_attn", True))
+        num_ln = c.get("num_ln_in_parallel_attn")
+        if new:
+            if not parallel:
+                raise UnsupportedFeatureError("new_decoder_architecture=True with "
+                                              "parallel_attn=False is not supported for Falcon")
+            num_ln = 2 if num_ln is None else num_ln
+            kv = _first(c, "num_kv_heads", "n_head_kv", default=heads)
+            layout = "grouped"
+        elif c.get("multi_query", True):
+            kv, layout = 1, "multi_query"
+        else:
+            kv, layout = heads, "per_head"
+        if num_ln not in (None, 1, 2) or (num_ln == 2 and not new):
+            raise UnsupportedFeatureError(f"num_ln_in_parallel_attn={num_ln} is not supported "
+                                          "with this Falcon layout; supported: 1, or 2 with "
+                                          "new_decoder_architecture")
+        return cls(
+            vocab_size=require(c, "vocab_size"), hidden_size=hidden,
+            intermediate_size=c.get("ffn_hidden_size") or 4 * hidden, num_layers=layers,
+            num_heads=heads, num_kv_heads=kv, head_dim=hidden // heads,
+            layer_norm_eps=c.get("layer_norm_epsilon", 1e-5), layout=layout,
+            parallel_attn=parallel, two_norms=num_ln == 2, bias=bool(c.get("bias", False)),
+            activation=act, tie_word_embeddings=bool(c.get("tie_word_embeddings", True)),
+            max_position_embeddings=c.get("max_position_embeddings", 2048))
+
+
+class FalconForCausalLM:
+    def __init__(self, hf_config: dict, backend, max_positions: int | None = None):
+        self.backend, self.xp = backend, backend.xp
+        self.cfg = cfg = FalconConfig.from_hf(hf_config)
+        self.rope_spec = rope_spec(hf_config, cfg.head_dim)
+        self.max_positions = max_positions or cfg.max_position_embeddings
+        self.num_layers, self.num_kv_heads, self.head_dim = (
+            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+        self.vocab_size = cfg.vocab_size
+        self.scale = cfg.head_dim ** -0.5
+        self.act = ACTIVATIONS[cfg.activation]
+        self.params: dict = {}
+
+    def _norm_names(self) -> list[str]:
+        c = self.cfg
+        if c.two_norms:
+            return ["ln_attn", "ln_mlp"]
+        return ["input_layernorm"] if c.parallel_attn else ["input_layernorm",
+                                                            "post_attention_layernorm"]
+
+    def expected_shapes(self) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+        c, H = self.cfg, self.cfg.hidden_size
+        qkv = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+        shapes = {"transformer.word_embeddings.weight": (c.vocab_size, H),
+                  "transformer.ln_f.weight": (H,), "transformer.ln_f.bias": (H,)}
+        optional = set()
+        if c.tie_word_embeddings:
+            optional.add("lm_head.weight")
+        else:
+            shapes["lm_head.weight"] = (c.vocab_size, H)
+        for i in range(c.num_layers):
+            p = f"transformer.h.{i}."
+            linears = {"self_attention.query_key_value": (qkv, H),
+                       "self_attention.dense": (H, H),
+                       "mlp.dense_h_to_4h": (c.intermediate_size, H),
+                       "mlp.dense_4h_to_h": (H, c.intermediate_size)}
+            for name, shape in linears.items():
+                shapes[p + name + ".weight"] = shape
+                if c.bias:
+                    shapes[p + name + ".bias"] = shape[:1]
+            for name in self._norm_names():
+                shapes[p + name + ".weight"] = shapes[p + name + ".bias"] = (H,)
+        return shapes, optional
+
+    def _qkv_rows(self, x):
+        """query_key_value rows (axis 0) in the checkpoint's layout -> [Q | K | V]."""
+        xp, c = self.xp, self.cfg
+        rest = tuple(x.shape[1:])
+        d, heads, kv = c.head_dim, c.num_heads, c.num_kv_heads
+        if c.layout == "multi_query":
+            return x  # already [Q heads | K | V]
+        if c.layout == "per_head":
+            g = xp.reshape(x, (heads, 3, d) + rest)
+            parts = [g[:, j, ...] for j in range(3)]
+        else:
+            g = xp.reshape(x, (kv, heads // kv + 2, d) + rest)
+            parts = [g[:, :-2, ...], g[:, -2, ...], g[:, -1, ...]]
+        return xp.concat([xp.reshape(p, (-1,) + rest) for p in parts], axis=0)
+
+    def load_weights(self, tensors: dict, source: str) -> None:
+        check_tensors(*self.expected_shapes(), tensors, source)
+        xp, b, c = self.xp, self.backend, self.cfg
+
+        def w(name):
+            return b.weight(tensors.pop(name))
+
+        def lin(name, reorder=lambda x: x):
+            bias = w(name + ".bias") if c.bias else None
+            return (prepare_linear(xp, reorder(w(name + ".weight"))),
+                    None if bias is None else reorder(bias))
+
+        layers = []
+        for i in range(c.num_layers):
+            p = f"transformer.h.{i}."
+            layers.append({
+                "norms": [(w(p + n + ".weight"), w(p + n + ".bias")) for n in self._norm_names()],
+                "qkv": lin(p + "self_attention.query_key_value", self._qkv_rows),
+                "o": lin(p + "self_attention.dense"),
+                "up": lin(p + "mlp.dense_h_to_4h"), "down": lin(p + "mlp.dense_4h_to_h"),
+            })
+        embed = w("transformer.word_embeddings.weight")
+        if c.tie_word_embeddings:
+            tensors.pop("lm_head.weight", None)
+            head = prepare_linear(xp, embed)
+        else:
+            head = prepare_linear(xp, w("lm_head.weight"))
+        self.params = {"embed": embed, "layers": layers, "lm_head": head,
+                       "ln_f": (w("transformer.ln_f.weight"), w("transformer.ln_f.bias"))}
+        self.rotary = RotaryEmbedding(xp, self.rope_spec, self.max_positions, b.dtype, b.device)
+
+    def _attention(self, x, i, L, cos, sin, kv_caches, meta):
+        xp, c = self.xp, self.cfg
+        T = x.shape[0]
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        qkv = linear(x, *L["qkv"])
+        q = xp.reshape(qkv[:, :q_size], (T, c.num_heads, c.head_dim))
+        k = xp.reshape(qkv[:, q_size:q_size + kv_size], (T, c.num_kv_heads, c.head_dim))
+        v = xp.reshape(qkv[:, q_size + kv_size:], (T, c.num_kv_heads, c.head_dim))
+        q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
+        k_pool, v_pool = write_kv(self.backend, *kv_caches[i], k, v, meta.slot_mapping)
+        kv_caches[i] = (k_pool, v_pool)
+        return linear(paged_attention(xp, q, k_pool, v_pool, meta, self.scale), *L["o"])
+
+    def forward(self, params: dict, input_ids, positions, kv_caches: list, meta):
+        xp, c, P = self.xp, self.cfg, params
+        eps = c.layer_norm_eps
+        cos, sin = self.rotary.tables(positions)
+        kv_caches = list(kv_caches)
+        h = embedding(xp, P["embed"], input_ids)
+        for i, L in enumerate(P["layers"]):
+            x = layer_norm(xp, h, *L["norms"][0], eps)
+            a = self._attention(x, i, L, cos, sin, kv_caches, meta)
+            if c.parallel_attn:
+                y = layer_norm(xp, h, *L["norms"][1], eps) if c.two_norms else x
+                h = h + (linear(self.act(xp, linear(y, *L["up"])), *L["down"]) + a)
+            else:
+                h = h + a
+                y = layer_norm(xp, h, *L["norms"][1], eps)
+                h = h + linear(self.act(xp, linear(y, *L["up"])), *L["down"])
+        return layer_norm(xp, h, *P["ln_f"], eps), kv_caches
+
+    def compute_logits(self, params: dict, hidden):
+        return hidden @ params["lm_head"]

@@ -1,0 +1,145 @@
+"""GPT-2: learned positions, pre-LayerNorm blocks, GELU (tanh), Conv1D weights, tied head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..layers.activation import gelu_tanh
+from ..layers.attention import paged_attention, write_kv
+from ..layers.erf import gelu_erf
+from ..layers.linear import embedding, linear, prepare_linear
+from ..layers.norm import layer_norm
+from ..layers.rotary import UnsupportedFeatureError
+from .base import check_tensors, require
+
+ACTIVATIONS = {"gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh, "gelu_fast": gelu_tanh,
+               "gelu": gelu_erf}
+
+
+def _get(c: dict, name: str, hf_name: str):
+    """GPT-2's own spelling (n_embd) or the generic one (hidden_size) that GGUF configs use."""
+    return c[name] if name in c else require(c, hf_name)
+
+
+@dataclass(slots=True)
+class GPT2Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    layer_norm_eps: float
+    max_position_embeddings: int
+    activation: str
+    scale_attn_weights: bool
+    scale_attn_by_inverse_layer_idx: bool
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_hf(cls, c: dict) -> GPT2Config:
+        act = c.get("activation_function", "gelu_new")
+        if act not in ACTIVATIONS:
+            raise UnsupportedFeatureError(f"activation_function={act!r} is not supported for "
+                                          f"GPT-2; supported: {', '.join(ACTIVATIONS)}")
+        if c.get("add_cross_attention"):
+            raise UnsupportedFeatureError("add_cross_attention=True (an encoder-decoder GPT-2) "
+                                          "is not supported")
+        hidden = _get(c, "n_embd", "hidden_size")
+        heads = _get(c, "n_head", "num_attention_heads")
+        return cls(
+            vocab_size=require(c, "vocab_size"), hidden_size=hidden,
+            intermediate_size=c.get("n_inner") or c.get("intermediate_size") or 4 * hidden,
+            num_layers=_get(c, "n_layer", "num_hidden_layers"), num_heads=heads,
+            head_dim=hidden // heads, layer_norm_eps=c.get("layer_norm_epsilon", 1e-5),
+            max_position_embeddings=_get(c, "n_positions", "max_position_embeddings"),
+            activation=act, scale_attn_weights=c.get("scale_attn_weights", True),
+            scale_attn_by_inverse_layer_idx=c.get("scale_attn_by_inverse_layer_idx", False),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", True)))
+
+
+class GPT2LMHeadModel:
+    def __init__(self, hf_config: dict, backend, max_positions: int | None = None):
+        self.backend, self.xp = backend, backend.xp
+        self.cfg = cfg = GPT2Config.from_hf(hf_config)
+        self.num_layers, self.num_kv_heads, self.head_dim = (
+            cfg.num_layers, cfg.num_heads, cfg.head_dim)
+        self.vocab_size = cfg.vocab_size
+        base = cfg.head_dim ** -0.5 if cfg.scale_attn_weights else 1.0
+        self.scales = [base / (i + 1) if cfg.scale_attn_by_inverse_layer_idx else base
+                       for i in range(cfg.num_layers)]
+        self.act = ACTIVATIONS[cfg.activation]
+        self.prefix = "transformer."
+        self.params: dict = {}
+
+    def expected_shapes(self) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+        c, t = self.cfg, self.prefix
+        H, inner = c.hidden_size, c.intermediate_size
+        shapes = {t + "wte.weight": (c.vocab_size, H),
+                  t + "wpe.weight": (c.max_position_embeddings, H),
+                  t + "ln_f.weight": (H,), t + "ln_f.bias": (H,)}
+        optional = set()
+        if c.tie_word_embeddings:
+            optional.add("lm_head.weight")
+        else:
+            shapes["lm_head.weight"] = (c.vocab_size, H)
+        for i in range(c.num_layers):
+            p = f"{t}h.{i}."
+            layer = {"ln_1": (H,), "ln_2": (H,), "attn.c_attn": (H, 3 * H),
+                     "attn.c_proj": (H, H), "mlp.c_fc": (H, inner), "mlp.c_proj": (inner, H)}
+            for name, shape in layer.items():
+                shapes[p + name + ".weight"] = shape
+                shapes[p + name + ".bias"] = (shape[-1],)
+            optional |= {p + "attn.bias", p + "attn.masked_bias"}  # causal-mask buffers
+        return shapes, optional
+
+    def load_weights(self, tensors: dict, source: str) -> None:
+        # GPT2Model checkpoints (the hub's "gpt2") have no "transformer." prefix
+        if "transformer.wte.weight" not in tensors and "wte.weight" in tensors:
+            self.prefix = ""
+        check_tensors(*self.expected_shapes(), tensors, source)
+        xp, b, c, t = self.xp, self.backend, self.cfg, self.prefix
+
+        def w(name):
+            return b.weight(tensors.pop(name))
+
+        def conv1d(name):  # stored [in, out]: transpose to HF's Linear [out, in] for the layout
+            return (prepare_linear(xp, xp.matrix_transpose(w(name + ".weight"))),
+                    w(name + ".bias"))
+
+        layers = []
+        for i in range(c.num_layers):
+            p = f"{t}h.{i}."
+            layers.append({
+                "ln_1": (w(p + "ln_1.weight"), w(p + "ln_1.bias")),
+                "ln_2": (w(p + "ln_2.weight"), w(p + "ln_2.bias")),
+                "qkv": conv1d(p + "attn.c_attn"), "o": conv1d(p + "attn.c_proj"),
+                "fc": conv1d(p + "mlp.c_fc"), "proj": conv1d(p + "mlp.c_proj"),
+            })
+        wte = w(t + "wte.weight")
+        if c.tie_word_embeddings:
+            tensors.pop("lm_head.weight", None)
+            head = prepare_linear(xp, wte)
+        else:
+            head = prepare_linear(xp, w("lm_head.weight"))
+        self.params = {"wte": wte, "wpe": w(t + "wpe.weight"), "layers": layers,
+                       "ln_f": (w(t + "ln_f.weight"), w(t + "ln_f.bias")), "lm_head": head}
+
+    def forward(self, params: dict, input_ids, positions, kv_caches: list, meta):
+        xp, c, P = self.xp, self.cfg, params
+        T, H, eps = input_ids.shape[0], c.hidden_size, c.layer_norm_eps
+        kv_caches = list(kv_caches)
+        h = embedding(xp, P["wte"], input_ids) + embedding(xp, P["wpe"], positions)
+        for i, L in enumerate(P["layers"]):
+            qkv = linear(layer_norm(xp, h, *L["ln_1"], eps), *L["qkv"])
+            q, k, v = (xp.reshape(qkv[:, j * H:(j + 1) * H], (T, c.num_heads, c.head_dim))
+                       for j in range(3))
+            k_pool, v_pool = write_kv(self.backend, *kv_caches[i], k, v, meta.slot_mapping)
+            kv_caches[i] = (k_pool, v_pool)
+            h = h + linear(paged_attention(xp, q, k_pool, v_pool, meta, self.scales[i]), *L["o"])
+            x = layer_norm(xp, h, *L["ln_2"], eps)
+            h = h + linear(self.act(xp, linear(x, *L["fc"])), *L["proj"])
+        return layer_norm(xp, h, *P["ln_f"], eps), kv_caches
+
+    def compute_logits(self, params: dict, hidden):
+        return hidden @ params["lm_head"]
