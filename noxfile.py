@@ -29,5 +29,7 @@ def lint(session: nox.Session) -> None:
 def tests(session: nox.Session, backend: str) -> None:
     extras = ",".join(["test", *BACKENDS[backend]])
     session.install("-e", f".[{extras}]")
-    session.run("python", "-m", "pytest", "-q", "-ra", *session.posargs,
-                env={"NANOVLLM_BACKEND": backend})
+    # transformers (torch, OpenMP) and numpy (OpenBLAS) share the process: one thread each
+    # keeps them from oversubscribing a small machine, which slows both by 10-100x
+    env = {"NANOVLLM_BACKEND": backend, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    session.run("python", "-m", "pytest", "-q", "-ra", *session.posargs, env=env)

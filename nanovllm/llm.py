@@ -115,15 +115,24 @@ class LLM:
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.chat_prompt(c, add_generation_prompt) for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        texts = [self.chat_text(c, add_generation_prompt) for c in conversations]
+        # the rendered template already holds its special tokens (BOS included)
+        prompts = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        outs = self.generate(prompts, sampling_params, use_tqdm)
+        for out, text in zip(outs, texts):
+            out.prompt = text
+        return outs
 
-    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """A conversation rendered with the model's chat template, as token ids."""
+    def chat_text(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """A conversation rendered with the model's chat template."""
         if self.tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer, so it cannot chat; pass "
                                       "token ids to generate() instead")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """A conversation rendered with the model's chat template, as token ids."""
+        text = self.chat_text(messages, add_generation_prompt)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     # ---- streaming -------------------------------------------------------------------------

@@ -32,7 +32,7 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
-        self._validate()
+        self.validate()
 
     @property
     def stop_strings(self) -> list[str]:
@@ -42,7 +42,7 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def _validate(self) -> None:
+    def validate(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
             return ValueError(f"SamplingParams.{name}={getattr(self, name)!r} is invalid; "
                               f"allowed: {allowed}")

@@ -77,6 +77,12 @@ class LLMEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"expected SamplingParams, got {type(params).__name__}")
+        params.validate()  # again: the dataclass may have been changed since it was built
+        vocab = self.model.vocab_size
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise InvalidRequestError(f"stop_token_ids holds {bad[0]}, outside the vocabulary "
+                                      f"[0, {vocab}); pass ids below {vocab}")
         text, ids = self.encode_prompt(prompt)
         self.validate_prompt(ids)
         rid = str(next(self._ids)) if request_id is None else str(request_id)

@@ -82,7 +82,9 @@ class FalconConfig:
                                           "new_decoder_architecture")
         return cls(
             vocab_size=require(c, "vocab_size"), hidden_size=hidden,
-            intermediate_size=c.get("ffn_hidden_size") or 4 * hidden, num_layers=layers,
+            intermediate_size=_first(c, "ffn_hidden_size", "intermediate_size",
+                                     default=4 * hidden),
+            num_layers=layers,
             num_heads=heads, num_kv_heads=kv, head_dim=hidden // heads,
             layer_norm_eps=c.get("layer_norm_epsilon", 1e-5), layout=layout,
             parallel_attn=parallel, two_norms=num_ln == 2, bias=bool(c.get("bias", False)),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,8 @@ class GGUFArch:
     permute_qk: bool = False  # llama.cpp interleaves Q/K rows for its rotary layout
     layer_prefix: str = "model.layers.{i}."
     transposed: tuple[str, ...] = ()  # HF weights (name fragments) llama.cpp stores transposed
+    optional_layer: tuple[str, ...] = ()  # layer stems only some variants of the arch have
+    finish: Callable[[dict, dict[str, np.ndarray]], None] | None = None  # variant fix-ups
 
 
 LLAMA = GGUFArch(
@@ -106,8 +109,66 @@ GPT2 = GGUFArch(
     transposed=(".c_attn.weight", ".c_proj.weight", ".c_fc.weight"),
 )
 
+
+
+def _falcon_variant(config: dict, tensors: dict[str, np.ndarray]) -> None:
+    """llama.cpp's Falcon: attn_norm_2 marks ln_attn/ln_mlp (Falcon-40B), more than one KV head
+    the new decoder; query_key_value is stored [all Q | K | V] (its "jploski" layout), which the
+    new decoder's HF layout interleaves per KV group as [q.. k v]."""
+    two_norms = "transformer.h.0.ln_mlp.weight" in tensors
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    new = two_norms or kv > 1
+    config.update(new_decoder_architecture=new, multi_query=not new, parallel_attn=True,
+                  num_ln_in_parallel_attn=(2 if two_norms else 1) if new else None,
+                  bias="transformer.h.0.self_attention.query_key_value.bias" in tensors,
+                  num_kv_heads=kv)
+    if two_norms:
+        for name in [n for n in tensors if ".input_layernorm." in n]:
+            tensors[name.replace(".input_layernorm.", ".ln_attn.")] = tensors.pop(name)
+    if not new:
+        return  # multi-query: [all Q | K | V] is HF's layout too
+    d = config["hidden_size"] // heads
+    for name in [n for n in tensors if ".query_key_value." in n]:
+        w = tensors[name]
+        rest = w.shape[1:]
+        q = w[:heads * d].reshape(kv, heads // kv, d, *rest)
+        k = w[heads * d:(heads + kv) * d].reshape(kv, 1, d, *rest)
+        v = w[(heads + kv) * d:].reshape(kv, 1, d, *rest)
+        tensors[name] = np.concatenate([q, k, v], axis=1).reshape(w.shape)
+
+
+FALCON = GGUFArch(
+    hf_architecture="FalconForCausalLM",
+    model_type="falcon",
+    config_keys={
+        "embedding_length": "hidden_size",
+        "feed_forward_length": "intermediate_size",
+        "block_count": "num_hidden_layers",
+        "attention.head_count": "num_attention_heads",
+        "attention.head_count_kv": "num_key_value_heads",
+        "attention.layer_norm_epsilon": "layer_norm_epsilon",
+        "rope.freq_base": "rope_theta",
+        "context_length": "max_position_embeddings",
+        "vocab_size": "vocab_size",
+    },
+    globals={"token_embd": "transformer.word_embeddings", "output_norm": "transformer.ln_f",
+             "output": "lm_head"},
+    layer={
+        "attn_norm": "input_layernorm",
+        "attn_norm_2": "ln_mlp",
+        "attn_qkv": "self_attention.query_key_value",
+        "attn_output": "self_attention.dense",
+        "ffn_up": "mlp.dense_h_to_4h",
+        "ffn_down": "mlp.dense_4h_to_h",
+    },
+    defaults={"activation": "gelu", "layer_norm_epsilon": 1e-5, "rope_theta": 10000.0},
+    layer_prefix="transformer.h.{i}.",
+    optional_layer=("attn_norm_2",),
+    finish=_falcon_variant,
+)
+
 GGUF_ARCHS: dict[str, GGUFArch] = {"llama": LLAMA, "qwen2": QWEN2, "qwen3": QWEN3,
-                                   "granite": GRANITE, "gpt2": GPT2}
+                                   "granite": GRANITE, "gpt2": GPT2, "falcon": FALCON}
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_NAME = re.compile(r"(\w+)\.(weight|bias)")
@@ -141,6 +202,8 @@ def load_gguf(path: str | Path) -> tuple[dict, dict[str, np.ndarray], GGUFTokeni
         if values.ndim == 2 and name.endswith(spec.transposed):
             values = np.ascontiguousarray(values.T)
         tensors[name] = values
+    if spec.finish is not None:
+        spec.finish(config, tensors)
     tokenizer = build_tokenizer(lambda key: read_field(reader, key, file, None), file)
     return config, tensors, tokenizer
 
@@ -265,7 +328,8 @@ def _snap(x: float) -> float | int:
 
 def check_complete(names: set[str], spec: GGUFArch, layers: int, file: str) -> None:
     needed = [f"{stem}.weight" for stem in spec.globals if stem != "output"]
-    needed += [f"blk.{i}.{stem}.weight" for i in range(layers) for stem in spec.layer]
+    needed += [f"blk.{i}.{stem}.weight" for i in range(layers) for stem in spec.layer
+               if stem not in spec.optional_layer]
     missing = [name for name in needed if name not in names]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""

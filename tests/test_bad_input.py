@@ -1,0 +1,350 @@
+"""Bad input gets a clear error (naming the value, the limit and the fix), and the LLM that saw
+it still serves a good request correctly afterwards with no KV block leaked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from nanovllm import LLM, SamplingParams
+
+CORPUS = [
+    "The capital of France is Paris.", "Hello world, hello there!", "the cat sat on the mat",
+    "You are a helpful assistant.", "What is the answer? It is 42.", "x = 1 + 2 * 3; y = [4, 5]",
+    "Quick brown foxes jump over lazy dogs.", "ZEBRAS QUIETLY VEX JUMPING KOALAS",
+]
+SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + "
+          "'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}"
+          "{{'<|im_start|>assistant\n'}}{% endif %}")
+MAX_MODEL_LEN = 64
+GOOD = [20, 21, 22, 23, 24]
+DEFAULT_GGUF = Path.home() / ".cache" / "nanovllm" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def train_tokenizer():
+    """Byte-level BPE whose alphabet is the corpus' ASCII characters: every token is text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS * 3, trainers.BpeTrainer(vocab_size=160,
+                                                            special_tokens=SPECIALS))
+    return tok
+
+
+def with_tokenizer(tiny_llama, name: str = "chat_llama", seed: int = 11):
+    """The conftest tiny Llama (vocab = the tokenizer's) with tokenizer + ChatML saved beside."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = train_tokenizer()
+    tm = tiny_llama(name, seed=seed, vocab_size=tok.get_vocab_size())
+    if not (tm.path / "tokenizer.json").is_file():
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                       unk_token="<unk>")
+        fast.chat_template = CHATML
+        fast.save_pretrained(tm.path)
+    return tm
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama):
+    """One torch thread while it lives: on 2 shared cores torch's default of one thread per
+    core makes a tiny forward pass ~100x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield with_tokenizer(tiny_llama)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vocab(tiny) -> int:
+    return tiny.model.config.vocab_size
+
+
+@pytest.fixture(scope="module")
+def want(tiny) -> list[int]:
+    return tiny.greedy(GOOD, 8)[0]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny, backend):
+    return LLM(str(tiny.path), backend=backend, verbose=False, max_model_len=MAX_MODEL_LEN,
+               block_size=8)
+
+
+def copy_model(src: Path, dst: Path, tokenizer: bool = True) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if tokenizer or f.name in ("config.json", "generation_config.json", "model.safetensors"):
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def no_tokenizer_dir(tiny, tmp_path_factory) -> Path:
+    return copy_model(tiny.path, tmp_path_factory.mktemp("no_tokenizer"), tokenizer=False)
+
+
+def greedy(max_tokens: int = 8, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, **kw)
+
+
+def assert_still_serves(llm: LLM, want: list[int]) -> None:
+    """Nothing queued or held, and a good request after the bad one is served correctly."""
+    eng = llm.engine
+    assert not eng.requests, f"left in the engine: {list(eng.requests)}"
+    assert not eng.scheduler.waiting and not eng.scheduler.running
+    free = eng.scheduler.block_manager.num_free_blocks
+    assert free == llm.config.num_kv_blocks - 1, "KV blocks leaked"
+    out = llm.generate([GOOD], greedy(8), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == want
+    assert eng.scheduler.block_manager.num_free_blocks == free
+
+
+def message(exc_info) -> str:
+    return str(exc_info.value)
+
+
+# ---- bad prompts ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prompt", ["", []], ids=["empty-text", "empty-ids"])
+def test_empty_prompt(llm, want, prompt):
+    with pytest.raises(ValueError) as e:
+        llm.generate([prompt], greedy(), use_tqdm=False)
+    assert "empty" in message(e) and "at least one" in message(e)
+    with pytest.raises(ValueError, match="empty"):
+        llm.engine.add_request(prompt, greedy())
+    with pytest.raises(ValueError, match="empty"):
+        list(llm.stream(prompt, greedy()))
+    assert_still_serves(llm, want)
+
+
+def test_empty_text_prompt_alone(llm, want):
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate("", greedy(), use_tqdm=False)
+    assert_still_serves(llm, want)
+
+
+def test_prompt_longer_than_max_model_len(llm, want):
+    too_long = [5] * MAX_MODEL_LEN
+    with pytest.raises(ValueError) as e:
+        llm.generate([too_long], greedy(), use_tqdm=False)
+    msg = message(e)
+    assert str(MAX_MODEL_LEN) in msg and "max_model_len" in msg
+    assert "shorten" in msg or "raise max_model_len" in msg
+    with pytest.raises(ValueError, match=str(5 * MAX_MODEL_LEN)):
+        llm.generate([[5] * (5 * MAX_MODEL_LEN)], greedy(), use_tqdm=False)
+    assert_still_serves(llm, want)
+
+
+def test_prompt_one_below_max_model_len_still_runs(llm, want):
+    out = llm.generate([[5] * (MAX_MODEL_LEN - 1)], greedy(8), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 1 and out.outputs[0].finish_reason == "length"
+    assert_still_serves(llm, want)
+
+
+def test_text_prompt_longer_than_max_model_len(llm, want):
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate("Hello world, hello there! " * 40, greedy(), use_tqdm=False)
+    assert_still_serves(llm, want)
+
+
+@pytest.mark.parametrize("bad", ["vocab", "vocab+1000", -1], ids=["=vocab", ">vocab", "negative"])
+def test_token_id_outside_the_vocabulary(llm, want, vocab, bad):
+    token = {"vocab": vocab, "vocab+1000": vocab + 1000}.get(bad, bad)
+    with pytest.raises(ValueError) as e:
+        llm.generate([[3, 4, token, 5]], greedy(), use_tqdm=False)
+    msg = message(e)
+    assert str(token) in msg and str(vocab) in msg, msg
+    assert_still_serves(llm, want)
+
+
+@pytest.mark.parametrize("bad", [1.5, "7", None, True], ids=["float", "str", "None", "bool"])
+def test_token_id_of_the_wrong_type(llm, want, bad):
+    with pytest.raises((ValueError, TypeError)) as e:
+        llm.generate([[3, 4, bad]], greedy(), use_tqdm=False)
+    assert "int" in message(e)
+    assert_still_serves(llm, want)
+
+
+def test_batch_with_one_bad_prompt_runs_nothing(llm, want, vocab):
+    eng = llm.engine
+    free = eng.scheduler.block_manager.num_free_blocks
+    batch = [GOOD, [6, 7, 8], [9, vocab + 5], [10, 11]]
+    with pytest.raises(ValueError, match=str(vocab + 5)):
+        llm.generate(batch, greedy(), use_tqdm=False)
+    assert not eng.requests and not eng.scheduler.waiting and not eng.scheduler.running
+    assert eng.scheduler.block_manager.num_free_blocks == free
+    assert eng.step() == []  # nothing of the batch runs later either
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate(["hello", ""], greedy(), use_tqdm=False)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate([GOOD, [5] * 500], greedy(), use_tqdm=False)
+    assert_still_serves(llm, want)
+
+
+# ---- bad sampling parameters ---------------------------------------------------------------
+
+def test_invalid_sampling_params_rejected_before_anything_runs(llm, want):
+    for kw in (dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-3), dict(min_p=2.0),
+               dict(n=0), dict(max_tokens=0), dict(logprobs=21), dict(stop="")):
+        with pytest.raises(ValueError) as e:
+            llm.generate([GOOD], SamplingParams(**kw), use_tqdm=False)
+        name = next(iter(kw))
+        assert f"SamplingParams.{name}=" in message(e) and "allowed" in message(e)
+    assert_still_serves(llm, want)
+
+
+def test_sampling_params_of_the_wrong_type(llm, want):
+    with pytest.raises(TypeError, match="SamplingParams"):
+        llm.generate([GOOD], [dict(temperature=0.0)], use_tqdm=False)
+    with pytest.raises(TypeError, match="SamplingParams"):
+        llm.generate([GOOD, GOOD], [greedy(), {"max_tokens": 3}], use_tqdm=False)
+    assert_still_serves(llm, want)
+
+
+@pytest.mark.parametrize("field,value", [("n", 0), ("temperature", -1.0), ("top_k", -5),
+                                         ("logprobs", 100), ("max_tokens", 0)])
+def test_sampling_params_made_invalid_after_construction(llm, want, field, value):
+    """A SamplingParams is a mutable dataclass; the engine must validate what it receives."""
+    p = greedy()
+    setattr(p, field, value)
+    with pytest.raises(ValueError) as e:
+        llm.generate([GOOD], p, use_tqdm=False)
+    assert f"SamplingParams.{field}=" in message(e), message(e)
+    assert_still_serves(llm, want)
+
+
+def test_stop_token_id_outside_the_vocabulary(llm, want, vocab):
+    """A stop id the model can never produce: a clear error, or simply never matched."""
+    bad = vocab + 10
+    for p in (greedy(4, stop_token_ids=[bad]), greedy(4, stop_token_ids=[bad], min_tokens=2)):
+        try:
+            out = llm.generate([GOOD], p, use_tqdm=False)[0]
+        except ValueError as e:
+            assert str(bad) in str(e) and str(vocab) in str(e), str(e)
+        else:
+            assert out.outputs[0].token_ids == want[:4]
+            assert out.outputs[0].finish_reason == "length"
+    assert_still_serves(llm, want)
+
+
+# ---- bad models, backends and paths ----------------------------------------------------------
+
+def test_unknown_backend_lists_the_known_ones(tiny, llm, want):
+    with pytest.raises(ValueError) as e:
+        LLM(str(tiny.path), backend="tensorflow", verbose=False)
+    msg = message(e)
+    assert "'tensorflow'" in msg and "numpy" in msg and "array_api_strict" in msg
+    assert_still_serves(llm, want)
+
+
+def test_nonexistent_model_path(tmp_path, llm, want):
+    missing = tmp_path / "no" / "such-model"
+    with pytest.raises(ValueError) as e:
+        LLM(str(missing), verbose=False)
+    assert str(missing) in message(e) and "does not exist" in message(e)
+    with pytest.raises(ValueError, match="does not exist"):
+        LLM(str(tmp_path / "nothing.gguf"), verbose=False)
+    assert_still_serves(llm, want)
+
+
+def test_directory_without_config(tmp_path, llm, want):
+    with pytest.raises(ValueError, match="config.json"):
+        LLM(str(tmp_path), verbose=False)
+    assert_still_serves(llm, want)
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tiny, tmp_path, backend, llm, want):
+    d = copy_model(tiny.path, tmp_path / "foo")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["FooForCausalLM"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError) as e:
+        LLM(str(d), backend=backend, verbose=False)
+    msg = message(e)
+    assert "FooForCausalLM" in msg and "LlamaForCausalLM" in msg and "supported" in msg
+    assert_still_serves(llm, want)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 4], ids=["half", "last-bytes", "header-only"])
+def test_truncated_safetensors(tiny, tmp_path, backend, llm, want, keep):
+    d = copy_model(tiny.path, tmp_path / "trunc")
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[:keep if isinstance(keep, int) else int(len(data) * keep)])
+    with pytest.raises(ValueError) as e:
+        LLM(str(d), backend=backend, verbose=False)
+    msg = message(e)
+    assert "model.safetensors" in msg and ("truncated" in msg or "corrupt" in msg), msg
+    assert_still_serves(llm, want)
+
+
+def test_random_bytes_named_gguf(tmp_path, backend, llm, want):
+    f = tmp_path / "random.gguf"
+    f.write_bytes(os.urandom(4096))
+    with pytest.raises(ValueError) as e:
+        LLM(str(f), backend=backend, verbose=False)
+    assert "random.gguf" in message(e) and "GGUF" in message(e)
+    assert_still_serves(llm, want)
+
+
+def test_gguf_magic_then_garbage(tmp_path, backend, llm, want):
+    f = tmp_path / "garbage.gguf"
+    f.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + os.urandom(2048))
+    with pytest.raises(ValueError, match="garbage.gguf"):
+        LLM(str(f), backend=backend, verbose=False)
+    assert_still_serves(llm, want)
+
+
+def test_truncated_real_gguf(tmp_path, backend, llm, want):
+    if not DEFAULT_GGUF.is_file():
+        pytest.skip(f"{DEFAULT_GGUF} is not cached")
+    f = tmp_path / "smol-truncated.gguf"
+    with open(DEFAULT_GGUF, "rb") as src:
+        f.write_bytes(src.read(1 << 20))
+    with pytest.raises(ValueError) as e:
+        LLM(str(f), backend=backend, verbose=False)
+    msg = message(e)
+    assert "smol-truncated.gguf" in msg and ("truncated" in msg or "corrupt" in msg), msg
+    assert_still_serves(llm, want)
+
+
+def test_non_gguf_file(tmp_path, llm, want):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"\0" * 64)
+    with pytest.raises(ValueError, match=r"\.gguf"):
+        LLM(str(f), verbose=False)
+    assert_still_serves(llm, want)
+
+
+# ---- a model without a tokenizer ---------------------------------------------------------
+
+def test_text_prompt_to_a_model_without_tokenizer(no_tokenizer_dir, backend, want):
+    llm = LLM(str(no_tokenizer_dir), backend=backend, verbose=False, max_model_len=MAX_MODEL_LEN)
+    assert llm.get_tokenizer() is None
+    with pytest.raises(ValueError) as e:
+        llm.generate("Hello world", greedy(), use_tqdm=False)
+    assert "tokenizer" in message(e) and "token ids" in message(e)
+    with pytest.raises(ValueError, match="tokenizer"):
+        llm.generate([GOOD, "Hello"], greedy(), use_tqdm=False)
+    with pytest.raises(ValueError, match="tokenizer"):
+        llm.chat([{"role": "user", "content": "hi"}], greedy(), use_tqdm=False)
+    out = llm.generate([GOOD], greedy(8), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == want and out.outputs[0].text == ""
+    assert_still_serves(llm, want)
+
+
+def test_chat_with_bad_messages(llm, want):
+    with pytest.raises(ValueError, match="empty conversation"):
+        llm.chat([[]], greedy(), use_tqdm=False)
+    assert_still_serves(llm, want)
