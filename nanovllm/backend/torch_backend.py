@@ -35,7 +35,9 @@ def make(device: str | None, dtype: str) -> Backend:
     if dtype not in DTYPES:
         raise BackendError(f"dtype={dtype!r} is not supported by the torch backend; "
                            f"choose one of {', '.join(DTYPES)}")
-    name = "cpu" if device is None else ("cuda" if device == "gpu" else device)
+    if device is None:  # like jax: the GPU when there is one
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = "cuda" if device == "gpu" else device
     try:
         dev = torch.device(name)
     except RuntimeError as exc:

@@ -149,10 +149,10 @@ class LlamaForCausalLM:
         for i, L in enumerate(P["layers"]):
             x = rms_norm(xp, h, L["attn_norm"], c.rms_norm_eps)
             qkv = linear(x, L["qkv"], L["qkv_b"])
-            q = xp.reshape(qkv[:, :q_size], (T, c.num_heads, c.head_dim))
-            k = xp.reshape(qkv[:, q_size:q_size + kv_size], (T, c.num_kv_heads, c.head_dim))
+            qk = xp.reshape(qkv[:, :q_size + kv_size], (T, c.num_heads + c.num_kv_heads, -1))
+            qk = self.rotary.apply(qk, cos, sin)  # q and k heads rotated together
+            q, k = qk[:, :c.num_heads, :], qk[:, c.num_heads:, :]
             v = xp.reshape(qkv[:, q_size + kv_size:], (T, c.num_kv_heads, c.head_dim))
-            q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
             k_pool, v_pool = write_kv(self.backend, *kv_caches[i], k, v, meta.slot_mapping)
             kv_caches[i] = (k_pool, v_pool)
             o = paged_attention(xp, q, k_pool, v_pool, meta, self.scale)
