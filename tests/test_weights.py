@@ -229,9 +229,9 @@ def test_gguf_round_trip_undoes_llama_permutation(tmp_path, overrides):
 
 def test_gguf_unsupported_architecture(tmp_path):
     hf_config, model = tiny_llama()
-    file = write_llama_gguf(tmp_path / "x.gguf", hf_config, {}, arch="falcon")
-    with pytest.raises(WeightsError, match=r"architecture 'falcon' is not supported; supported: "
-                                           r"llama"):
+    file = write_llama_gguf(tmp_path / "x.gguf", hf_config, {}, arch="bloom")
+    with pytest.raises(WeightsError, match=r"architecture 'bloom' is not supported; supported: "
+                                           r".*llama"):
         load_gguf(file)
 
 

@@ -150,6 +150,8 @@ class LlamaForCausalLM:
             x = rms_norm(xp, h, L["attn_norm"], c.rms_norm_eps)
             qkv = linear(x, L["qkv"], L["qkv_b"])
             qk = xp.reshape(qkv[:, :q_size + kv_size], (T, c.num_heads + c.num_kv_heads, -1))
+            if "qk_norm" in L:  # Qwen3: RMSNorm over each q and k head before RoPE
+                qk = rms_norm(xp, qk, L["qk_norm"], c.rms_norm_eps)
             qk = self.rotary.apply(qk, cos, sin)  # q and k heads rotated together
             q, k = qk[:, :c.num_heads, :], qk[:, c.num_heads:, :]
             v = xp.reshape(qkv[:, q_size + kv_size:], (T, c.num_kv_heads, c.head_dim))
