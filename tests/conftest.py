@@ -1,0 +1,160 @@
+"""Shared fixtures: the backend under test and tiny random checkpoints built with transformers.
+
+The backend comes from `--backend` or the NANOVLLM_BACKEND environment variable (default
+numpy); nox sets the variable once per session. A backend whose library is not installed
+skips the tests that need it, naming the package.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nanovllm.backend import ALIASES, BACKENDS, BackendError, get_backend
+
+NEAR_TIE = 1e-4  # a greedy step whose top-2 logit gap is below this is a coin flip
+
+
+def pytest_addoption(parser):
+    parser.addoption("--backend", action="store", default=None,
+                     help="array backend for nanovllm (numpy, array_api_strict, jax, torch); "
+                          "default: $NANOVLLM_BACKEND or numpy")
+
+
+@pytest.fixture(scope="session")
+def backend(request) -> str:
+    name = request.config.getoption("--backend") or os.environ.get("NANOVLLM_BACKEND") or "numpy"
+    name = ALIASES.get(name, name)
+    if name not in BACKENDS:
+        raise pytest.UsageError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
+    _, library, extra = BACKENDS[name]
+    try:
+        importlib.import_module(library)
+    except ImportError:
+        hint = f" (pip install 'nanovllm[{extra}]')" if extra else ""
+        pytest.skip(f"backend {name!r} needs the {library!r} package, which is not "
+                    f"installed{hint}")
+    try:
+        get_backend(name)
+    except BackendError as e:  # installed but not (yet) implemented: fail, never pass
+        pytest.fail(str(e))
+    return name
+
+
+@pytest.fixture(scope="session")
+def check_logprobs():
+    """check(entries, row, k, actual, where, tol): one position of vLLM-shaped logprobs.
+
+    `entries` maps token id -> Logprob and must hold the top k by rank plus the actual token;
+    `row` is the reference log-softmax. Values must match within tol, and each rank must
+    point at a reference value within tol (so near-ties may swap order but not values).
+    """
+    def check(entries: dict, row: np.ndarray, k: int, actual: int, where: str,
+              tol: float) -> None:
+        assert actual in entries, f"{where}: token {actual} missing from {sorted(entries)}"
+        desc = np.sort(row)[::-1]
+        for t, lp in entries.items():
+            assert abs(lp.logprob - row[t]) < tol, (
+                f"{where}: token {t} logprob {lp.logprob:.6f}, reference {row[t]:.6f}")
+            assert 1 <= lp.rank <= len(row) and abs(desc[lp.rank - 1] - lp.logprob) < tol, (
+                f"{where}: token {t} has rank {lp.rank}, but the reference rank-{lp.rank} "
+                f"logprob is {desc[min(lp.rank, len(row)) - 1]:.6f}, not {lp.logprob:.6f}")
+        top = [t for t, lp in entries.items() if lp.rank <= k]
+        assert len(top) == k, f"{where}: {len(top)} entries of rank <= {k}: {entries}"
+        if k:
+            must = np.flatnonzero(row > desc[k - 1] + tol)  # clearly inside the top k
+            assert set(must.tolist()) <= set(top), f"{where}: top {k} {top} lacks {must}"
+
+    return check
+
+
+# ---- tiny random Llama checkpoints ------------------------------------------------------------
+
+TINY_LLAMA = dict(vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+
+
+@dataclass
+class TinyModel:
+    """A checkpoint directory and the transformers model it was saved from (float32, eval)."""
+
+    path: Path
+    model: object
+    _greedy: dict = field(default_factory=dict)
+
+    def log_softmax(self, ids: list[int]) -> np.ndarray:
+        """[len(ids), vocab] log-probabilities of the next token at every position."""
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # a tiny model: threads only add contention
+        try:
+            with torch.no_grad():
+                logits = self.model(torch.tensor([ids])).logits[0].double()
+        finally:
+            torch.set_num_threads(threads)
+        return torch.log_softmax(logits, dim=-1).numpy()
+
+    def greedy(self, prompt: list[int], max_tokens: int) -> tuple[list[int], np.ndarray]:
+        """Greedy tokens by full recomputation (no KV cache), and each step's log-softmax row.
+
+        Fails when a step is a near-tie (top-2 gap below NEAR_TIE): that is a bad seed, not a
+        bug, and the test should be given another seed.
+        """
+        key = (tuple(prompt), max_tokens)
+        if key not in self._greedy:
+            ids, rows = list(prompt), []
+            for step in range(max_tokens):
+                row = self.log_softmax(ids)[-1]
+                top2 = np.sort(row)[-2:]
+                if top2[1] - top2[0] < NEAR_TIE:
+                    pytest.fail(f"reference near-tie at step {step} of prompt {prompt}: top-2 "
+                                f"gap {top2[1] - top2[0]:.2e}; choose another seed or prompt")
+                ids.append(int(np.argmax(row)))
+                rows.append(row)
+            self._greedy[key] = (ids[len(prompt):], np.stack(rows))
+        return self._greedy[key]
+
+
+def build_tiny_llama(path: Path, seed: int = 0, std: float = 0.25, **overrides) -> TinyModel:
+    """A random LlamaForCausalLM saved with save_pretrained (the real safetensors layout).
+
+    Every parameter is redrawn (biases and norm weights too, which transformers initialises
+    to 0 and 1) so that each one affects the output and greedy steps are rarely near-ties.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**TINY_LLAMA, **overrides})
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, std)
+    model.save_pretrained(path)
+    return TinyModel(path, model)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """Factory: tiny_llama(name, seed=..., **LlamaConfig overrides) -> TinyModel, built once."""
+    pytest.importorskip("torch", reason="building reference checkpoints needs torch")
+    pytest.importorskip("transformers", reason="building reference checkpoints needs "
+                                               "transformers")
+    built: dict[str, TinyModel] = {}
+
+    def make(name: str, seed: int = 0, **overrides) -> TinyModel:
+        if name not in built:
+            built[name] = build_tiny_llama(tmp_path_factory.mktemp(name), seed, **overrides)
+        return built[name]
+
+    return make
