@@ -13,56 +13,9 @@ import pytest
 
 from nanovllm import LLM, SamplingParams
 
-CORPUS = [
-    "The capital of France is Paris.", "Hello world, hello there!", "the cat sat on the mat",
-    "You are a helpful assistant.", "What is the answer? It is 42.", "x = 1 + 2 * 3; y = [4, 5]",
-    "Quick brown foxes jump over lazy dogs.", "ZEBRAS QUIETLY VEX JUMPING KOALAS",
-]
-SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + "
-          "'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}"
-          "{{'<|im_start|>assistant\n'}}{% endif %}")
 MAX_MODEL_LEN = 64
 GOOD = [20, 21, 22, 23, 24]
 DEFAULT_GGUF = Path.home() / ".cache" / "nanovllm" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def train_tokenizer():
-    """Byte-level BPE whose alphabet is the corpus' ASCII characters: every token is text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS * 3, trainers.BpeTrainer(vocab_size=160,
-                                                            special_tokens=SPECIALS))
-    return tok
-
-
-def with_tokenizer(tiny_llama, name: str = "chat_llama", seed: int = 11):
-    """The conftest tiny Llama (vocab = the tokenizer's) with tokenizer + ChatML saved beside."""
-    from transformers import PreTrainedTokenizerFast
-
-    tok = train_tokenizer()
-    tm = tiny_llama(name, seed=seed, vocab_size=tok.get_vocab_size())
-    if not (tm.path / "tokenizer.json").is_file():
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                       unk_token="<unk>")
-        fast.chat_template = CHATML
-        fast.save_pretrained(tm.path)
-    return tm
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_llama):
-    """One torch thread while it lives: on 2 shared cores torch's default of one thread per
-    core makes a tiny forward pass ~100x slower."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield with_tokenizer(tiny_llama)
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
