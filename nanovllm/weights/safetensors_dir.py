@@ -8,6 +8,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from .errors import WeightsError
 
@@ -98,7 +99,9 @@ def read_safetensors(file: Path) -> dict[str, np.ndarray]:
     header.pop("__metadata__", None)
     start = 8 + header_len
     data = np.memmap(file, dtype=np.uint8, mode="r", offset=start) if size > start else None
-    return {name: _tensor(file, name, info, data, size - start) for name, info in header.items()}
+    items = tqdm(header.items(), desc=f"Loading {file.name}", unit="tensor", leave=False,
+                 disable=len(header) < 64)
+    return {name: _tensor(file, name, info, data, size - start) for name, info in items}
 
 
 def _tensor(file: Path, name: str, info: object, data: np.memmap | None,
