@@ -41,10 +41,15 @@ class LLM:
             num_kv_blocks = min(max(budget // per_block, 2), needed)
         if max_model_len is None:
             max_model_len = min(model_max, (num_kv_blocks - 1) * block_size)
+        # a model with recurrent state (Granite 4.0-H) gets a state slot per running sequence,
+        # and its state cannot be reused at block boundaries: prefix caching is off for it
+        hybrid = bool(getattr(self.model, "needs_state_slots", False))
         self.config = EngineConfig(
             max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
-            num_kv_blocks=num_kv_blocks, enable_prefix_caching=enable_prefix_caching)
+            num_kv_blocks=num_kv_blocks,
+            enable_prefix_caching=enable_prefix_caching and not hybrid,
+            num_state_slots=max_num_seqs if hybrid else 0)
         runner = ModelRunner(self.model, self.backend, self.config, loaded.eos_token_ids, seed)
         self.engine = LLMEngine(self.model, self.tokenizer, runner, self.config,
                                 loaded.eos_token_ids)

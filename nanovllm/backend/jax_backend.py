@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..layers.attention import AttentionMetadata, AttentionPart
+from ..layers.mamba2 import StateMetadata
 from ..layers.sampler import SamplingTensors
 from .base import Backend, BackendError
 
@@ -23,11 +24,14 @@ def _register_pytrees() -> None:
     if _registered:
         return
     jax.tree_util.register_dataclass(
-        AttentionMetadata, data_fields=["slot_mapping", "decode", "prefill"],
+        AttentionMetadata, data_fields=["slot_mapping", "decode", "prefill", "state"],
         meta_fields=["num_decode_tokens"])
     jax.tree_util.register_dataclass(
         AttentionPart, data_fields=["context_slots", "mask", "query_index", "output_index"],
         meta_fields=["num_seqs", "query_len", "context_len"])
+    jax.tree_util.register_dataclass(  # recurrent-state slots (hybrid models)
+        StateMetadata, data_fields=["decode_slots", "decode_reset", "prefill_slots",
+                                    "prefill_reset", "prefill_lens"], meta_fields=[])
     jax.tree_util.register_dataclass(
         SamplingTensors,
         data_fields=["temperature", "top_k", "top_p", "min_p", "uniform", "penalties", "banned"],

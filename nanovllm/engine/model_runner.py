@@ -13,6 +13,7 @@ import numpy as np
 
 from ..layers.activation import log_softmax
 from ..layers.attention import AttentionMetadata, AttentionPart
+from ..layers.mamba2 import StateMetadata
 from ..layers.sampler import SamplingTensors, sample
 
 
@@ -25,7 +26,8 @@ class SeqResult:
 
 
 def kv_cache_bytes_per_block(model, block_size: int, itemsize: int) -> int:
-    return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * itemsize
+    layers = max(getattr(model, "num_kv_layers", model.num_layers), 1)  # hybrid: attention only
+    return 2 * layers * block_size * model.num_kv_heads * model.head_dim * itemsize
 
 
 def _top_logprobs(row: np.ndarray, k: int, chosen: list[int]) -> dict[int, tuple[float, int]]:
@@ -53,9 +55,14 @@ class ModelRunner:
         self.xp = backend.xp
         self.block_size = config.block_size
         slots = config.num_kv_blocks * config.block_size
-        shape = (slots, model.num_kv_heads, model.head_dim)
-        self.kv_caches = [(backend.zeros(shape), backend.zeros(shape))
-                          for _ in range(model.num_layers)]
+        if hasattr(model, "allocate_cache"):  # per-layer caches of the model's own kinds
+            # one extra state slot, owned by no sequence, takes the padding rows' state writes
+            self.scratch_state_slot = config.num_state_slots
+            self.kv_caches = model.allocate_cache(backend, slots, config.num_state_slots + 1)
+        else:
+            shape = (slots, model.num_kv_heads, model.head_dim)
+            self.kv_caches = [(backend.zeros(shape), backend.zeros(shape))
+                              for _ in range(model.num_layers)]
         self.rng = np.random.default_rng(seed)
         # a jitting backend wants few distinct shapes: it rounds sizes up to buckets
         self.bucket = getattr(backend, "bucket", _identity)
@@ -131,7 +138,25 @@ class ModelRunner:
             part.query_index, part.output_index = b.index(qi), b.index(oi)
             meta.prefill = part
         meta.slot_mapping = b.index(slots)
+        if self.config.num_state_slots:
+            meta.state = self._state_metadata(decode, nd, prefill)
         return b.index(ids), b.index(pos), meta, first
+
+    def _state_metadata(self, decode, nd: int, prefill) -> StateMetadata:
+        """Each sequence's state slot, reset flag (start == 0) and chunk length; padding rows
+        and padding sequences use the scratch slot."""
+        b, scratch = self.backend, self.scratch_state_slot
+        st = StateMetadata()
+        if decode:
+            pad = nd - len(decode)
+            st.decode_slots = b.index([s.seq.state_slot for s in decode] + [scratch] * pad)
+            st.decode_reset = b.asarray(np.array([s.start == 0 for s in decode] + [True] * pad))
+        if prefill:
+            pad = self.bucket(len(prefill)) - len(prefill)
+            st.prefill_slots = b.index([s.seq.state_slot for s in prefill] + [scratch] * pad)
+            st.prefill_reset = b.asarray(np.array([s.start == 0 for s in prefill] + [True] * pad))
+            st.prefill_lens = b.index([len(s.token_ids) for s in prefill] + [0] * pad)
+        return st
 
     def _sampling_tensors(self, rows) -> SamplingTensors:
         b, V = self.backend, self.model.vocab_size

@@ -35,6 +35,7 @@ class AttentionMetadata:
     num_decode_tokens: int
     decode: AttentionPart | None
     prefill: AttentionPart | None
+    state: Any = None  # StateMetadata (layers/mamba2.py) for models with recurrent state
 
 
 def write_kv(backend, k_pool, v_pool, k, v, slot_mapping):

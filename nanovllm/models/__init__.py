@@ -13,6 +13,7 @@ MODELS = {
     "Qwen2ForCausalLM": ("qwen", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("qwen", "Qwen3ForCausalLM"),
     "GraniteForCausalLM": ("granite", "GraniteForCausalLM"),
+    "GraniteMoeHybridForCausalLM": ("granite_hybrid", "GraniteMoeHybridForCausalLM"),
     "GPT2LMHeadModel": ("gpt2", "GPT2LMHeadModel"),
     "FalconForCausalLM": ("falcon", "FalconForCausalLM"),
     "RWForCausalLM": ("falcon", "FalconForCausalLM"),  # RefinedWeb / RefinedWebModel configs

@@ -1,0 +1,191 @@
+"""Mamba2 mixer (Granite 4.0-H) with per-sequence conv and SSM state in slot pools.
+
+A layer's cache is `(conv_pool [slots, d_conv - 1, conv_dim], ssm_pool [slots, heads, head_dim,
+d_state])`; each running sequence owns one slot (`seq.state_slot`), and one extra scratch slot
+that no sequence owns absorbs the writes of padding rows. A step's tokens are laid out as for
+attention (decode tokens first, then prefill chunks back to back); each group is processed as
+[S sequences, Q steps], prefill through the part's padded `query_index` layout. Steps past a
+sequence's length get dt = 0, which leaves its state unchanged.
+
+The scan is the chunked SSD form (Mamba2 paper, as transformers' torch fallback): within a chunk
+of `chunk_size` steps the outputs are a masked quadratic form, and the state is carried from
+chunk to chunk (and from step to step: a decode is the one-step case of the same form).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .activation import silu
+from .linear import linear
+
+
+@dataclass(slots=True)
+class StateMetadata:
+    """Where each sequence of a step keeps its recurrent state.
+
+    decode_* have one entry per decode row (padding rows: the scratch slot); prefill_* one per
+    sequence of the padded prefill part (padding sequences: the scratch slot, length 0).
+    `reset` is True where a sequence starts at position 0, so its slot's old state is ignored.
+    """
+    decode_slots: Any = None  # [nd] int
+    decode_reset: Any = None  # [nd] bool
+    prefill_slots: Any = None  # [S] int
+    prefill_reset: Any = None  # [S] bool
+    prefill_lens: Any = None  # [S] int: tokens of each sequence in this chunk
+
+
+@dataclass(slots=True)
+class Mamba2Spec:
+    intermediate: int  # I = heads * head_dim
+    heads: int
+    head_dim: int
+    groups: int
+    d_state: int
+    d_conv: int
+    chunk_size: int
+    eps: float
+    dt_min: float = 0.0
+    dt_max: float = float("inf")
+
+    @property
+    def conv_dim(self) -> int:
+        return self.intermediate + 2 * self.groups * self.d_state
+
+
+def softplus(xp, x):
+    return xp.logaddexp(xp.zeros_like(x), x)
+
+
+def gated_rms_norm(xp, y, gate, weight, groups: int, eps: float):
+    """transformers' RMSNormGated (norm_before_gate=False): norm(y * silu(gate)) per group."""
+    y = y * silu(xp, gate)
+    T, n = y.shape
+    g = xp.reshape(y, (T, groups, n // groups))
+    g = g * (1.0 / xp.sqrt(xp.mean(g * g, axis=-1, keepdims=True) + eps))
+    return xp.reshape(g, (T, n)) * weight
+
+
+def _conv(xp, state, x, weight, bias, lens, dev):
+    """Causal depthwise conv + SiLU. state [S, K-1, C], x [S, Q, C], weight [K, C].
+
+    Returns the outputs [S, Q, C] and the new state: the last K-1 inputs up to each length.
+    """
+    S, Q, C = x.shape
+    K = weight.shape[0]
+    seq = xp.concat([state, x], axis=1)  # [S, K-1+Q, C]
+    out = seq[:, 0:Q, :] * weight[0, :]
+    for k in range(1, K):
+        out = out + seq[:, k:k + Q, :] * weight[k, :]
+    if bias is not None:
+        out = out + bias
+    if lens is None:
+        new_state = seq[:, Q:, :]
+    else:
+        rows = (xp.arange(S, dtype=lens.dtype, device=dev)[:, None] * (K - 1 + Q)
+                + lens[:, None]
+                + xp.arange(K - 1, dtype=lens.dtype, device=dev)[None, :])
+        flat = xp.reshape(seq, (S * (K - 1 + Q), C))
+        new_state = xp.reshape(xp.take(flat, xp.reshape(rows, (-1,)), axis=0), (S, K - 1, C))
+    return silu(xp, out), new_state
+
+
+def _by_head(xp, t, heads: int):
+    """[S, c, groups, n] -> [S, heads, c, n]: each group shared by heads // groups heads."""
+    S, c, G, n = t.shape
+    t = xp.broadcast_to(t[:, :, :, None, :], (S, c, G, heads // G, n))
+    return xp.permute_dims(xp.reshape(t, (S, c, heads, n)), (0, 2, 1, 3))
+
+
+def _ssd_chunk(xp, h, x, dt, A, B, C, dev):
+    """One chunk of the SSD scan. h [S,H,P,N]; x [S,H,c,P]; dt [S,H,c]; B, C [S,H,c,N].
+
+    y_t = C_t . (exp(sum a_1..t) h + sum_{s<=t} exp(sum a_{s+1..t}) dt_s B_s x_s),
+    a = dt * A. Returns y [S,H,c,P] (without the D skip) and the state after the chunk.
+    """
+    c = x.shape[2]
+    a = dt * A[:, None]  # [S,H,c], <= 0
+    acum = xp.cumulative_sum(a, axis=-1)
+    t_idx = xp.arange(c, device=dev)
+    below = t_idx[:, None] > t_idx[None, :]
+    causal = t_idx[:, None] >= t_idx[None, :]
+    rep = xp.where(below, xp.broadcast_to(a[..., :, None], a.shape + (c,)), 0.0)
+    seg = xp.cumulative_sum(rep, axis=-2)  # seg[t, s] = sum a_{s+1..t} for s <= t
+    decay = xp.exp(xp.where(causal, seg, -xp.inf))  # [S,H,c,c]
+    xdt = x * dt[..., None]
+    scores = (C @ xp.matrix_transpose(B)) * decay
+    y = scores @ xdt + (C @ xp.matrix_transpose(h)) * xp.exp(acum)[..., None]
+    last = acum[..., c - 1:c]  # [S,H,1]
+    to_end = xp.exp(last - acum)  # [S,H,c]
+    h = (h * xp.exp(last)[..., None]
+         + xp.matrix_transpose(xdt * to_end[..., None]) @ B)
+    return y, h
+
+
+def _mix(xp, p: dict, s: Mamba2Spec, conv_state, h, xbc, dt, lens, dev):
+    """xbc [S,Q,conv_dim], dt [S,Q,heads] raw -> y [S,Q,I], new conv state, new ssm state."""
+    S, Q = xbc.shape[0], xbc.shape[1]
+    H, P, N, G, I = s.heads, s.head_dim, s.d_state, s.groups, s.intermediate
+    xbc, conv_state = _conv(xp, conv_state, xbc, p["conv_w"], p["conv_b"], lens, dev)
+    dt = softplus(xp, dt + p["dt_bias"])
+    if s.dt_min > 0.0 or s.dt_max < float("inf"):
+        dt = xp.clip(dt, s.dt_min, s.dt_max)
+    if lens is not None:  # steps past a sequence's chunk leave its state unchanged
+        valid = xp.arange(Q, dtype=lens.dtype, device=dev)[None, :] < lens[:, None]
+        dt = xp.where(valid[:, :, None], dt, 0.0)
+    x = xp.permute_dims(xp.reshape(xbc[:, :, :I], (S, Q, H, P)), (0, 2, 1, 3))  # [S,H,Q,P]
+    B = _by_head(xp, xp.reshape(xbc[:, :, I:I + G * N], (S, Q, G, N)), H)
+    C = _by_head(xp, xp.reshape(xbc[:, :, I + G * N:], (S, Q, G, N)), H)
+    dt = xp.permute_dims(dt, (0, 2, 1))  # [S,H,Q]
+    ys = []
+    for lo in range(0, Q, s.chunk_size):
+        hi = min(lo + s.chunk_size, Q)
+        y, h = _ssd_chunk(xp, h, x[:, :, lo:hi, :], dt[:, :, lo:hi], p["A"],
+                          B[:, :, lo:hi, :], C[:, :, lo:hi, :], dev)
+        ys.append(y)
+    y = ys[0] if len(ys) == 1 else xp.concat(ys, axis=2)
+    y = y + x * xp.reshape(p["D"], (1, H, 1, 1))
+    y = xp.reshape(xp.permute_dims(y, (0, 2, 1, 3)), (S, Q, I))
+    return y, conv_state, h
+
+
+def _gather_state(xp, conv_pool, ssm_pool, slots, reset):
+    conv = xp.take(conv_pool, slots, axis=0)
+    h = xp.take(ssm_pool, slots, axis=0)
+    conv = xp.where(reset[:, None, None], 0.0, conv)
+    h = xp.where(reset[:, None, None, None], 0.0, h)
+    return conv, h
+
+
+def mamba2_mixer(backend, p: dict, s: Mamba2Spec, x, cache, meta):
+    """x [T, hidden] (normed) -> [T, hidden], and the layer's updated (conv_pool, ssm_pool)."""
+    xp = backend.xp
+    conv_pool, ssm_pool = cache
+    st: StateMetadata = meta.state
+    I, D = s.intermediate, s.conv_dim
+    proj = linear(x, p["in_proj"], p["in_proj_b"])
+    gate, xbc, dt = proj[:, :I], proj[:, I:I + D], proj[:, I + D:]
+    nd = meta.num_decode_tokens
+    ys = []
+    if meta.decode is not None:
+        conv, h = _gather_state(xp, conv_pool, ssm_pool, st.decode_slots, st.decode_reset)
+        y, conv, h = _mix(xp, p, s, conv, h, xbc[:nd, None, :], dt[:nd, None, :], None,
+                          backend.device)
+        conv_pool = backend.scatter_rows(conv_pool, st.decode_slots, conv)
+        ssm_pool = backend.scatter_rows(ssm_pool, st.decode_slots, h)
+        ys.append(y[:, 0, :])
+    if meta.prefill is not None:
+        part = meta.prefill
+        S, Q = part.num_seqs, part.query_len
+        conv, h = _gather_state(xp, conv_pool, ssm_pool, st.prefill_slots, st.prefill_reset)
+        rows = part.query_index
+        xbc_p = xp.reshape(xp.take(xbc[nd:, ...], rows, axis=0), (S, Q, D))
+        dt_p = xp.reshape(xp.take(dt[nd:, ...], rows, axis=0), (S, Q, s.heads))
+        y, conv, h = _mix(xp, p, s, conv, h, xbc_p, dt_p, st.prefill_lens, backend.device)
+        conv_pool = backend.scatter_rows(conv_pool, st.prefill_slots, conv)
+        ssm_pool = backend.scatter_rows(ssm_pool, st.prefill_slots, h)
+        ys.append(xp.take(xp.reshape(y, (S * Q, I)), part.output_index, axis=0))
+    y = ys[0] if len(ys) == 1 else xp.concat(ys, axis=0)
+    y = gated_rms_norm(xp, y, gate, p["norm"], s.groups, s.eps)
+    return linear(y, p["out_proj"], p["out_proj_b"]), (conv_pool, ssm_pool)

@@ -1,0 +1,280 @@
+"""Granite 4.0 (GraniteMoeHybridForCausalLM): Mamba2 and attention layers, shared MLP, optional MoE.
+
+Each layer: x += r * mixer(norm(x)), mixer = Mamba2 or attention (RoPE or none); then
+x += r * (shared_mlp(norm(x)) + moe(norm(x))). The Granite multipliers are folded into the weights
+at load as in granite.py. Mamba layers keep conv and SSM state per sequence in state slots, so a
+model with any Mamba layer asks the engine for state slots (`needs_state_slots`) and runs without
+prefix caching. The all-attention variants (granite-4.0-350m / 1b) use plain paged attention.
+The MoE runs every expert on every token, masked by the routing weights (see layers/moe.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..layers.activation import silu
+from ..layers.attention import paged_attention, write_kv
+from ..layers.linear import embedding, linear, prepare_linear
+from ..layers.mamba2 import Mamba2Spec, mamba2_mixer
+from ..layers.moe import moe
+from ..layers.norm import rms_norm
+from ..layers.rotary import RotaryEmbedding, UnsupportedFeatureError, rope_spec
+from .base import check_tensors, require
+
+MAMBA, ATTENTION = "mamba", "attention"
+LAYER_KINDS = {"mamba": MAMBA, "linear_attention": MAMBA,
+               "attention": ATTENTION, "full_attention": ATTENTION}
+
+
+def _float(v) -> float:
+    """A JSON float, or transformers 5's {"__float__": "Infinity"} spelling of one."""
+    if isinstance(v, dict) and "__float__" in v:
+        v = v["__float__"]
+    return float(v)
+
+
+@dataclass(slots=True)
+class GraniteHybridConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    layer_kinds: list[str]
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    attention_bias: bool
+    use_rope: bool
+    max_position_embeddings: int
+    shared_intermediate_size: int
+    intermediate_size: int  # of each expert
+    num_experts: int
+    top_k: int
+    mamba: Mamba2Spec
+    mamba_conv_bias: bool
+    mamba_proj_bias: bool
+    embedding_multiplier: float
+    residual_multiplier: float
+    attention_multiplier: float
+    logits_scaling: float
+
+    @classmethod
+    def from_hf(cls, c: dict) -> GraniteHybridConfig:
+        if c.get("hidden_act", "silu") != "silu":
+            raise UnsupportedFeatureError(f"hidden_act={c['hidden_act']!r} is not supported for "
+                                          "GraniteMoeHybrid; supported: 'silu'")
+        pos = c.get("position_embedding_type")
+        if pos not in (None, "nope", "rope"):
+            raise UnsupportedFeatureError(f"position_embedding_type={pos!r} is not supported; "
+                                          "supported: 'rope', 'nope' or null")
+        n = require(c, "num_hidden_layers")
+        raw = c.get("layer_types") or c.get("layers_block_type") or ["mamba"] * n
+        bad = [t for t in raw if t not in LAYER_KINDS]
+        if bad or len(raw) != n:
+            raise UnsupportedFeatureError(
+                f"layer_types={raw!r} is not supported: need {n} entries from "
+                f"{', '.join(LAYER_KINDS)}")
+        hidden, heads = require(c, "hidden_size"), require(c, "num_attention_heads")
+        m_heads = c.get("mamba_n_heads", 128)
+        intermediate = int(c.get("mamba_expand", 2) * hidden)
+        d_head = c.get("mamba_d_head", "auto")
+        d_head = intermediate // m_heads if d_head in ("auto", None) else int(d_head)
+        groups = c.get("mamba_n_groups", 1)
+        if d_head * m_heads != intermediate or m_heads % groups:
+            raise UnsupportedFeatureError(
+                f"mamba_n_heads={m_heads} x mamba_d_head={d_head} must equal mamba_expand x "
+                f"hidden_size={intermediate}, and mamba_n_groups={groups} must divide the heads")
+        limit = c.get("time_step_limit")
+        lo, hi = (0.0, math.inf) if limit is None else (_float(limit[0]), _float(limit[1]))
+        experts = c.get("num_local_experts", 8) or 0
+        return cls(
+            vocab_size=require(c, "vocab_size"), hidden_size=hidden, num_layers=n,
+            layer_kinds=[LAYER_KINDS[t] for t in raw], num_heads=heads,
+            num_kv_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or hidden // heads,
+            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            attention_bias=bool(c.get("attention_bias", False)), use_rope=pos == "rope",
+            max_position_embeddings=c.get("max_position_embeddings", 2048),
+            shared_intermediate_size=c.get("shared_intermediate_size", 1024),
+            intermediate_size=c.get("intermediate_size", 11008), num_experts=experts,
+            top_k=c.get("num_experts_per_tok", 2),
+            mamba=Mamba2Spec(intermediate=intermediate, heads=m_heads, head_dim=d_head,
+                             groups=groups, d_state=c.get("mamba_d_state", 256),
+                             d_conv=c.get("mamba_d_conv", 4),
+                             chunk_size=c.get("mamba_chunk_size", 256) or 256,
+                             eps=c.get("rms_norm_eps", 1e-6), dt_min=lo, dt_max=hi),
+            mamba_conv_bias=bool(c.get("mamba_conv_bias", True)),
+            mamba_proj_bias=bool(c.get("mamba_proj_bias", False)),
+            **{k: float(c.get(k) if c.get(k) is not None else 1.0) for k in (
+                "embedding_multiplier", "residual_multiplier", "attention_multiplier",
+                "logits_scaling")})
+
+
+class GraniteMoeHybridForCausalLM:
+    def __init__(self, hf_config: dict, backend, max_positions: int | None = None):
+        self.backend = backend
+        self.xp = backend.xp
+        self.cfg = c = GraniteHybridConfig.from_hf(hf_config)
+        self.rope_spec = rope_spec(hf_config, c.head_dim) if c.use_rope else None
+        self.max_positions = max_positions or c.max_position_embeddings
+        self.num_layers, self.num_kv_heads, self.head_dim = c.num_layers, c.num_kv_heads, c.head_dim
+        self.num_kv_layers = c.layer_kinds.count(ATTENTION)
+        self.needs_state_slots = MAMBA in c.layer_kinds
+        self.vocab_size = c.vocab_size
+        self.scale = c.attention_multiplier
+        self.params: dict = {}
+        self.rotary = None
+
+    def expected_shapes(self) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+        c, m = self.cfg, self.cfg.mamba
+        H = c.hidden_size
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        shapes = {"model.embed_tokens.weight": (c.vocab_size, H), "model.norm.weight": (H,)}
+        optional = set()
+        if c.tie_word_embeddings:
+            optional.add("lm_head.weight")
+        else:
+            shapes["lm_head.weight"] = (c.vocab_size, H)
+        for i, kind in enumerate(c.layer_kinds):
+            p = f"model.layers.{i}."
+            layer = {"input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,),
+                     "shared_mlp.input_linear.weight": (2 * c.shared_intermediate_size, H),
+                     "shared_mlp.output_linear.weight": (H, c.shared_intermediate_size)}
+            if c.num_experts:
+                E, I = c.num_experts, c.intermediate_size
+                layer |= {"block_sparse_moe.router.layer.weight": (E, H),
+                          "block_sparse_moe.input_linear.weight": (E, 2 * I, H),
+                          "block_sparse_moe.output_linear.weight": (E, H, I)}
+            if kind == ATTENTION:
+                layer |= {"self_attn.q_proj.weight": (q, H), "self_attn.k_proj.weight": (kv, H),
+                          "self_attn.v_proj.weight": (kv, H), "self_attn.o_proj.weight": (H, q)}
+                if c.attention_bias:
+                    layer |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+                              "self_attn.v_proj.bias": (kv,), "self_attn.o_proj.bias": (H,)}
+            else:
+                proj = m.intermediate + m.conv_dim + m.heads
+                layer |= {"mamba.in_proj.weight": (proj, H),
+                          "mamba.conv1d.weight": (m.conv_dim, 1, m.d_conv),
+                          "mamba.dt_bias": (m.heads,), "mamba.A_log": (m.heads,),
+                          "mamba.D": (m.heads,), "mamba.norm.weight": (m.intermediate,),
+                          "mamba.out_proj.weight": (H, m.intermediate)}
+                if c.mamba_conv_bias:
+                    layer["mamba.conv1d.bias"] = (m.conv_dim,)
+                if c.mamba_proj_bias:
+                    layer |= {"mamba.in_proj.bias": (proj,), "mamba.out_proj.bias": (H,)}
+            shapes |= {p + k: v for k, v in layer.items()}
+        return shapes, optional
+
+    def load_weights(self, tensors: dict, source: str) -> None:
+        expected, optional = self.expected_shapes()
+        check_tensors(expected, optional, tensors, source)
+        xp, b, c = self.xp, self.backend, self.cfg
+        r = c.residual_multiplier
+        for name in list(tensors):  # residual_multiplier scales every branch output
+            if any(s in name for s in (".self_attn.o_proj.", ".mamba.out_proj.",
+                                       ".shared_mlp.output_linear.",
+                                       ".block_sparse_moe.output_linear.")):
+                tensors[name] = tensors[name] * r
+
+        def w(name):
+            return b.weight(tensors.pop(name))
+
+        def lin(*names):
+            return prepare_linear(xp, xp.concat([w(n) for n in names], axis=0))
+
+        def opt(name):
+            return w(name) if name in tensors else None
+
+        layers = []
+        for i, kind in enumerate(c.layer_kinds):
+            p = f"model.layers.{i}."
+            L = {"in_norm": w(p + "input_layernorm.weight"),
+                 "mlp_norm": w(p + "post_attention_layernorm.weight"),
+                 "shared_in": lin(p + "shared_mlp.input_linear.weight"),
+                 "shared_out": lin(p + "shared_mlp.output_linear.weight")}
+            if c.num_experts:
+                moe_p = p + "block_sparse_moe."
+                gu = tensors.pop(moe_p + "input_linear.weight")
+                dn = tensors.pop(moe_p + "output_linear.weight")
+                L["router"] = lin(moe_p + "router.layer.weight")
+                L["experts_in"] = [prepare_linear(xp, b.weight(gu[e])) for e in range(len(gu))]
+                L["experts_out"] = [prepare_linear(xp, b.weight(dn[e])) for e in range(len(dn))]
+            if kind == ATTENTION:
+                a = p + "self_attn."
+                qkv_b = [opt(a + f"{n}_proj.bias") for n in "qkv"]
+                L |= {"qkv": lin(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
+                      "qkv_b": None if qkv_b[0] is None else xp.concat(qkv_b, axis=0),
+                      "o": lin(a + "o_proj.weight"), "o_b": opt(a + "o_proj.bias")}
+            else:
+                a = p + "mamba."
+                conv = tensors.pop(a + "conv1d.weight")[:, 0, :]  # [conv_dim, d_conv]
+                L |= {"in_proj": lin(a + "in_proj.weight"), "in_proj_b": opt(a + "in_proj.bias"),
+                      "conv_w": b.weight(conv.T), "conv_b": opt(a + "conv1d.bias"),
+                      "dt_bias": w(a + "dt_bias"), "A": -xp.exp(w(a + "A_log")),
+                      "D": w(a + "D"), "norm": w(a + "norm.weight"),
+                      "out_proj": lin(a + "out_proj.weight"),
+                      "out_proj_b": opt(a + "out_proj.bias")}
+            layers.append(L)
+        embed_host = tensors.pop("model.embed_tokens.weight")
+        head_scale = c.logits_scaling * (c.embedding_multiplier if c.tie_word_embeddings else 1.0)
+        embed = b.weight(embed_host * c.embedding_multiplier)
+        if c.tie_word_embeddings:
+            tensors.pop("lm_head.weight", None)
+            head = prepare_linear(xp, embed)
+        else:
+            head = lin("lm_head.weight")
+        norm = b.weight(tensors.pop("model.norm.weight") * (1.0 / head_scale))
+        self.params = {"embed": embed, "layers": layers, "norm": norm, "lm_head": head}
+        if c.use_rope:
+            self.rotary = RotaryEmbedding(xp, self.rope_spec, self.max_positions, b.dtype,
+                                          b.device)
+
+    def allocate_cache(self, backend, num_kv_slots: int, num_state_slots: int) -> list:
+        """Per layer: (K pool, V pool) for attention, (conv, ssm) state pools for Mamba."""
+        c, m = self.cfg, self.cfg.mamba
+        kv = (num_kv_slots, c.num_kv_heads, c.head_dim)
+        conv = (num_state_slots, m.d_conv - 1, m.conv_dim)
+        ssm = (num_state_slots, m.heads, m.head_dim, m.d_state)
+        return [(backend.zeros(kv), backend.zeros(kv)) if kind == ATTENTION
+                else (backend.zeros(conv), backend.zeros(ssm)) for kind in c.layer_kinds]
+
+    def _attention(self, L, x, cache, meta, rope):
+        xp, c = self.xp, self.cfg
+        T = x.shape[0]
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        qkv = linear(x, L["qkv"], L["qkv_b"])
+        qk = xp.reshape(qkv[:, :q_size + kv_size], (T, c.num_heads + c.num_kv_heads, -1))
+        if rope is not None:
+            qk = self.rotary.apply(qk, *rope)
+        q, k = qk[:, :c.num_heads, :], qk[:, c.num_heads:, :]
+        v = xp.reshape(qkv[:, q_size + kv_size:], (T, c.num_kv_heads, c.head_dim))
+        k_pool, v_pool = write_kv(self.backend, *cache, k, v, meta.slot_mapping)
+        o = paged_attention(xp, q, k_pool, v_pool, meta, self.scale)
+        return linear(o, L["o"], L["o_b"]), (k_pool, v_pool)
+
+    def forward(self, params: dict, input_ids, positions, kv_caches: list, meta):
+        xp, c = self.xp, self.cfg
+        rope = self.rotary.tables(positions) if self.rotary is not None else None
+        caches = list(kv_caches)
+        h = embedding(xp, params["embed"], input_ids)
+        for i, (kind, L) in enumerate(zip(c.layer_kinds, params["layers"])):
+            x = rms_norm(xp, h, L["in_norm"], c.rms_norm_eps)
+            if kind == ATTENTION:
+                out, caches[i] = self._attention(L, x, caches[i], meta, rope)
+            else:
+                out, caches[i] = mamba2_mixer(self.backend, L, c.mamba, x, caches[i], meta)
+            h = h + out
+            x = rms_norm(xp, h, L["mlp_norm"], c.rms_norm_eps)
+            gu = x @ L["shared_in"]
+            n = c.shared_intermediate_size
+            out = (silu(xp, gu[:, :n]) * gu[:, n:]) @ L["shared_out"]
+            if c.num_experts:
+                out = out + moe(xp, x, L["router"], L["experts_in"], L["experts_out"], c.top_k)
+            h = h + out
+        return rms_norm(xp, h, params["norm"], c.rms_norm_eps), caches
+
+    def compute_logits(self, params: dict, hidden):
+        return hidden @ params["lm_head"]

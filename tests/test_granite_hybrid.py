@@ -1,0 +1,200 @@
+"""Granite 4.0 hybrid (GraniteMoeHybridForCausalLM) against transformers on tiny random checkpoints.
+
+Mamba2 and attention layers mixed, with and without MoE, RoPE and no position embedding,
+mamba_chunk_size 8 with prompts longer than it, and blocks of 4 with 16 tokens a step, so
+prompts are prefilled in several chunks whose Mamba state must be carried in the sequence's
+state slot. Prompt logprobs match transformers' log_softmax within 1e-4, and greedy continuations
+(several sequences a step, forced preemption) equal transformers' greedy tokens computed by full
+recomputation without a cache. Sequences decoded in the same steps never see each other's state.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import TinyModel
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.models import UnsupportedFeatureError
+
+TOL = 1e-4
+VOCAB = 160
+BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=48, shared_intermediate_size=80,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, mamba_n_heads=8,
+            mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=8,
+            embedding_multiplier=3.0, residual_multiplier=0.6, attention_multiplier=0.2,
+            logits_scaling=2.5)
+
+# name -> (seed, GraniteMoeHybridConfig overrides)
+CASES = {
+    "moe_rope": (0, dict(num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"],
+                         mamba_n_groups=2, num_local_experts=4, num_experts_per_tok=2,
+                         position_embedding_type="rope")),
+    "dense_nope": (1, dict(num_hidden_layers=4,
+                           layer_types=["mamba", "mamba", "attention", "mamba"],
+                           mamba_n_groups=1, num_local_experts=0, position_embedding_type=None,
+                           tie_word_embeddings=True, mamba_conv_bias=False,
+                           mamba_proj_bias=True, time_step_limit=[0.05, 0.7])),
+    "attention_only": (2, dict(num_hidden_layers=2, layer_types=["attention", "attention"],
+                               num_local_experts=0, position_embedding_type="rope")),
+}
+HYBRID = ["moe_rope", "dense_nope"]
+
+
+def build(path, seed: int, overrides: dict) -> TinyModel:
+    import torch
+    from transformers import GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM
+
+    config = GraniteMoeHybridConfig(**(BASE | overrides))
+    torch.manual_seed(seed)
+    model = GraniteMoeHybridForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and name.endswith("weight"):  # norm weights
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("A_log"):  # A = -exp(A_log) in (-2.7, -0.37)
+                p.copy_(2.0 * torch.rand_like(p) - 1.0)
+            elif name.endswith(("dt_bias", ".D")):
+                p.normal_(0.0, 0.5)
+            else:
+                p.normal_(0.0, 0.25)
+    model.save_pretrained(path)
+    return TinyModel(path, model)
+
+
+@pytest.fixture(scope="session")
+def tiny_hybrid(tmp_path_factory):
+    pytest.importorskip("torch", reason="building reference checkpoints needs torch")
+    pytest.importorskip("transformers", reason="building reference checkpoints needs transformers")
+    built: dict[str, TinyModel] = {}
+
+    def make(name: str) -> TinyModel:
+        if name not in built:
+            built[name] = build(tmp_path_factory.mktemp(name), *CASES[name])
+        return built[name]
+
+    return make
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tiny_hybrid):
+    return tiny_hybrid(request.param)
+
+
+@pytest.fixture(scope="module", params=HYBRID)
+def hybrid(request, tiny_hybrid):
+    return tiny_hybrid(request.param)
+
+
+def prompts(seed: int, lengths: list[int]) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, VOCAB, n).tolist() for n in lengths]
+
+
+def make_llm(case, backend, **kwargs) -> LLM:
+    options = dict(block_size=4, max_num_batched_tokens=16, max_num_seqs=4) | kwargs
+    return LLM(str(case.path), backend=backend, verbose=False, **options)
+
+
+def greedy(llm, batch, max_tokens: int) -> list[list[int]]:
+    outs = llm.generate(batch, SamplingParams(temperature=0, max_tokens=max_tokens,
+                                              ignore_eos=True), use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_prompt_logprobs(case, backend, check_logprobs):
+    """Chunked prefill across several steps and chunk_size boundaries, 4 prompts per batch."""
+    llm = make_llm(case, backend)
+    batch = prompts(10, [2, 9, 33, 21])
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2, ignore_eos=True)
+    for out in llm.generate(batch, params, use_tqdm=False):
+        ids, plp = out.prompt_token_ids, out.prompt_logprobs
+        assert len(plp) == len(ids) and plp[0] is None
+        ref = case.log_softmax(ids)
+        for p in range(1, len(ids)):
+            check_logprobs(plp[p], ref[p - 1], 2, ids[p], f"prompt of {len(ids)}, position {p}",
+                           TOL)
+
+
+def test_greedy_batched(case, backend):
+    """Greedy decoding of several sequences a step (one a 1-token prompt) equals transformers."""
+    llm = make_llm(case, backend)
+    batch = prompts(20, [1, 11, 26, 17])
+    for prompt, got in zip(batch, greedy(llm, batch, 10)):
+        assert got == case.greedy(prompt, 10)[0], f"prompt {prompt}"
+
+
+def test_greedy_preemption(hybrid, backend):
+    """12 usable blocks of 4 for 4 requests that need ~28 together: some must be preempted and
+    recomputed from position 0, possibly in another state slot."""
+    llm = make_llm(hybrid, backend, num_kv_blocks=13, max_model_len=48, max_num_batched_tokens=32)
+    batch = prompts(40, [9, 14, 20, 3])
+    outs = greedy(llm, batch, 12)
+    assert llm.engine.scheduler.num_preemptions > 0, "the tiny KV pool forced no preemption"
+    for prompt, got in zip(batch, outs):
+        assert got == hybrid.greedy(prompt, 12)[0], f"prompt {prompt}"
+    assert llm.engine.scheduler.block_manager.num_free_blocks == 12
+    assert sorted(llm.engine.scheduler.free_state_slots) == [0, 1, 2, 3]
+
+
+def test_sequences_do_not_share_state(hybrid, backend):
+    """Two prompts decoded in the same steps give what each gives alone (2 state slots, so
+    the later runs reuse the slots the earlier ones left)."""
+    llm = make_llm(hybrid, backend, max_num_seqs=2)
+    a, b = prompts(50, [12, 19])
+    together = greedy(llm, [a, b], 8)
+    assert together == [greedy(llm, [a], 8)[0], greedy(llm, [b], 8)[0]]
+    assert together[0] != together[1]
+
+
+def test_engine_config(case, backend):
+    """State slots and no prefix caching for hybrids; all-attention keeps prefix caching."""
+    llm = make_llm(case, backend, max_num_seqs=3)
+    is_hybrid = "linear_attention" in case.model.config.layer_types
+    assert llm.model.needs_state_slots == is_hybrid
+    assert llm.config.num_state_slots == (3 if is_hybrid else 0)
+    assert llm.config.enable_prefix_caching == (not is_hybrid)
+
+
+def _variant(src, dst, edit) -> str:
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    edit(config)
+    (dst / "config.json").write_text(json.dumps(config))
+    return str(dst)
+
+
+def test_older_config_spellings(tiny_hybrid, backend, tmp_path):
+    """layer_types as "mamba"/"attention" and a plain-float time_step_limit load the same."""
+    case = tiny_hybrid("moe_rope")
+    saved = json.loads((case.path / "config.json").read_text())
+    assert saved["layer_types"] == ["linear_attention", "full_attention", "linear_attention"]
+    assert saved["time_step_limit"] == [0.0, {"__float__": "Infinity"}]
+
+    def old(c):
+        c["layer_types"] = ["mamba", "attention", "mamba"]
+        c["time_step_limit"] = [0.0, 1e30]
+
+    ids = prompts(60, [15])[0]
+    llm = LLM(_variant(case.path, tmp_path / "old", old), backend=backend, verbose=False,
+              block_size=4, max_num_batched_tokens=16, max_num_seqs=2)
+    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0),
+                       use_tqdm=False)[0]
+    got = np.array([out.prompt_logprobs[p][ids[p]].logprob for p in range(1, len(ids))])
+    ref = case.log_softmax(ids)
+    assert np.abs(got - ref[np.arange(len(ids) - 1), ids[1:]]).max() < TOL
+
+
+@pytest.mark.parametrize("edit,feature", [
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"position_embedding_type": "alibi"}, "position_embedding_type"),
+    ({"layer_types": ["mamba", "cross_attention", "mamba"]}, "layer_types"),
+])
+def test_unsupported_features_fail_at_load(tiny_hybrid, backend, tmp_path, edit, feature):
+    path = _variant(tiny_hybrid("moe_rope").path, tmp_path / "v", lambda c: c.update(edit))
+    with pytest.raises(UnsupportedFeatureError, match=feature):
+        LLM(path, backend=backend, verbose=False)
