@@ -54,8 +54,8 @@ def sample(xp, logits, t: SamplingTensors):
         top = xp.max(probs, axis=-1, keepdims=True)
         probs = xp.where(probs >= t.min_p[:, None] * top, probs, 0.0)
     if t.needs_sort:
-        rank = xp.arange(V, device=logits.device)[None, :]
-        keep = rank < t.top_k[:, None]
+        rank = xp.cumulative_sum(xp.ones_like(probs), axis=-1)  # 1-based, on probs' device
+        keep = rank <= xp.astype(t.top_k, probs.dtype)[:, None]
         before = xp.cumulative_sum(probs, axis=-1) - probs
         keep = keep & (before < t.top_p[:, None] * xp.sum(probs, axis=-1, keepdims=True))
         probs = xp.where(keep, probs, 0.0)
