@@ -5,6 +5,8 @@
     nox -s lint
 """
 
+import shutil
+
 import nox
 
 nox.options.default_venv_backend = "venv"
@@ -15,6 +17,7 @@ BACKENDS = {
     "array_api_strict": ["strict"],
     "jax": ["jax"],
     "torch": ["torch"],
+    "cupy": ["cupy"],
 }
 
 
@@ -27,6 +30,9 @@ def lint(session: nox.Session) -> None:
 @nox.session
 @nox.parametrize("backend", list(BACKENDS))
 def tests(session: nox.Session, backend: str) -> None:
+    if backend == "cupy" and shutil.which("nvidia-smi") is None:
+        session.skip("cupy needs an NVIDIA GPU with its driver (no nvidia-smi here); "
+                     "benchmarks/gpu_check.sh runs it on a GPU machine")
     extras = ",".join(["test", *BACKENDS[backend]])
     session.install("-e", f".[{extras}]")
     # transformers (torch, OpenMP) and numpy (OpenBLAS) share the process: one thread each
