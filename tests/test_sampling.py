@@ -87,12 +87,34 @@ def test_different_seeds_give_different_tokens(llm):
     assert len(runs) == 6
 
 
+CDF_MARGIN = 1e-5  # backends round probabilities differently by ~1e-6
+
+
 def test_seeded_sampling_same_tokens_as_numpy_backend(llm, tiny, backend):
+    """The same seed gives the same tokens on every backend, near-ties aside.
+
+    A token is picked where the host-drawn uniform u falls in the CDF of the filtered
+    probabilities, so rounding differences between backends can change a pick only when u
+    lies within CDF_MARGIN of a CDF boundary. Such a step (found from transformers' logits)
+    is a near-tie: the comparison stops there. Before it, the tokens must be identical.
+    """
     if backend == "numpy":
         pytest.skip("compares another backend with numpy")
     ref = LLM(str(tiny.path), backend="numpy", verbose=False)
-    p = dict(temperature=0.8, seed=7, max_tokens=12, top_k=40)
-    assert tokens(llm, PROMPT, **p) == tokens(ref, PROMPT, **p)
+    filt = dict(temperature=0.8, top_k=40)
+    compared = 0
+    for seed in (7, 8, 9):
+        p = dict(seed=seed, max_tokens=12, **filt)
+        got, want = tokens(llm, PROMPT, **p), tokens(ref, PROMPT, **p)
+        for i in range(len(want)):
+            probs = expected_probs(tiny.log_softmax(PROMPT + want[:i])[-1], **filt)
+            cdf = np.cumsum(np.sort(probs)[::-1])  # the sampler's order under top-k
+            u = np.random.default_rng([seed, 0, i]).random()
+            if np.min(np.abs(cdf - u)) < CDF_MARGIN:
+                break
+            assert got[i] == want[i], f"seed {seed}, step {i}: {got} != {want}"
+            compared += 1
+    assert compared >= 24, "too many near-ties: choose other seeds"
 
 
 def test_n_returns_n_outputs_indexed_in_order(llm):

@@ -24,14 +24,15 @@ def _register_pytrees() -> None:
     if _registered:
         return
     jax.tree_util.register_dataclass(
-        AttentionMetadata, data_fields=["slot_mapping", "decode", "prefill", "state"],
-        meta_fields=["num_decode_tokens"])
+        AttentionMetadata, data_fields=["slot_mapping", "parts", "state"], meta_fields=[])
     jax.tree_util.register_dataclass(
         AttentionPart, data_fields=["context_slots", "mask", "query_index", "output_index"],
-        meta_fields=["num_seqs", "query_len", "context_len"])
+        meta_fields=["num_seqs", "query_len", "context_len", "first_row", "num_rows"])
     jax.tree_util.register_dataclass(  # recurrent-state slots (hybrid models)
         StateMetadata, data_fields=["decode_slots", "decode_reset", "prefill_slots",
-                                    "prefill_reset", "prefill_lens"], meta_fields=[])
+                                    "prefill_reset", "prefill_lens", "prefill_query_index",
+                                    "prefill_output_index"],
+        meta_fields=["num_decode", "prefill_seqs", "prefill_steps"])
     jax.tree_util.register_dataclass(
         SamplingTensors,
         data_fields=["temperature", "top_k", "top_p", "min_p", "uniform", "penalties", "banned"],

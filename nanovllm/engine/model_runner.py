@@ -66,6 +66,7 @@ class ModelRunner:
         self.rng = np.random.default_rng(seed)
         # a jitting backend wants few distinct shapes: it rounds sizes up to buckets
         self.bucket = getattr(backend, "bucket", _identity)
+        self.padded = self.bucket is not _identity
         self._step = backend.jit(self._device_step, donate_argnums=(1,))
         self._sample = backend.jit(functools.partial(sample, self.xp))
 
@@ -96,16 +97,50 @@ class ModelRunner:
         return AttentionPart(b.index(slots), b.asarray(mask[:, None, None, :, :]), S,
                              query_len, L)
 
+    def _padded_prefill(self, prefill) -> tuple[int, int, list[int], list[int]]:
+        """The prefill chunks as a padded [S, Q] view: S, Q, the prefill rows forming it, and
+        the view's rows to keep (one per prefill row, padding rows included)."""
+        S = self.bucket(len(prefill))
+        Q = self.bucket(max(len(s.token_ids) for s in prefill))
+        qi, oi, offset = [], [], 0
+        for i, s in enumerate(prefill):
+            n = len(s.token_ids)
+            qi.extend(list(range(offset, offset + n)) + [offset] * (Q - n))
+            oi.extend(range(i * Q, i * Q + n))
+            offset += n
+        qi.extend([0] * ((S - len(prefill)) * Q))
+        oi.extend([0] * (self.bucket(offset) - offset))
+        return S, Q, qi, oi
+
+    def _decode_groups(self, decode) -> list[tuple[int, int]]:
+        """Runs of the decode sequences (sorted by context length) attended together.
+
+        A jitting backend takes them as one part (fewer shapes to compile); otherwise a new
+        part starts where the context grows past twice the part's shortest, so little of a
+        gathered context is padding.
+        """
+        if self.padded:
+            return [(0, len(decode))] if decode else []
+        groups, lo = [], 0
+        for i in range(1, len(decode) + 1):
+            if i == len(decode) or (decode[i].context_len
+                                    > 2 * decode[lo].context_len + self.block_size):
+                groups.append((lo, i))
+                lo = i
+        return groups
+
     def _layout(self, decode, prefill):
         """Token ids, positions, metadata and each sequence's first row, padded if bucketing.
 
-        Rows: the decode tokens (one per sequence, padded to a bucket), then the prefill
-        chunks back to back (padded to a bucket). Padding tokens write to the null block.
+        Rows: the decode tokens (one per sequence, sorted by context length, padded to a
+        bucket), then the prefill chunks back to back (padded to a bucket). Padding tokens
+        write to the null block.
         """
         b, bucket = self.backend, self.bucket
         window = getattr(self.model, "sliding_window", None)
+        decode = sorted(decode, key=lambda s: s.context_len)
         nd = bucket(len(decode)) if decode else 0
-        ids, pos, slots, first = [], [], [], {}
+        ids, pos, slots, first, parts = [], [], [], {}, []
         for i, s in enumerate(decode):
             first[id(s)] = i
             ids.append(s.token_ids[0])
@@ -113,31 +148,31 @@ class ModelRunner:
             slots.extend(s.slot_mapping)
         pad = nd - len(decode)
         ids, pos, slots = ids + [0] * pad, pos + [0] * pad, slots + [0] * pad
-        meta = AttentionMetadata(None, nd, None, None)
-        if decode:
-            meta.decode = self._part(decode, nd, 1, window)
-        if prefill:
-            Q = bucket(max(len(s.token_ids) for s in prefill))
-            S = bucket(len(prefill))
+        for lo, hi in self._decode_groups(decode):
+            rows = (nd if hi == len(decode) else hi) - lo  # the last part takes the padding
+            part = self._part(decode[lo:hi], rows, 1, window)
+            part.first_row, part.num_rows = lo, rows
+            parts.append(part)
+        for s in prefill:
+            first[id(s)] = len(ids)
+            n = len(s.token_ids)
+            ids.extend(s.token_ids)
+            pos.extend(range(s.start, s.start + n))
+            slots.extend(s.slot_mapping)
+            if not self.padded:  # one exact part per chunk: nothing padded
+                part = self._part([s], 1, n, window)
+                part.first_row, part.num_rows = first[id(s)], n
+                parts.append(part)
+        if prefill and self.padded:  # one padded part for all chunks
+            S, Q, qi, oi = self._padded_prefill(prefill)
             part = self._part(prefill, S, Q, window)
-            qi, oi = [], []
-            for i, s in enumerate(prefill):
-                n, offset = len(s.token_ids), len(ids) - nd
-                first[id(s)] = len(ids)
-                ids.extend(s.token_ids)
-                pos.extend(range(s.start, s.start + n))
-                slots.extend(s.slot_mapping)
-                qi.extend(range(offset, offset + n))
-                qi.extend([offset] * (Q - n))
-                oi.extend(range(i * Q, i * Q + n))
-            qi.extend([0] * ((S - len(prefill)) * Q))
-            tp = len(ids) - nd
-            pad = bucket(tp) - tp
-            ids, pos, slots = ids + [0] * pad, pos + [0] * pad, slots + [0] * pad
-            oi.extend([0] * pad)
+            part.first_row, part.num_rows = nd, len(oi)
             part.query_index, part.output_index = b.index(qi), b.index(oi)
-            meta.prefill = part
-        meta.slot_mapping = b.index(slots)
+            parts.append(part)
+        tp = len(ids) - nd  # prefill rows
+        pad = bucket(tp) - tp if tp else 0
+        ids, pos, slots = ids + [0] * pad, pos + [0] * pad, slots + [0] * pad
+        meta = AttentionMetadata(b.index(slots), parts)
         if self.config.num_state_slots:
             meta.state = self._state_metadata(decode, nd, prefill)
         return b.index(ids), b.index(pos), meta, first
@@ -146,16 +181,19 @@ class ModelRunner:
         """Each sequence's state slot, reset flag (start == 0) and chunk length; padding rows
         and padding sequences use the scratch slot."""
         b, scratch = self.backend, self.scratch_state_slot
-        st = StateMetadata()
+        st = StateMetadata(num_decode=nd)
         if decode:
             pad = nd - len(decode)
             st.decode_slots = b.index([s.seq.state_slot for s in decode] + [scratch] * pad)
             st.decode_reset = b.asarray(np.array([s.start == 0 for s in decode] + [True] * pad))
         if prefill:
-            pad = self.bucket(len(prefill)) - len(prefill)
+            S, Q, qi, oi = self._padded_prefill(prefill)
+            pad = S - len(prefill)
             st.prefill_slots = b.index([s.seq.state_slot for s in prefill] + [scratch] * pad)
             st.prefill_reset = b.asarray(np.array([s.start == 0 for s in prefill] + [True] * pad))
             st.prefill_lens = b.index([len(s.token_ids) for s in prefill] + [0] * pad)
+            st.prefill_seqs, st.prefill_steps = S, Q
+            st.prefill_query_index, st.prefill_output_index = b.index(qi), b.index(oi)
         return st
 
     def _sampling_tensors(self, rows) -> SamplingTensors:

@@ -1,12 +1,12 @@
 """Paged attention over a KV pool, written against the array API.
 
 The pool of one layer holds K (and one holds V) as rows `[num_slots, kv_heads, head_dim]`,
-a slot being `block * block_size + offset`. A step's tokens are laid out decode tokens first
-(one per sequence), then the prefill chunks packed back to back. Every query reads its
-sequence's whole context (cached prefix plus the new tokens) back from the pool through
-the slot indices the runner derived from the block tables; the masks say which keys a
-query may see (causal, within the context, and within a sliding window if any).
-Grouped heads share one gathered K/V: queries are shaped [seq, kv_head, group, ...].
+a slot being `block * block_size + offset`. Every query reads its sequence's whole context
+(cached prefix plus the new tokens) back from the pool through the slot indices the runner
+derived from the block tables; the masks say which keys a query may see (causal, within the
+context, and within a sliding window if any). The step's rows are cut into parts: sequences
+of similar query and context lengths, padded to a common [S, Q] x L. Grouped heads share one
+gathered K/V: queries are shaped [seq, kv_head, group * Q, d].
 """
 
 from __future__ import annotations
@@ -19,23 +19,24 @@ from .activation import softmax
 
 @dataclass(slots=True)
 class AttentionPart:
-    """One group of sequences padded to a common query length and context length."""
+    """Rows [first_row, first_row + num_rows) of the step: num_seqs sequences padded to a
+    common query length and context length."""
     context_slots: Any  # [S, L] pool slots of each sequence's context (padded with null slots)
     mask: Any  # [S, 1, 1, Q, L] bool: may query q attend to key l
     num_seqs: int
     query_len: int  # Q: 1 for decode
     context_len: int  # L
-    query_index: Any = None  # [S*Q] rows of the part's packed tokens (prefill only)
-    output_index: Any = None  # [tokens] rows of the padded output to keep (prefill only)
+    first_row: int = 0
+    num_rows: int = 0
+    query_index: Any = None  # [S*Q] rows of the part forming the padded queries (None: as is)
+    output_index: Any = None  # [num_rows] padded outputs to keep (None: all, as is)
 
 
 @dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: Any  # [T] where each new token's K/V is written
-    num_decode_tokens: int
-    decode: AttentionPart | None
-    prefill: AttentionPart | None
-    state: Any = None  # StateMetadata (layers/mamba2.py) for models with recurrent state
+    parts: list  # AttentionParts covering the step's rows in order
+    state: Any = None  # recurrent-state slots of hybrid models (layers/mamba2.StateMetadata)
 
 
 def write_kv(backend, k_pool, v_pool, k, v, slot_mapping):
@@ -66,12 +67,12 @@ def _attend_part(xp, q, k_pool, v_pool, part: AttentionPart, scale: float):
 def paged_attention(xp, q, k_pool, v_pool, meta: AttentionMetadata, scale: float):
     """q: [T, heads, d] for the step's tokens, whose K/V are already in the pools."""
     outs = []
-    nd = meta.num_decode_tokens
-    if meta.decode is not None:
-        outs.append(_attend_part(xp, q[:nd, ...], k_pool, v_pool, meta.decode, scale))
-    if meta.prefill is not None:
-        part = meta.prefill
-        qp = xp.take(q[nd:, ...], part.query_index, axis=0)
-        padded = _attend_part(xp, qp, k_pool, v_pool, part, scale)
-        outs.append(xp.take(padded, part.output_index, axis=0))
+    for part in meta.parts:
+        qp = q[part.first_row:part.first_row + part.num_rows, ...]
+        if part.query_index is not None:
+            qp = xp.take(qp, part.query_index, axis=0)
+        out = _attend_part(xp, qp, k_pool, v_pool, part, scale)
+        if part.output_index is not None:
+            out = xp.take(out, part.output_index, axis=0)
+        outs.append(out)
     return outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)

@@ -4,7 +4,7 @@ A layer's cache is `(conv_pool [slots, d_conv - 1, conv_dim], ssm_pool [slots, h
 d_state])`; each running sequence owns one slot (`seq.state_slot`), and one extra scratch slot
 that no sequence owns absorbs the writes of padding rows. A step's tokens are laid out as for
 attention (decode tokens first, then prefill chunks back to back); each group is processed as
-[S sequences, Q steps], prefill through the part's padded `query_index` layout. Steps past a
+[S sequences, Q steps], prefill through the padded `prefill_query_index` layout. Steps past a
 sequence's length get dt = 0, which leaves its state unchanged.
 
 The scan is the chunked SSD form (Mamba2 paper, as transformers' torch fallback): within a chunk
@@ -29,11 +29,16 @@ class StateMetadata:
     sequence of the padded prefill part (padding sequences: the scratch slot, length 0).
     `reset` is True where a sequence starts at position 0, so its slot's old state is ignored.
     """
+    num_decode: int = 0  # rows of decode tokens (padding included) before the prefill rows
     decode_slots: Any = None  # [nd] int
     decode_reset: Any = None  # [nd] bool
     prefill_slots: Any = None  # [S] int
     prefill_reset: Any = None  # [S] bool
     prefill_lens: Any = None  # [S] int: tokens of each sequence in this chunk
+    prefill_seqs: int = 0  # S
+    prefill_steps: int = 0  # Q
+    prefill_query_index: Any = None  # [S*Q] prefill rows forming the padded [S, Q] view
+    prefill_output_index: Any = None  # [prefill rows] rows of that view to keep
 
 
 @dataclass(slots=True)
@@ -166,26 +171,25 @@ def mamba2_mixer(backend, p: dict, s: Mamba2Spec, x, cache, meta):
     I, D = s.intermediate, s.conv_dim
     proj = linear(x, p["in_proj"], p["in_proj_b"])
     gate, xbc, dt = proj[:, :I], proj[:, I:I + D], proj[:, I + D:]
-    nd = meta.num_decode_tokens
+    nd = st.num_decode
     ys = []
-    if meta.decode is not None:
+    if st.decode_slots is not None:
         conv, h = _gather_state(xp, conv_pool, ssm_pool, st.decode_slots, st.decode_reset)
         y, conv, h = _mix(xp, p, s, conv, h, xbc[:nd, None, :], dt[:nd, None, :], None,
                           backend.device)
         conv_pool = backend.scatter_rows(conv_pool, st.decode_slots, conv)
         ssm_pool = backend.scatter_rows(ssm_pool, st.decode_slots, h)
         ys.append(y[:, 0, :])
-    if meta.prefill is not None:
-        part = meta.prefill
-        S, Q = part.num_seqs, part.query_len
+    if st.prefill_slots is not None:
+        S, Q = st.prefill_seqs, st.prefill_steps
         conv, h = _gather_state(xp, conv_pool, ssm_pool, st.prefill_slots, st.prefill_reset)
-        rows = part.query_index
+        rows = st.prefill_query_index
         xbc_p = xp.reshape(xp.take(xbc[nd:, ...], rows, axis=0), (S, Q, D))
         dt_p = xp.reshape(xp.take(dt[nd:, ...], rows, axis=0), (S, Q, s.heads))
         y, conv, h = _mix(xp, p, s, conv, h, xbc_p, dt_p, st.prefill_lens, backend.device)
         conv_pool = backend.scatter_rows(conv_pool, st.prefill_slots, conv)
         ssm_pool = backend.scatter_rows(ssm_pool, st.prefill_slots, h)
-        ys.append(xp.take(xp.reshape(y, (S * Q, I)), part.output_index, axis=0))
+        ys.append(xp.take(xp.reshape(y, (S * Q, I)), st.prefill_output_index, axis=0))
     y = ys[0] if len(ys) == 1 else xp.concat(ys, axis=0)
     y = gated_rms_norm(xp, y, gate, p["norm"], s.groups, s.eps)
     return linear(y, p["out_proj"], p["out_proj_b"]), (conv_pool, ssm_pool)
