@@ -188,14 +188,6 @@ def hf_fixed(model, prompts: list[list[int]], new_tokens: int) -> dict:
 
 
 # ---- nanovllm workloads --------------------------------------------------------------------
-def nv_prefill_tok_s(llm, prompt: list[int]) -> float:
-    from nanovllm.sampling_params import SamplingParams
-
-    t0 = time.perf_counter()
-    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
-    return len(prompt) / (time.perf_counter() - t0)
-
-
 def nv_batched(llm, prompts: list[list[int]], outputs: list[int]) -> dict:
     from nanovllm.bench import run_requests
 
@@ -260,6 +252,7 @@ def main(argv=None) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    from nanovllm.bench import Workload, prefill_tok_s
     from nanovllm.llm import LLM
 
     env = environment(torch)
@@ -278,16 +271,9 @@ def main(argv=None) -> None:
                          f"nanovllm {llm.model.vocab_size}")
 
     # every token id drawn up front from one seeded rng; both engines get the same ones
-    rng = np.random.default_rng(args.seed)
-    vocab = min(llm.model.vocab_size, 30000)
-
-    def tokens(n: int) -> list[int]:
-        return rng.integers(100, vocab, size=n).tolist()
-
-    lo, hi = args.input_len
-    prompts = [tokens(int(n)) for n in rng.integers(lo, hi + 1, size=args.num_requests)]
-    outputs = [int(n) for n in rng.integers(args.output_len[0], args.output_len[1] + 1,
-                                               size=args.num_requests)]
+    work = Workload(args.seed, llm.model.vocab_size)
+    tokens = work.tokens
+    prompts, outputs = work.requests(args.num_requests, args.input_len, args.output_len)
     decode_prompts = [tokens(args.decode_prompt_len) for _ in range(args.repeats)]
     prefill_prompts = [tokens(args.prefill_len) for _ in range(args.repeats)]
     fixed_prompts = [tokens(args.fixed_prompt_len) for _ in range(args.fixed_batch)]
@@ -313,7 +299,7 @@ def main(argv=None) -> None:
                    decode_tok_s(llm, decode_prompts[r], args.decode_tokens) if nv
                    else hf_decode_tok_s(model, decode_prompts[r], args.decode_tokens))
             log(f"repeat {r + 1}/{args.repeats}: {engine}: prefill {args.prefill_len}")
-            record(engine, "prefill_tok_s", nv_prefill_tok_s(llm, prefill_prompts[r]) if nv
+            record(engine, "prefill_tok_s", prefill_tok_s(llm, prefill_prompts[r]) if nv
                    else hf_prefill_tok_s(model, prefill_prompts[r]))
         for engine in order:
             nv = engine == "nanovllm"

@@ -45,6 +45,32 @@ def run_requests(llm, prompts: list[list[int]], outputs: list[int]) -> dict:
             "decode_tok_s": n_out / decode_time, "ttft_median_s": statistics.median(first.values())}
 
 
+def prefill_tok_s(llm, prompt: list[int]) -> float:
+    """One prompt computed and a first token sampled: prompt tokens per second."""
+    t0 = time.perf_counter()
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+    return len(prompt) / (time.perf_counter() - t0)
+
+
+class Workload:
+    """Random token ids from one seeded generator, so that two engines get the same ones."""
+
+    def __init__(self, seed: int, vocab_size: int):
+        self.rng = np.random.default_rng(seed)
+        self.vocab = min(vocab_size, 30000)
+
+    def tokens(self, n: int) -> list[int]:
+        return self.rng.integers(100, self.vocab, size=n).tolist()
+
+    def requests(self, num: int, input_len: tuple[int, int], output_len: tuple[int, int]
+                 ) -> tuple[list[list[int]], list[int]]:
+        """Prompts and output lengths drawn uniformly from the inclusive ranges."""
+        lengths = self.rng.integers(input_len[0], input_len[1] + 1, size=num)
+        prompts = [self.tokens(int(n)) for n in lengths]
+        outputs = self.rng.integers(output_len[0], output_len[1] + 1, size=num)
+        return prompts, [int(n) for n in outputs]
+
+
 def decode_tok_s(llm, prompt: list[int], new_tokens: int) -> float:
     """Batch-1 decode speed: the tokens after the first over the time after the first."""
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
@@ -73,16 +99,9 @@ def main(argv: list[str]) -> None:
     args = p.parse_args(argv)
     args.no_prefix_caching = True  # every run must compute its prompts
     llm = make_llm(args)
-    rng = np.random.default_rng(args.seed)
-    vocab = min(llm.model.vocab_size, 30000)
-
-    def tokens(n: int) -> list[int]:
-        return rng.integers(100, vocab, size=n).tolist()
-
-    lo, hi = args.input_len
-    prompts = [tokens(int(n)) for n in rng.integers(lo, hi + 1, size=args.num_requests)]
-    outputs = [int(n) for n in rng.integers(args.output_len[0], args.output_len[1] + 1,
-                                               size=args.num_requests)]
+    work = Workload(args.seed, llm.model.vocab_size)
+    tokens = work.tokens
+    prompts, outputs = work.requests(args.num_requests, args.input_len, args.output_len)
     if getattr(llm.backend, "compilations", None) is not None:
         # a jitting backend compiles each new shape once: one untimed round first
         decode_tok_s(llm, tokens(32), args.decode_tokens)
@@ -93,10 +112,7 @@ def main(argv: list[str]) -> None:
     decode, prefill, batched = [], [], []
     for _ in range(args.repeats):
         decode.append(decode_tok_s(llm, tokens(32), args.decode_tokens))
-        long_prompt = tokens(args.prefill_len)
-        t0 = time.perf_counter()
-        llm.generate([long_prompt], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
-        prefill.append(args.prefill_len / (time.perf_counter() - t0))
+        prefill.append(prefill_tok_s(llm, tokens(args.prefill_len)))
         batched.append(run_requests(llm, prompts, outputs))
     med = statistics.median
     figures = {

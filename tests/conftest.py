@@ -211,3 +211,15 @@ def tiny(tiny_llama):
     torch.set_num_threads(1)
     yield with_tokenizer(tiny_llama)
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def pick_stop():
+    """pick_stop(text, length=3): a stop string that first occurs in the middle of text."""
+    def pick(text: str, length: int = 3) -> str:
+        for i in range(len(text) // 3, len(text) - length):
+            stop = text[i:i + length]
+            if text.find(stop) >= 3 and stop.strip():
+                return stop
+        pytest.fail(f"no usable stop string in {text!r}")
+    return pick

@@ -277,19 +277,10 @@ def test_stream_accepts_token_ids(llm):
     assert "".join(llm.stream([9, 8, 7], p)) == full
 
 
-def stop_in_middle(text: str, length: int = 2) -> str:
-    """A stop string that first occurs in the middle of text."""
-    for i in range(len(text) // 3, len(text) - length):
-        stop = text[i:i + length]
-        if text.find(stop) >= 3 and stop.strip():
-            return stop
-    pytest.fail(f"no usable stop string in {text!r}")
-
-
 @pytest.mark.parametrize("include", [False, True])
-def test_stream_never_yields_part_of_a_stop_string(llm, include):
+def test_stream_never_yields_part_of_a_stop_string(llm, include, pick_stop):
     full = generate(llm, TEXTS[2], greedy(30))[0].outputs[0].text
-    stop = stop_in_middle(full, 3)
+    stop = pick_stop(full, 3)
     p = greedy(30, stop=[stop, "@@@@@"], include_stop_str_in_output=include)
     want = generate(llm, TEXTS[2], p)[0].outputs[0].text
     cut = full.find(stop)

@@ -305,16 +305,8 @@ def greedy_text(llm, max_tokens=30):
     return out.outputs[0]
 
 
-def pick_stop(text: str, length: int = 3) -> str:
-    for i in range(len(text) // 3, len(text) - length):
-        stop = text[i:i + length]
-        if text.find(stop) >= 3 and stop.strip():
-            return stop
-    pytest.fail(f"no usable stop string in {text!r}")
-
-
 @pytest.mark.parametrize("include", [False, True])
-def test_stop_string_ends_and_is_cut_from_text(llm, include):
+def test_stop_string_ends_and_is_cut_from_text(llm, include, pick_stop):
     full = greedy_text(llm)
     stop = pick_stop(full.text)
     cut = full.text.find(stop)
@@ -327,7 +319,7 @@ def test_stop_string_ends_and_is_cut_from_text(llm, include):
     assert len(c.token_ids) < len(full.token_ids)
 
 
-def test_first_of_several_stop_strings(llm):
+def test_first_of_several_stop_strings(llm, pick_stop):
     full = greedy_text(llm)
     late, early = pick_stop(full.text[20:]), full.text[4:6]
     if full.text.find(late) < full.text.find(early) + 2:
