@@ -31,8 +31,13 @@ class Backend:
         """A float weight from the host, cast to the compute dtype."""
         return self.asarray(np.ascontiguousarray(host), dtype=self.dtype)
 
+    def step_input(self, host: np.ndarray, dtype: Any = None) -> Any:
+        """Per-step host data (indices, masks, sampling parameters) as the step takes it."""
+        return self.asarray(host, dtype=dtype)
+
     def index(self, host: Any) -> Any:
-        return self.asarray(np.asarray(host), dtype=self.int_dtype)
+        """Per-step indices (token ids, positions, slots) in the index dtype."""
+        return self.step_input(np.asarray(host), dtype=self.int_dtype)
 
     def to_host(self, x: Any) -> np.ndarray:
         return np.asarray(x)

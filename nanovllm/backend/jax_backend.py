@@ -26,7 +26,7 @@ def _register_pytrees() -> None:
     jax.tree_util.register_dataclass(
         AttentionMetadata, data_fields=["slot_mapping", "parts", "state"], meta_fields=[])
     jax.tree_util.register_dataclass(
-        AttentionPart, data_fields=["context_slots", "mask", "query_index", "output_index"],
+        AttentionPart, data_fields=["context_slots", "mask", "query_index", "combine_index"],
         meta_fields=["num_seqs", "query_len", "context_len", "first_row", "num_rows"])
     jax.tree_util.register_dataclass(  # recurrent-state slots (hybrid models)
         StateMetadata, data_fields=["decode_slots", "decode_reset", "prefill_slots",
@@ -43,6 +43,11 @@ def _register_pytrees() -> None:
 class JaxBackend(Backend):
     def asarray(self, host, dtype=None):
         return jax.device_put(jnp.asarray(host, dtype=dtype), self.device)
+
+    def step_input(self, host, dtype=None):
+        # left on the host: a jitted function moves its numpy arguments in one dispatch,
+        # far cheaper than a device_put per array
+        return np.asarray(host, dtype=None if dtype is None else np.dtype(dtype))
 
     def to_host(self, x):
         return np.asarray(jax.device_get(x))

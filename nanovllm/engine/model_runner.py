@@ -6,7 +6,6 @@ numpy, moved to the backend, and token ids come back to the host.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +14,7 @@ from ..layers.activation import log_softmax
 from ..layers.attention import AttentionMetadata, AttentionPart
 from ..layers.mamba2 import StateMetadata
 from ..layers.sampler import SamplingTensors, sample
+from . import attention_layout as layout
 
 
 @dataclass(slots=True)
@@ -44,8 +44,18 @@ def _top_logprobs(row: np.ndarray, k: int, chosen: list[int]) -> dict[int, tuple
     return out
 
 
+QUERY_TILE = 32  # tiled parts (jitting backends): queries per item
+KEY_TILE = 32  # and keys per item
+
+
 def _identity(n: int) -> int:
     return n
+
+
+def _half_octaves(n: int) -> int:
+    """n rounded up to 2^k or 3 * 2^(k-2): at most a third is padding."""
+    p = 1 << max(n - 1, 0).bit_length()
+    return p * 3 // 4 if p >= 8 and n <= p * 3 // 4 else p
 
 
 class ModelRunner:
@@ -67,36 +77,21 @@ class ModelRunner:
         # a jitting backend wants few distinct shapes: it rounds sizes up to buckets
         self.bucket = getattr(backend, "bucket", _identity)
         self.padded = self.bucket is not _identity
+        # tiled attention parts (few shapes) where jitting, exact parts (no padding) otherwise
+        self.tiled, self.query_tile, self.key_tile = self.padded, QUERY_TILE, KEY_TILE
+        # sizes that set the work (prefill rows, tiled attention items): rounded more finely
+        self.fine_bucket = _half_octaves if self.padded else _identity
         self._step = backend.jit(self._device_step, donate_argnums=(1,))
-        self._sample = backend.jit(functools.partial(sample, self.xp))
+        self._sample = backend.jit(self._device_sample)
 
     def _device_step(self, params, kv_caches, ids, pos, meta, rows):
         hidden, kv_caches = self.model.forward(params, ids, pos, kv_caches, meta)
         return self.model.compute_logits(params, self.xp.take(hidden, rows, axis=0)), kv_caches
 
-    # ---- batch -> arrays -------------------------------------------------------------
-    def _part(self, group, num_seqs: int, query_len: int, window: int | None) -> AttentionPart:
-        """Context slots and masks for `group`, padded to num_seqs x query_len x a bucketed L."""
-        bs = self.block_size
-        S, L = num_seqs, self.bucket(max(s.context_len for s in group))
-        blocks = -(-L // bs)
-        table = np.zeros((S, blocks), dtype=np.int64)  # padded with the null block 0
-        starts = np.zeros(S, dtype=np.int64)
-        lens = np.zeros(S, dtype=np.int64)
-        for i, s in enumerate(group):
-            table[i, :len(s.block_table)] = s.block_table[:blocks]
-            starts[i], lens[i] = s.start, len(s.token_ids)
-        slots = (table[:, :, None] * bs + np.arange(bs)).reshape(S, blocks * bs)[:, :L]
-        q = np.arange(query_len)[None, :]
-        q_pos = np.where(q < lens[:, None], starts[:, None] + q, 0)  # padding sees key 0 only
-        key_pos = np.arange(L)[None, None, :]
-        mask = key_pos <= q_pos[:, :, None]
-        if window is not None:
-            mask &= key_pos > q_pos[:, :, None] - window
-        b = self.backend
-        return AttentionPart(b.index(slots), b.asarray(mask[:, None, None, :, :]), S,
-                             query_len, L)
+    def _device_sample(self, logits, rows, tensors):
+        return sample(self.xp, self.xp.take(logits, rows, axis=0), tensors)
 
+    # ---- batch -> arrays -------------------------------------------------------------
     def _padded_prefill(self, prefill) -> tuple[int, int, list[int], list[int]]:
         """The prefill chunks as a padded [S, Q] view: S, Q, the prefill rows forming it, and
         the view's rows to keep (one per prefill row, padding rows included)."""
@@ -109,18 +104,13 @@ class ModelRunner:
             oi.extend(range(i * Q, i * Q + n))
             offset += n
         qi.extend([0] * ((S - len(prefill)) * Q))
-        oi.extend([0] * (self.bucket(offset) - offset))
+        oi.extend([0] * (self.fine_bucket(offset) - offset))
         return S, Q, qi, oi
 
     def _decode_groups(self, decode) -> list[tuple[int, int]]:
-        """Runs of the decode sequences (sorted by context length) attended together.
-
-        A jitting backend takes them as one part (fewer shapes to compile); otherwise a new
-        part starts where the context grows past twice the part's shortest, so little of a
-        gathered context is padding.
-        """
-        if self.padded:
-            return [(0, len(decode))] if decode else []
+        """Runs of the decode sequences (sorted by context length) attended together: a new
+        run starts where the context grows past twice the run's shortest, so little of a
+        gathered context is padding."""
         groups, lo = [], 0
         for i in range(1, len(decode) + 1):
             if i == len(decode) or (decode[i].context_len
@@ -129,18 +119,49 @@ class ModelRunner:
                 lo = i
         return groups
 
+    def _attention_parts(self, decode, nd: int, prefill, tp: int) -> list[AttentionPart]:
+        """Parts covering the decode rows [0, nd) and the prefill rows [nd, nd + tp).
+
+        Eager backends: exact parts (a run of decode sequences, one prefill chunk each).
+        Jitting backends: one tiled part for the decodes and one for the prefill chunks.
+        """
+        window = getattr(self.model, "sliding_window", None)
+        bs, parts = self.block_size, []
+        if self.tiled:
+            if decode:
+                part = layout.tiled_part(*layout.decode_tiles(decode, 0, len(decode)), nd,
+                                         bs, self.key_tile, window, self.fine_bucket, self.bucket)
+                parts.append(layout.to_device(part, self.backend, 0, nd))
+            if prefill:
+                tiles = layout.prefill_tiles(prefill, self.query_tile)
+                part = layout.tiled_part(*tiles, tp, bs, self.key_tile, window, self.fine_bucket,
+                                         self.bucket)
+                parts.append(layout.to_device(part, self.backend, nd, tp))
+            return parts
+        for lo, hi in self._decode_groups(decode):
+            group = decode[lo:hi]
+            L = max(s.context_len for s in group)
+            part = layout.exact_part(group, hi - lo, 1, L, bs, window)
+            parts.append(layout.to_device(part, self.backend, lo, hi - lo))
+        row = nd
+        for s in prefill:
+            n = len(s.token_ids)
+            part = layout.exact_part([s], 1, n, s.context_len, bs, window)
+            parts.append(layout.to_device(part, self.backend, row, n))
+            row += n
+        return parts
+
     def _layout(self, decode, prefill):
         """Token ids, positions, metadata and each sequence's first row, padded if bucketing.
 
         Rows: the decode tokens (one per sequence, sorted by context length, padded to a
-        bucket), then the prefill chunks back to back (padded to a bucket). Padding tokens
+        bucket), then the prefill chunks back to back (padded to a finer bucket). Padding tokens
         write to the null block.
         """
         b, bucket = self.backend, self.bucket
-        window = getattr(self.model, "sliding_window", None)
         decode = sorted(decode, key=lambda s: s.context_len)
         nd = bucket(len(decode)) if decode else 0
-        ids, pos, slots, first, parts = [], [], [], {}, []
+        ids, pos, slots, first = [], [], [], {}
         for i, s in enumerate(decode):
             first[id(s)] = i
             ids.append(s.token_ids[0])
@@ -148,31 +169,17 @@ class ModelRunner:
             slots.extend(s.slot_mapping)
         pad = nd - len(decode)
         ids, pos, slots = ids + [0] * pad, pos + [0] * pad, slots + [0] * pad
-        for lo, hi in self._decode_groups(decode):
-            rows = (nd if hi == len(decode) else hi) - lo  # the last part takes the padding
-            part = self._part(decode[lo:hi], rows, 1, window)
-            part.first_row, part.num_rows = lo, rows
-            parts.append(part)
         for s in prefill:
             first[id(s)] = len(ids)
             n = len(s.token_ids)
             ids.extend(s.token_ids)
             pos.extend(range(s.start, s.start + n))
             slots.extend(s.slot_mapping)
-            if not self.padded:  # one exact part per chunk: nothing padded
-                part = self._part([s], 1, n, window)
-                part.first_row, part.num_rows = first[id(s)], n
-                parts.append(part)
-        if prefill and self.padded:  # one padded part for all chunks
-            S, Q, qi, oi = self._padded_prefill(prefill)
-            part = self._part(prefill, S, Q, window)
-            part.first_row, part.num_rows = nd, len(oi)
-            part.query_index, part.output_index = b.index(qi), b.index(oi)
-            parts.append(part)
         tp = len(ids) - nd  # prefill rows
-        pad = bucket(tp) - tp if tp else 0
+        tp = self.fine_bucket(tp) if tp else 0
+        pad = nd + tp - len(ids)
         ids, pos, slots = ids + [0] * pad, pos + [0] * pad, slots + [0] * pad
-        meta = AttentionMetadata(b.index(slots), parts)
+        meta = AttentionMetadata(b.index(slots), self._attention_parts(decode, nd, prefill, tp))
         if self.config.num_state_slots:
             meta.state = self._state_metadata(decode, nd, prefill)
         return b.index(ids), b.index(pos), meta, first
@@ -185,12 +192,13 @@ class ModelRunner:
         if decode:
             pad = nd - len(decode)
             st.decode_slots = b.index([s.seq.state_slot for s in decode] + [scratch] * pad)
-            st.decode_reset = b.asarray(np.array([s.start == 0 for s in decode] + [True] * pad))
+            st.decode_reset = b.step_input(np.array([s.start == 0 for s in decode] + [True] * pad))
         if prefill:
             S, Q, qi, oi = self._padded_prefill(prefill)
             pad = S - len(prefill)
             st.prefill_slots = b.index([s.seq.state_slot for s in prefill] + [scratch] * pad)
-            st.prefill_reset = b.asarray(np.array([s.start == 0 for s in prefill] + [True] * pad))
+            st.prefill_reset = b.step_input(
+                np.array([s.start == 0 for s in prefill] + [True] * pad))
             st.prefill_lens = b.index([len(s.token_ids) for s in prefill] + [0] * pad)
             st.prefill_seqs, st.prefill_steps = S, Q
             st.prefill_query_index, st.prefill_output_index = b.index(qi), b.index(oi)
@@ -229,9 +237,9 @@ class ModelRunner:
             def column(field: str, fill: float):
                 values = np.full(n, fill, dtype=np.float32)
                 values[:len(rows)] = [getattr(p, field) for p in params]
-                return b.asarray(values)
+                return b.step_input(values)
 
-            penalties = (b.asarray(counts), b.asarray(seen), column("presence_penalty", 0.0),
+            penalties = (b.step_input(counts), b.step_input(seen), column("presence_penalty", 0.0),
                          column("frequency_penalty", 0.0), column("repetition_penalty", 1.0))
         banned = None
         if any(s.seq.num_output_tokens < s.seq.params.min_tokens for s in rows):
@@ -240,10 +248,10 @@ class ModelRunner:
                 p = s.seq.params
                 if s.seq.num_output_tokens < p.min_tokens:
                     mask[i, p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)] = True
-            banned = b.asarray(mask)
+            banned = b.step_input(mask)
         return SamplingTensors(
-            b.asarray(temp), b.index(top_k), b.asarray(top_p), b.asarray(min_p),
-            b.asarray(uniform.astype(np.float32)), all_greedy=bool(np.all(temp == 0)),
+            b.step_input(temp), b.index(top_k), b.step_input(top_p), b.step_input(min_p),
+            b.step_input(uniform.astype(np.float32)), all_greedy=bool(np.all(temp == 0)),
             needs_sort=bool(np.any((top_k < V) | (top_p < 1.0))),
             needs_min_p=bool(np.any(min_p > 0)), penalties=penalties, banned=banned)
 
@@ -285,10 +293,12 @@ class ModelRunner:
     def _sample_rows(self, logits, sampled, at, results) -> None:
         xp, b = self.xp, self.backend
         at = at + [0] * (self.bucket(len(at)) - len(at))
-        rows = xp.take(logits, b.index(at), axis=0)
-        tokens = b.to_host(self._sample(rows, self._sampling_tensors(sampled))).tolist()
+        tokens = b.to_host(self._sample(logits, b.index(at), self._sampling_tensors(sampled)))
+        tokens = tokens.tolist()
         want = [i for i, s in enumerate(sampled) if s.seq.params.logprobs is not None]
-        lp = b.to_host(log_softmax(xp, xp.take(rows, b.index(want), axis=0))) if want else None
+        if want:
+            rows = b.index([at[i] for i in want])
+            lp = b.to_host(log_softmax(xp, xp.take(logits, rows, axis=0)))
         for i, s in enumerate(sampled):
             results[id(s)].token_id = int(tokens[i])
         for j, i in enumerate(want):

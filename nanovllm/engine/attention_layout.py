@@ -1,0 +1,143 @@
+"""Where each query of a step reads its keys: the attention parts, built on the host with numpy.
+
+Two layouts (see layers/attention.py for the arithmetic):
+
+- `exact_part`: sequences padded to one [S, Q] x L rectangle, every query normalized over its
+  whole context at once. The eager backends use one per prefill chunk and one per run of decode
+  sequences of similar context length, so nearly nothing is padding.
+- `tiled_part`: a jitting backend needs few distinct shapes, and one rectangle over a whole
+  step pads every query to the longest context (3-4x the work on a mixed batch). Instead the
+  queries are cut into tiles of `Qt` rows of one sequence and each tile's context into key tiles
+  of `Kt` keys; every (query tile, key tile) pair is one item, padded only to Qt x Kt, and the
+  number of items is what gets rounded up. Each query's partial results from its items (one per
+  key tile) are merged by the combine table, as in flash-decoding.
+
+Every array here is a numpy array indexed by the pool's slots; the runner moves them to the
+device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..layers.attention import AttentionPart
+
+
+def to_device(part: AttentionPart, backend, first_row: int, num_rows: int) -> AttentionPart:
+    """The part's host arrays moved to the backend, placed at rows [first_row, +num_rows)."""
+    b = backend
+    part.first_row, part.num_rows = first_row, num_rows
+    part.context_slots, part.mask = b.index(part.context_slots), b.step_input(part.mask)
+    if part.query_index is not None:
+        part.query_index, part.combine_index = (b.index(part.query_index),
+                                                b.index(part.combine_index))
+    return part
+
+
+def block_tables(seqs, num_blocks: int) -> np.ndarray:
+    """[len(seqs), num_blocks] block ids, padded with the null block 0."""
+    table = np.zeros((len(seqs), num_blocks), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        blocks = s.block_table[:num_blocks]
+        table[i, :len(blocks)] = blocks
+    return table
+
+
+def exact_part(seqs, num_seqs: int, query_len: int, context_len: int, block_size: int,
+               window: int | None) -> AttentionPart:
+    """`seqs` padded to num_seqs x query_len queries over context_len keys each.
+
+    Padding queries see key 0 only (so their output stays finite); padding keys are the null
+    slot, masked out.
+    """
+    S, L, bs = num_seqs, context_len, block_size
+    blocks = -(-L // bs)
+    table = np.zeros((S, blocks), dtype=np.int64)
+    table[:len(seqs)] = block_tables(seqs, blocks)
+    starts = np.zeros(S, dtype=np.int64)
+    lens = np.zeros(S, dtype=np.int64)
+    for i, s in enumerate(seqs):
+        starts[i], lens[i] = s.start, len(s.token_ids)
+    slots = (table[:, :, None] * bs + np.arange(bs)).reshape(S, blocks * bs)[:, :L]
+    q = np.arange(query_len)[None, :]
+    q_pos = np.where(q < lens[:, None], starts[:, None] + q, 0)
+    key_pos = np.arange(L)[None, None, :]
+    mask = key_pos <= q_pos[:, :, None]
+    if window is not None:
+        mask &= key_pos > q_pos[:, :, None] - window
+    return AttentionPart(slots, mask[:, None, None, :, :], S, query_len, L)
+
+
+def tiled_part(tables: np.ndarray, q_pos: np.ndarray, q_row: np.ndarray, num_rows: int,
+               block_size: int, key_tile: int, window: int | None, item_bucket,
+               bucket) -> AttentionPart:
+    """Query tiles over key tiles, for a jitting backend.
+
+    tables: [n, blocks] the block table of each query tile's sequence; q_pos: [n, Qt] the
+    position of each query (-1: padding); q_row: [n, Qt] its row in the part (any for padding);
+    num_rows: the part's rows (rows no query names get zeros). The number of items is rounded
+    up with `item_bucket`, the combine width with `bucket`.
+    """
+    n, Qt = q_pos.shape
+    Kt, bs = key_tile, block_size
+    valid = q_pos >= 0
+    k_hi = q_pos.max(axis=1) + 1  # keys [k_lo, k_hi) can be seen by some query of the tile
+    k_lo = np.zeros(n, dtype=np.int64)
+    if window is not None:
+        k_lo = np.maximum(np.where(valid, q_pos, k_hi[:, None]).min(axis=1) - window + 1, 0)
+    first = k_lo // Kt
+    count = np.where(k_hi > 0, -(-k_hi // Kt) - first, 0)
+    num_items = int(count.sum())
+    W = item_bucket(max(num_items, 1))
+    tile = np.repeat(np.arange(n), count)  # the query tile of each item
+    offset = np.cumsum(count) - count
+    j = np.arange(num_items) - offset[tile]  # the item's index among its tile's items
+    key_pos = (first[tile] + j)[:, None] * Kt + np.arange(Kt)  # [items, Kt]
+    in_context = key_pos < k_hi[tile][:, None]
+    block = tables[tile[:, None], np.minimum(key_pos // bs, tables.shape[1] - 1)]
+    slots = np.zeros((W, Kt), dtype=np.int64)
+    slots[:num_items] = np.where(in_context, block * bs + key_pos % bs, 0)
+    qp = q_pos[tile][:, :, None]
+    mask = np.zeros((W, Qt, Kt), dtype=bool)
+    seen = (key_pos[:, None, :] <= qp) & in_context[:, None, :] & (qp >= 0)
+    if window is not None:
+        seen &= key_pos[:, None, :] > qp - window
+    mask[:num_items] = seen
+    query_index = np.zeros((W, Qt), dtype=np.int64)
+    query_index[:num_items] = np.where(valid[tile], q_row[tile], 0)
+    # output row r merges the partial rows (item * Qt + its place in the tile) of its items;
+    # index W * Qt is an empty partial (no keys) appended by the attention
+    B = bucket(max(int(count.max(initial=0)), 1))
+    combine = np.full((num_rows, B), W * Qt, dtype=np.int64)
+    partial = np.arange(num_items)[:, None] * Qt + np.arange(Qt)
+    keep = valid[tile]
+    combine[q_row[tile][keep], np.broadcast_to(j[:, None], keep.shape)[keep]] = partial[keep]
+    part = AttentionPart(slots, mask[:, None, None, :, :], W, Qt, Kt, num_rows=num_rows)
+    part.query_index, part.combine_index = query_index.reshape(-1), combine
+    return part
+
+
+def decode_tiles(decode, first_row: int, num_rows: int) -> tuple:
+    """Decode sequences as one-query tiles: (tables, q_pos, q_row) for `tiled_part`."""
+    blocks = max(len(s.block_table) for s in decode)
+    q_pos = np.array([[s.context_len - 1] for s in decode], dtype=np.int64)
+    q_row = np.arange(first_row, first_row + len(decode), dtype=np.int64)[:, None]
+    return block_tables(decode, blocks), q_pos, q_row
+
+
+def prefill_tiles(prefill, query_tile: int) -> tuple:
+    """Prefill chunks, laid out back to back, cut into tiles of query_tile rows: (tables,
+    q_pos, q_row) for `tiled_part`."""
+    blocks = max(len(s.block_table) for s in prefill)
+    table = block_tables(prefill, blocks)
+    tables, q_pos, q_row, row = [], [], [], 0
+    step = np.arange(query_tile)
+    for i, s in enumerate(prefill):
+        n = len(s.token_ids)
+        for t in range(0, n, query_tile):
+            inside = t + step < n
+            q_pos.append(np.where(inside, s.start + t + step, -1))
+            q_row.append(np.where(inside, row + t + step, 0))
+            tables.append(table[i])
+        row += n
+    return np.stack(tables), np.stack(q_pos), np.stack(q_row)
