@@ -10,7 +10,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python -m pip install -q -e '.[test]' || exit 1
 python -m pip install -q cupy-cuda12x 'jax[cuda12]' 2>&1 | tail -3
 
-tests="tests/test_llama_parity.py tests/test_api.py tests/test_sampling.py tests/test_bad_input.py"
+tests="tests/test_llama_parity.py tests/test_attention_layout.py tests/test_api.py tests/test_sampling.py tests/test_bad_input.py"
 for backend in cupy jax torch; do
   echo "=== $backend"
   if ! python -c "from nanovllm.backend import get_backend as g; b = g('$backend', 'gpu'); \

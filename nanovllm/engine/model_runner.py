@@ -44,8 +44,8 @@ def _top_logprobs(row: np.ndarray, k: int, chosen: list[int]) -> dict[int, tuple
     return out
 
 
-QUERY_TILE = 32  # tiled parts (jitting backends): queries per item
-KEY_TILE = 32  # and keys per item
+QUERY_TILE = 64  # tiled parts (jitting backends): queries per item
+KEY_TILE = 64  # and keys per item
 
 
 def _identity(n: int) -> int:
