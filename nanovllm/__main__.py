@@ -31,12 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, backend_help: str = "") -> None:
     p.add_argument("--model", default=None,
                    help="a Hugging Face model directory, a .gguf file, or a hub id (default: "
                         "SmolLM2-135M-Instruct Q4_1, fetched once into ~/.cache/nanovllm)")
     p.add_argument("--backend", default="numpy",
-                   help="array library: numpy (default), array_api_strict, jax, torch, cupy")
+                   help="array library: numpy (default), array_api_strict, jax, torch, cupy"
+                   + backend_help)
     p.add_argument("--device", default=None, help="device as the backend spells it (cpu, gpu, "
                    "cuda:0); default: the backend's default")
     p.add_argument("--dtype", default="float32", help="compute dtype (float32)")

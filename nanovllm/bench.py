@@ -1,7 +1,8 @@
 """python -m nanovllm bench: offline throughput in the manner of nano-vllm's bench.py, CPU-sized.
 
-Three scenarios on one LLM: batch-1 decode, one long prefill, and N concurrent requests with
-random input and output lengths (ignore_eos). Each is repeated and the median reported.
+Three scenarios: batch-1 decode, one long prefill, and N concurrent requests with random input
+and output lengths (ignore_eos). Each is repeated and the median reported. `--backend
+numpy,jax` loads both and interleaves their runs, then prints each one's ratio to the first.
 """
 
 from __future__ import annotations
@@ -84,10 +85,12 @@ def decode_tok_s(llm, prompt: list[int], new_tokens: int) -> float:
 
 
 def main(argv: list[str]) -> None:
+    import copy
+
     from .__main__ import add_model_args, make_llm
 
     p = argparse.ArgumentParser(prog="python -m nanovllm bench", description=__doc__)
-    add_model_args(p)
+    add_model_args(p, backend_help="; several, comma-separated (numpy,jax), run interleaved")
     p.add_argument("--num-requests", type=int, default=32)
     p.add_argument("--input-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
     p.add_argument("--output-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
@@ -95,43 +98,69 @@ def main(argv: list[str]) -> None:
     p.add_argument("--prefill-len", type=int, default=512, help="long-prompt prefill length")
     p.add_argument("--repeats", type=int, default=3, help="runs of each scenario (median)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print the figures as one JSON line")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON lines")
     args = p.parse_args(argv)
     args.no_prefix_caching = True  # every run must compute its prompts
-    llm = make_llm(args)
-    work = Workload(args.seed, llm.model.vocab_size)
-    tokens = work.tokens
+    # several backends (--backend numpy,jax) are loaded together and their runs interleaved,
+    # so that each ratio compares figures taken under the same machine load
+    llms = []
+    for name in args.backend.split(","):
+        one = copy.copy(args)
+        one.backend = name
+        llms.append(make_llm(one))
+    vocab = llms[0].model.vocab_size
+    work = Workload(args.seed, vocab)
     prompts, outputs = work.requests(args.num_requests, args.input_len, args.output_len)
-    if getattr(llm.backend, "compilations", None) is not None:
-        # a jitting backend compiles each new shape once: one untimed round first
-        decode_tok_s(llm, tokens(32), args.decode_tokens)
-        llm.generate([tokens(args.prefill_len)], SamplingParams(max_tokens=1), use_tqdm=False)
-        run_requests(llm, prompts, outputs)
-    else:
-        run_requests(llm, prompts[:2], [4, 4])
-    decode, prefill, batched = [], [], []
+    for llm in llms:
+        if getattr(llm.backend, "compilations", None) is not None:
+            # a jitting backend compiles each new shape once: one untimed round first
+            decode_tok_s(llm, work.tokens(32), args.decode_tokens)
+            llm.generate([work.tokens(args.prefill_len)], SamplingParams(max_tokens=1),
+                         use_tqdm=False)
+            run_requests(llm, prompts, outputs)
+        else:
+            run_requests(llm, prompts[:2], [4, 4])
+    runs = [{"decode": [], "prefill": [], "batched": []} for _ in llms]
     for _ in range(args.repeats):
-        decode.append(decode_tok_s(llm, tokens(32), args.decode_tokens))
-        prefill.append(prefill_tok_s(llm, tokens(args.prefill_len)))
-        batched.append(run_requests(llm, prompts, outputs))
+        decode_prompt, prefill_prompt = work.tokens(32), work.tokens(args.prefill_len)
+        for llm, r in zip(llms, runs):
+            r["decode"].append(decode_tok_s(llm, decode_prompt, args.decode_tokens))
+            r["prefill"].append(prefill_tok_s(llm, prefill_prompt))
+            r["batched"].append(run_requests(llm, prompts, outputs))
     med = statistics.median
-    figures = {
-        "backend": llm.backend.name, "model": llm.model.__class__.__name__,
-        "batch1_decode_tok_s": med(decode),
-        f"prefill{args.prefill_len}_tok_s": med(prefill),
-        "requests": args.num_requests,
-        "batched_total_tok_s": med(r["total_tok_s"] for r in batched),
-        "batched_prefill_tok_s": med(r["prefill_tok_s"] for r in batched),
-        "batched_decode_tok_s": med(r["decode_tok_s"] for r in batched),
-        "batched_ttft_median_s": med(r["ttft_median_s"] for r in batched),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
-    compiles = getattr(llm.backend, "compilations", None)
-    if compiles is not None:
-        figures["compilations"] = compiles()
+    table = []
+    for llm, r in zip(llms, runs):
+        figures = {
+            "backend": llm.backend.name, "model": llm.model.__class__.__name__,
+            "batch1_decode_tok_s": med(r["decode"]),
+            f"prefill{args.prefill_len}_tok_s": med(r["prefill"]),
+            "requests": args.num_requests,
+            "batched_total_tok_s": med(x["total_tok_s"] for x in r["batched"]),
+            "batched_prefill_tok_s": med(x["prefill_tok_s"] for x in r["batched"]),
+            "batched_decode_tok_s": med(x["decode_tok_s"] for x in r["batched"]),
+            "batched_ttft_median_s": med(x["ttft_median_s"] for x in r["batched"]),
+        }
+        compiles = getattr(llm.backend, "compilations", None)
+        if compiles is not None:
+            figures["compilations"] = compiles()
+        table.append(figures)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if len(llms) == 1:
+        table[0]["peak_rss_mib"] = peak
     if args.json:
-        print(json.dumps(figures))
+        for figures in table:
+            print(json.dumps(figures))
         return
-    for k, v in figures.items():
-        print(f"{k:>28}: {v:.2f}" if isinstance(v, float) else f"{k:>28}: {v}")
+    for figures in table:
+        for k, v in figures.items():
+            print(f"{k:>28}: {v:.2f}" if isinstance(v, float) else f"{k:>28}: {v}")
+        print()
+    if len(table) > 1:
+        base = table[0]
+        print(f"ratios to {base['backend']} (same run, interleaved):")
+        for figures in table[1:]:
+            ratios = ", ".join(f"{k} {figures[k] / base[k]:.2f}x" for k in base
+                               if k.endswith("tok_s"))
+            print(f"  {figures['backend']}: {ratios}")
+        print(f"peak RSS of the process (all backends): {peak:.0f} MiB")
     sys.stdout.flush()

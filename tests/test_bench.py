@@ -1,0 +1,21 @@
+"""python -m nanovllm bench runs every scenario and, given several backends, reports each one."""
+
+from __future__ import annotations
+
+import json
+
+from nanovllm.bench import main
+
+
+def test_bench_reports_each_backend_of_an_interleaved_run(tiny_llama, backend, capsys):
+    case = tiny_llama("gqa", seed=0)
+    main(["--model", str(case.path), "--backend", f"numpy,{backend}", "--repeats", "2",
+          "--num-requests", "3", "--input-len", "4", "20", "--output-len", "2", "6",
+          "--decode-tokens", "5", "--prefill-len", "24", "--json"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [f["backend"] for f in lines] == ["numpy", backend]
+    for figures in lines:
+        assert figures["requests"] == 3
+        for key in ("batch1_decode_tok_s", "prefill24_tok_s", "batched_total_tok_s",
+                    "batched_prefill_tok_s", "batched_decode_tok_s"):
+            assert figures[key] > 0, (figures["backend"], key)
