@@ -113,7 +113,7 @@ def test_exact_and_tiled_parts_match_naive_attention(backend, step, window):
         tp = bucket(tp) if tp else 0
         parts = []
         if decode:
-            tiles = layout.decode_tiles(decode, 0, len(decode))
+            tiles = layout.decode_tiles(decode)
             part = layout.tiled_part(*tiles, nd, BS, key_tile, window, bucket, bucket)
             parts.append(layout.to_device(part, b, 0, nd))
         if prefill:

@@ -12,8 +12,7 @@ Two layouts (see layers/attention.py for the arithmetic):
   number of items is what gets rounded up. Each query's partial results from its items (one per
   key tile) are merged by the combine table, as in flash-decoding.
 
-Every array here is a numpy array indexed by the pool's slots; the runner moves them to the
-device.
+The parts are built with numpy on the host; `to_device` hands their arrays to the backend.
 """
 
 from __future__ import annotations
@@ -117,11 +116,12 @@ def tiled_part(tables: np.ndarray, q_pos: np.ndarray, q_row: np.ndarray, num_row
     return part
 
 
-def decode_tiles(decode, first_row: int, num_rows: int) -> tuple:
-    """Decode sequences as one-query tiles: (tables, q_pos, q_row) for `tiled_part`."""
+def decode_tiles(decode) -> tuple:
+    """Decode sequences as one-query tiles on rows 0, 1, ...: (tables, q_pos, q_row) for
+    `tiled_part`."""
     blocks = max(len(s.block_table) for s in decode)
     q_pos = np.array([[s.context_len - 1] for s in decode], dtype=np.int64)
-    q_row = np.arange(first_row, first_row + len(decode), dtype=np.int64)[:, None]
+    q_row = np.arange(len(decode), dtype=np.int64)[:, None]
     return block_tables(decode, blocks), q_pos, q_row
 
 

@@ -129,7 +129,7 @@ class ModelRunner:
         bs, parts = self.block_size, []
         if self.tiled:
             if decode:
-                part = layout.tiled_part(*layout.decode_tiles(decode, 0, len(decode)), nd,
+                part = layout.tiled_part(*layout.decode_tiles(decode), nd,
                                          bs, self.key_tile, window, self.fine_bucket, self.bucket)
                 parts.append(layout.to_device(part, self.backend, 0, nd))
             if prefill:
