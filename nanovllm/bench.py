@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from .cli import add_model_args, make_llm
 from .sampling_params import SamplingParams
 
 
@@ -87,7 +88,6 @@ def decode_tok_s(llm, prompt: list[int], new_tokens: int) -> float:
 def main(argv: list[str]) -> None:
     import copy
 
-    from .__main__ import add_model_args, make_llm
 
     p = argparse.ArgumentParser(prog="python -m nanovllm bench", description=__doc__)
     add_model_args(p, backend_help="; several, comma-separated (numpy,jax), run interleaved")
