@@ -25,6 +25,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
     _stop: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -80,3 +81,9 @@ class SamplingParams:
             raise bad("stop", "a non-empty string or a list of non-empty strings")
         if any(not is_int(t) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "a list of non-negative token ids")
+        if self.logit_bias is not None and (
+                not isinstance(self.logit_bias, dict)
+                or any(not is_int(t) or t < 0 for t in self.logit_bias)
+                or any(isinstance(v, bool) or not isinstance(v, int | float)
+                       or not -100.0 <= v <= 100.0 for v in self.logit_bias.values())):
+            raise bad("logit_bias", "a dict of non-negative token ids to floats in [-100, 100]")

@@ -295,6 +295,30 @@ def test_penalties_apply_when_sampling(llm):
     assert len(set(got)) == len(got) and not set(got) & set(prompt)
 
 
+def test_logit_bias_is_added_to_the_logits_before_sampling(llm, tiny):
+    plain = tokens(llm, PROMPT, temperature=0.0, max_tokens=6, ignore_eos=True)
+    forced = tokens(llm, PROMPT, temperature=0.0, max_tokens=6, ignore_eos=True,
+                    logit_bias={17: 100.0})
+    assert forced == [17] * 6 and plain != forced
+    # a -100 bias on the greedy choice makes the runner-up the greedy choice
+    row = tiny.log_softmax(PROMPT)[-1]
+    first, second = np.argsort(row)[::-1][:2].tolist()
+    got = tokens(llm, PROMPT, temperature=0.0, max_tokens=1, logit_bias={first: -100.0})
+    assert got == [second]
+    # sampling sees it too
+    got = tokens(llm, PROMPT, temperature=1.0, seed=3, max_tokens=5, ignore_eos=True,
+                 logit_bias={23: 100.0})
+    assert got == [23] * 5
+
+
+def test_logit_bias_token_outside_vocabulary_is_rejected(llm, tiny):
+    from nanovllm.engine.llm_engine import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="logit_bias holds 100000"):
+        llm.generate([PROMPT], SamplingParams(logit_bias={100000: 1.0}), use_tqdm=False)
+    assert tokens(llm, PROMPT, temperature=0.0, max_tokens=2) == tiny.greedy(PROMPT, 2)[0]
+
+
 # ---- stop conditions --------------------------------------------------------------------
 
 TEXT = "The capital of France is"
@@ -435,6 +459,9 @@ INVALID = [
     (dict(repetition_penalty=0.0), "repetition_penalty", "(0, 100]"),
     (dict(repetition_penalty=101.0), "repetition_penalty", "(0, 100]"),
     (dict(seed=1.5), "seed", "integer"),
+    (dict(logit_bias={3: 101.0}), "logit_bias", "[-100, 100]"),
+    (dict(logit_bias={-1: 1.0}), "logit_bias", "non-negative token ids"),
+    (dict(logit_bias=[1, 2]), "logit_bias", "a dict"),
 ]
 
 

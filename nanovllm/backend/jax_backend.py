@@ -35,7 +35,8 @@ def _register_pytrees() -> None:
         meta_fields=["num_decode", "prefill_seqs", "prefill_steps"])
     jax.tree_util.register_dataclass(
         SamplingTensors,
-        data_fields=["temperature", "top_k", "top_p", "min_p", "uniform", "penalties", "banned"],
+        data_fields=["temperature", "top_k", "top_p", "min_p", "uniform", "penalties", "banned",
+                     "bias"],
         meta_fields=["all_greedy", "needs_sort", "needs_min_p"])
     _registered = True
 

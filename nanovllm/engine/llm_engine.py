@@ -79,10 +79,12 @@ class LLMEngine:
             raise TypeError(f"expected SamplingParams, got {type(params).__name__}")
         params.validate()  # again: the dataclass may have been changed since it was built
         vocab = self.model.vocab_size
-        bad = [t for t in params.stop_token_ids if t >= vocab]
-        if bad:
-            raise InvalidRequestError(f"stop_token_ids holds {bad[0]}, outside the vocabulary "
-                                      f"[0, {vocab}); pass ids below {vocab}")
+        for name, ids in (("stop_token_ids", params.stop_token_ids),
+                          ("logit_bias", params.logit_bias or ())):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise InvalidRequestError(f"{name} holds {bad[0]}, outside the vocabulary "
+                                          f"[0, {vocab}); pass ids below {vocab}")
         text, ids = self.encode_prompt(prompt)
         self.validate_prompt(ids)
         rid = str(next(self._ids)) if request_id is None else str(request_id)

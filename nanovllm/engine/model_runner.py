@@ -249,11 +249,19 @@ class ModelRunner:
                 if s.seq.num_output_tokens < p.min_tokens:
                     mask[i, p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)] = True
             banned = b.step_input(mask)
+        bias = None
+        if any(p.logit_bias for p in params):
+            dense = np.zeros((n, V), dtype=np.float32)
+            for i, p in enumerate(params):
+                for token, value in (p.logit_bias or {}).items():
+                    dense[i, token] = value
+            bias = b.step_input(dense)
         return SamplingTensors(
             b.step_input(temp), b.index(top_k), b.step_input(top_p), b.step_input(min_p),
             b.step_input(uniform.astype(np.float32)), all_greedy=bool(np.all(temp == 0)),
             needs_sort=bool(np.any((top_k < V) | (top_p < 1.0))),
-            needs_min_p=bool(np.any(min_p > 0)), penalties=penalties, banned=banned)
+            needs_min_p=bool(np.any(min_p > 0)), penalties=penalties, banned=banned,
+            bias=bias)
 
     # ---- one step ------------------------------------------------------------------------
     def execute(self, batch) -> list[SeqResult]:

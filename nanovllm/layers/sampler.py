@@ -1,6 +1,6 @@
 """Token sampling on the device, by inverse CDF on host-drawn uniforms (no RNG in the standard).
 
-Order as in vLLM: penalties on the raw logits, temperature, then min-p, top-k and top-p
+Order as in vLLM: logit bias, penalties on the raw logits, temperature, then min-p, top-k and top-p
 filters. Greedy rows (temperature 0) take the argmax of the penalised logits.
 """
 
@@ -24,6 +24,7 @@ class SamplingTensors:
     needs_min_p: bool
     penalties: Any = None  # (counts [N, V], seen [N, V] bool, presence, frequency, repetition)
     banned: Any = None  # [N, V] bool: tokens that may not be sampled yet (min_tokens)
+    bias: Any = None  # [N, V] float added to the raw logits (logit_bias)
 
 
 def apply_penalties(xp, logits, counts, seen, presence, frequency, repetition):
@@ -35,6 +36,8 @@ def apply_penalties(xp, logits, counts, seen, presence, frequency, repetition):
 
 def sample(xp, logits, t: SamplingTensors):
     """logits [N, V] -> sampled token ids [N]."""
+    if t.bias is not None:
+        logits = logits + t.bias
     if t.penalties is not None:
         logits = apply_penalties(xp, logits, *t.penalties)
     if t.banned is not None:
