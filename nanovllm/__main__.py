@@ -1,4 +1,4 @@
-"""python -m nanovllm [options] PROMPT...   |   python -m nanovllm bench [options]"""
+"""python -m nanovllm [options] PROMPT...  |  ... serve [options]  |  ... bench [serve] [options]"""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m nanovllm",
         description="Generate text with a local LLM. With one prompt the answer streams as it "
-                    "is generated; several prompts run as one batch. `python -m nanovllm bench "
-                    "--help` shows the benchmark.")
+                    "is generated; several prompts run as one batch. `python -m nanovllm serve "
+                    "--help` shows the OpenAI-compatible server, `python -m nanovllm bench "
+                    "--help` the benchmark (`bench serve --help`: the serving benchmark).")
     p.add_argument("prompts", nargs="+", metavar="PROMPT",
                    help="prompt text; '-' reads prompts from stdin, one per line")
     add_model_args(p)
@@ -66,9 +67,15 @@ def generate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:2] == ["bench", "serve"]:
+            from .server.bench_serve import main as bench_serve_main
+            return bench_serve_main(argv[2:])
         if argv and argv[0] == "bench":
             from .bench import main as bench_main
             bench_main(argv[1:])
+        elif argv and argv[0] == "serve":
+            from .server.serve import main as serve_main
+            return serve_main(argv[1:])
         else:
             generate(build_parser().parse_args(argv))
     except KeyboardInterrupt:

@@ -28,6 +28,7 @@ class LLM:
         self.backend = get_backend(backend, device=device, dtype=dtype)
         loaded = load_model(model, self.backend, max_model_len)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.model_path = loaded.path
         model_max = self.model.cfg.max_position_embeddings
         if max_model_len is not None and max_model_len > model_max:
             raise ValueError(f"max_model_len={max_model_len} exceeds the model's "

@@ -66,8 +66,9 @@ class SamplingParams:
                 raise bad(name, "a float in [-2, 2]")
         if not 0.0 < self.repetition_penalty <= 100.0:
             raise bad("repetition_penalty", "a float in (0, 100], 1 for none")
-        if self.seed is not None and not is_int(self.seed):
-            raise bad("seed", "an integer or None")
+        if self.seed is not None and (not is_int(self.seed)
+                                      or not -2**63 <= self.seed < 2**63):
+            raise bad("seed", "an integer in [-2**63, 2**63 - 1] or None")
         if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
             raise bad("max_tokens", "an integer >= 1, or None for up to max_model_len")
         if not is_int(self.min_tokens) or self.min_tokens < 0 or (

@@ -223,3 +223,87 @@ def pick_stop():
                 return stop
         pytest.fail(f"no usable stop string in {text!r}")
     return pick
+
+
+# ---- a real server process on a free loopback port ------------------------------------------
+
+@dataclass
+class ServerProcess:
+    """`python -m nanovllm serve ...` running on 127.0.0.1:port; its output goes to `log`."""
+
+    proc: object
+    port: int
+    log: Path
+    api_key: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def stop(self, timeout: float = 15.0) -> int:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: list[str], log: Path, api_key: str | None = None,
+                 timeout: float = 180.0) -> ServerProcess:
+    """Start a server and wait until /health says 200; fail with its output if it does not."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = free_port()
+    command = [sys.executable, "-m", "nanovllm", "serve", "--port", str(port), *args]
+    if api_key:
+        command += ["--api-key", api_key]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    server = ServerProcess(proc, port, log, api_key)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited with {proc.returncode}:\n{server.output()}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    server.stop()
+    pytest.fail(f"the server was not healthy within {timeout:.0f}s:\n{server.output()}")
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    """The default SmolLM2 GGUF, fetched into the cache once (skips when it cannot be)."""
+    from nanovllm.weights.default_model import DefaultModelError, default_model_path
+
+    try:
+        return default_model_path()
+    except (DefaultModelError, OSError) as e:
+        pytest.skip(f"the default SmolLM2 GGUF is not cached and could not be fetched: {e}")

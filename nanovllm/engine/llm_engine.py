@@ -19,6 +19,16 @@ class InvalidRequestError(ValueError):
     """A request that can never run: empty, too long, or with token ids outside the vocabulary."""
 
 
+class StepError(RuntimeError):
+    """The model step raised: the requests it held were aborted (their blocks freed), and the
+    engine can go on with the others. `request_ids` names them; `__cause__` is the error."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException):
+        super().__init__(f"the model step failed ({type(cause).__name__}: {cause}); its "
+                         f"{len(request_ids)} request(s) were aborted")
+        self.request_ids = request_ids
+
+
 @dataclass(eq=False)
 class Request:
     request_id: str
@@ -131,7 +141,13 @@ class LLMEngine:
             return []
         decode = sum(1 for s in batch.seqs if len(s.token_ids) == 1)
         self.last_step_tokens = (batch.num_tokens - decode, decode)
-        results = self.runner.execute(batch)
+        try:
+            results = self.runner.execute(batch)
+        except Exception as e:
+            failed = list(dict.fromkeys(s.seq.request_id for s in batch.seqs))
+            for rid in failed:
+                self.abort_request(rid)
+            raise StepError(failed, e) from e
         self.scheduler.postprocess(batch, [r.token_id for r in results])
         touched: dict[str, Request] = {}
         for sched, res in zip(batch.seqs, results):
