@@ -20,6 +20,19 @@ from .cli import add_model_args, make_llm
 from .sampling_params import SamplingParams
 
 
+def blas_kernel() -> str:
+    """numpy's BLAS and the kernel it picked for this CPU (threadpoolctl's `architecture`)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "unknown (pip install threadpoolctl)"
+    import numpy  # noqa: F401  (loads the BLAS threadpoolctl looks for)
+
+    infos = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    return ", ".join(f"{i['internal_api']} {i.get('architecture')} x{i['num_threads']}"
+                     for i in infos) or "none found"
+
+
 def run_requests(llm, prompts: list[list[int]], outputs: list[int]) -> dict:
     """Runs the requests to completion through engine.step(), timing every step.
 
@@ -145,6 +158,8 @@ def main(argv: list[str]) -> None:
             figures["compilations"] = compiles()
         table.append(figures)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    for figures in table:
+        figures["blas"] = blas_kernel()
     if len(llms) == 1:
         table[0]["peak_rss_mib"] = peak
     if args.json:

@@ -37,3 +37,22 @@ def make_llm(args: argparse.Namespace):
                max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
                enable_prefix_caching=not args.no_prefix_caching)
+
+
+def model_argv(args: argparse.Namespace, **overrides) -> list[str]:
+    """The options add_model_args parsed into `args`, as a command line again (to start a
+    server with the same engine settings)."""
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    values = {**vars(args), **overrides}
+    argv: list[str] = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        value = values.get(action.dest)
+        if action.nargs == 0:  # a flag
+            if value:
+                argv.append(action.option_strings[0])
+        elif value is not None:
+            argv += [action.option_strings[0], str(value)]
+    return argv

@@ -19,3 +19,22 @@ def test_bench_reports_each_backend_of_an_interleaved_run(tiny_llama, backend, c
         for key in ("batch1_decode_tok_s", "prefill24_tok_s", "batched_total_tok_s",
                     "batched_prefill_tok_s", "batched_decode_tok_s"):
             assert figures[key] > 0, (figures["backend"], key)
+
+
+def test_bench_serve_reports_server_and_offline_figures(tiny_llama, backend, capsys):
+    import pytest
+
+    from nanovllm.server.bench_serve import main as bench_serve
+
+    if backend != "numpy":
+        pytest.skip("the server is backend-independent; its tests run in the numpy session")
+    case = tiny_llama("gqa", seed=0)
+    assert bench_serve(["--model", str(case.path), "--repeats", "1", "--num-requests", "6",
+                        "--concurrency", "3", "--input-len", "4", "20", "--output-len", "2",
+                        "6", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert figures["requests"] == 6 and figures["concurrency"] == 3
+    for key in ("offline_total_tok_s", "server_total_tok_s", "server_output_tok_s",
+                "server_ttft_median_s", "server_itl_p99_s", "ratio_total_tok_s"):
+        assert figures[key] > 0, key
+    assert figures["blas"]

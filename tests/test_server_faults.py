@@ -174,6 +174,27 @@ def test_past_max_waiting_requests_is_503_with_retry_after(serve):
     assert srv.complete(max_tokens=3).status_code == 200
 
 
+def next_event(lines) -> str:
+    return next(line for line in lines if line.startswith("data: "))
+
+
+def test_a_waiting_request_whose_client_leaves_frees_its_place(serve):
+    srv = serve(max_waiting=1, max_num_seqs=1, max_num_batched_tokens=64)
+    srv.faults.delay = 0.05
+    quick = httpx.Timeout(30, read=0.5)
+    with httpx.stream("POST", f"{srv.url}/v1/completions", timeout=30,
+                      json={"prompt": PROMPT, "max_tokens": 100, "ignore_eos": True,
+                            "stream": True}) as running:
+        lines = running.iter_lines()  # kept open: closing it would disconnect
+        assert next_event(lines)
+        for _ in range(3):  # each waits behind the running one, then its client leaves
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{srv.url}/v1/completions", json={"prompt": PROMPT}, timeout=quick)
+            time.sleep(0.2)  # the engine loop takes the abort
+        assert "choices" in next_event(lines)  # still running
+    assert srv.complete(max_tokens=3).status_code == 200
+
+
 def test_while_the_model_loads_health_and_routes_answer_503(serve):
     srv = serve(load=False)
     assert httpx.get(f"{srv.url}/health").status_code == 503

@@ -171,9 +171,10 @@ class EngineLoop:
 
     def _apply(self, command: tuple, posts: list) -> None:
         if command[0] == "abort":
-            if self._tracked.pop(command[1], None) is not None:
-                out = self.engine.abort_request(command[1])
-                if out is not None:
+            tracked = self._tracked.pop(command[1], None)
+            if tracked is not None:
+                self._unwait(tracked)
+                if self.engine.abort_request(command[1]) is not None:
                     self.metrics.finished("abort", None)
             return
         _, rid, ids, params, tracked = command
