@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 
 from .backend import get_backend
@@ -54,6 +55,11 @@ class LLM:
         runner = ModelRunner(self.model, self.backend, self.config, loaded.eos_token_ids, seed)
         self.engine = LLMEngine(self.model, self.tokenizer, runner, self.config,
                                 loaded.eos_token_ids)
+        # generate / chat / stream may run in several threads, or interleave (two streams):
+        # engine calls are serialized by the lock, and whichever call steps the engine keeps
+        # the latest output of every request for its owner
+        self._lock = threading.RLock()
+        self._outputs: dict[str, RequestOutput] = {}
         if verbose:
             tokens = (num_kv_blocks - 1) * block_size
             print(f"nanovllm: {loaded.path.name} on {self.backend.describe()}, loaded in "
@@ -68,14 +74,41 @@ class LLM:
     def _add_all(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams]) -> list[str]:
         """Adds every request or none: a bad prompt leaves the engine as it was."""
         added: list[str] = []
-        try:
-            for prompt, p in zip(prompts, params):
-                added.append(self.engine.add_request(prompt, p))
-        except Exception:
-            for rid in added:
-                self.engine.abort_request(rid)
-            raise
+        with self._lock:
+            try:
+                for prompt, p in zip(prompts, params):
+                    added.append(self.engine.add_request(prompt, p))
+            except Exception:
+                for rid in added:
+                    self.engine.abort_request(rid)
+                raise
         return added
+
+    def _step_for(self, ids: set[str]) -> list[RequestOutput]:
+        """The newest outputs of these requests: those another call's steps left for them, or
+        else those of one engine step (whose outputs for other requests are kept for them)."""
+        with self._lock:
+            mine = [self._outputs.pop(rid) for rid in ids if rid in self._outputs]
+            if mine:
+                return mine
+            if not any(rid in self.engine.requests for rid in ids):
+                raise RuntimeError(f"requests {sorted(ids)} are not in the engine: were they "
+                                   "aborted through llm.engine?")
+            for out in self.engine.step():
+                self._outputs[out.request_id] = out  # outputs are cumulative: the newest wins
+            return [self._outputs.pop(rid) for rid in ids if rid in self._outputs]
+
+    def _abort(self, ids) -> None:
+        with self._lock:
+            for rid in ids:
+                self.engine.abort_request(rid)
+                self._outputs.pop(rid, None)
+
+    def take_output(self, request_id: str) -> RequestOutput | None:
+        """The newest output of a request added through `llm.engine.add_request` that an
+        LLM call's steps produced while you were not stepping the engine yourself."""
+        with self._lock:
+            return self._outputs.pop(request_id, None)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -101,16 +134,16 @@ class LLM:
             from tqdm import tqdm
             bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True)
         try:
-            while len(done) < len(ids):
-                for out in self.engine.step():
-                    if out.finished and out.request_id not in done:
+            waiting = set(ids)
+            while waiting:
+                for out in self._step_for(waiting):
+                    if out.finished:
                         done[out.request_id] = out
+                        waiting.discard(out.request_id)
                         if bar is not None:
                             bar.update(1)
         except BaseException:
-            for rid in ids:
-                if rid not in done:
-                    self.engine.abort_request(rid)
+            self._abort(rid for rid in ids if rid not in done)
             raise
         finally:
             if bar is not None:
@@ -150,14 +183,12 @@ class LLM:
         it is clear it is not.
         """
         params = sampling_params or SamplingParams()
-        rid = self.engine.add_request(prompt, params)
+        [rid] = self._add_all([prompt], [params])
         hold = max((len(s) for s in params.stop_strings), default=1) - 1
         sent, finished = 0, False
         try:
             while not finished:
-                for out in self.engine.step():
-                    if out.request_id != rid:
-                        continue
+                for out in self._step_for({rid}):
                     text, finished = out.outputs[0].text, out.finished
                     upto = len(text) if finished else max(sent, len(text) - hold)
                     if upto > sent:
@@ -165,4 +196,4 @@ class LLM:
                         sent = upto
         finally:
             if not finished:
-                self.engine.abort_request(rid)
+                self._abort([rid])
