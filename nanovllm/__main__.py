@@ -39,10 +39,11 @@ def generate(args: argparse.Namespace) -> None:
 
     prompts: list = []
     for p in args.prompts:
-        if p == "-":
-            prompts.extend(line for line in sys.stdin.read().splitlines() if line.strip())
+        if p == "-":  # bytes that are not UTF-8 become U+FFFD, as in arguments
+            text = sys.stdin.buffer.read().decode("utf-8", errors="replace")
+            prompts.extend(line for line in text.splitlines() if line.strip())
         else:
-            prompts.append(p)
+            prompts.append(p.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
     if not prompts:
         raise ValueError("no prompt given: pass PROMPT text, or '-' with prompts on stdin")
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,

@@ -24,8 +24,15 @@ class LLM:
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 512, block_size: int = 16,
                  num_kv_blocks: int | None = None, kv_cache_memory: int | None = None,
                  enable_prefix_caching: bool = True, seed: int = 0, verbose: bool = True):
-        if block_size <= 0:  # checked before loading weights, the slow part
-            EngineConfig(block_size=block_size)
+        # sizes are checked before loading weights (the slow part) and before deriving others
+        for name, value in (("max_num_seqs", max_num_seqs), ("block_size", block_size),
+                            ("max_num_batched_tokens", max_num_batched_tokens),
+                            ("max_model_len", max_model_len), ("num_kv_blocks", num_kv_blocks),
+                            ("kv_cache_memory", kv_cache_memory)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value <= 0):
+                raise ValueError(f"{name}={value!r} must be a positive integer; pass "
+                                 f"{name}=1 or more")
         self.backend = get_backend(backend, device=device, dtype=dtype)
         loaded = load_model(model, self.backend, max_model_len)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
@@ -167,6 +174,7 @@ class LLM:
         if self.tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer, so it cannot chat; pass "
                                       "token ids to generate() instead")
+        validate_messages(messages)
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
@@ -197,3 +205,23 @@ class LLM:
         finally:
             if not finished:
                 self._abort([rid])
+
+
+def validate_messages(messages) -> None:
+    """A conversation is a list of dicts with a str `role` and a str (or None, or a list of
+    parts) `content`; anything else is an InvalidRequestError naming the message."""
+    if not isinstance(messages, list | tuple):
+        raise InvalidRequestError(f"a conversation must be a list of message dicts, not "
+                                  f"{type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise InvalidRequestError(f"messages[{i}] must be a dict with 'role' and "
+                                      f"'content', not {type(m).__name__}")
+        if not isinstance(m.get("role"), str):
+            raise InvalidRequestError(f"messages[{i}] has no str 'role' (got "
+                                      f"{m.get('role')!r}); use 'system', 'user' or "
+                                      "'assistant'")
+        content = m.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise InvalidRequestError(f"messages[{i}]['content'] must be a str, a list of "
+                                      f"parts or None, not {type(content).__name__}")

@@ -1,8 +1,14 @@
-"""SamplingParams: vLLM's fields and defaults, validated when built."""
+"""SamplingParams: vLLM's fields and defaults, validated when built.
+
+It is a mutable dataclass (as vLLM's): `validate()` runs again when a request is added, and
+re-derives everything it normalizes, so a field changed after construction is never ignored.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+MAX_N = 4096  # samples per request: enough for sampling statistics, not a runaway
 
 
 @dataclass(slots=True)
@@ -29,10 +35,6 @@ class SamplingParams:
     _stop: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.top_k == -1:
-            self.top_k = 0
         self.validate()
 
     @property
@@ -44,6 +46,7 @@ class SamplingParams:
         return self.temperature == 0.0
 
     def validate(self) -> None:
+        """Check every field's type and range (ValueError naming the field), and normalize."""
         def bad(name: str, allowed: str) -> ValueError:
             return ValueError(f"SamplingParams.{name}={getattr(self, name)!r} is invalid; "
                               f"allowed: {allowed}")
@@ -51,20 +54,25 @@ class SamplingParams:
         def is_int(v) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
-        if not is_int(self.n) or self.n < 1:
-            raise bad("n", "an integer >= 1")
-        if not 0.0 <= self.temperature <= 1e4 or self.temperature != self.temperature:
+        def is_real(v) -> bool:
+            return isinstance(v, int | float) and not isinstance(v, bool) and v == v
+
+        if not is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise bad("n", f"an integer in [1, {MAX_N}] (>= 1)")
+        if not is_real(self.temperature) or not 0.0 <= self.temperature <= 1e4:
             raise bad("temperature", "0 (greedy) or a float in (0, 1e4]")
-        if not 0.0 < self.top_p <= 1.0:
+        if not is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", "a float in (0, 1]")
+        if self.top_k == -1:
+            self.top_k = 0
         if not is_int(self.top_k) or self.top_k < 0:
             raise bad("top_k", "an integer >= 1, or 0 / -1 for all tokens")
-        if not 0.0 <= self.min_p <= 1.0:
+        if not is_real(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", "a float in [0, 1]")
         for name in ("presence_penalty", "frequency_penalty"):
-            if not -2.0 <= getattr(self, name) <= 2.0:
+            if not is_real(getattr(self, name)) or not -2.0 <= getattr(self, name) <= 2.0:
                 raise bad(name, "a float in [-2, 2]")
-        if not 0.0 < self.repetition_penalty <= 100.0:
+        if not is_real(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 100.0:
             raise bad("repetition_penalty", "a float in (0, 100], 1 for none")
         if self.seed is not None and (not is_int(self.seed)
                                       or not -2**63 <= self.seed < 2**63):
@@ -78,13 +86,23 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and (not is_int(v) or not 0 <= v <= 20):
                 raise bad(name, "None or an integer in [0, 20]")
-        if any(not isinstance(s, str) or not s for s in self._stop):
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "True or False")
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        if stop is not None and (not isinstance(stop, list | tuple)
+                                 or any(not isinstance(s, str) or not s for s in stop)):
             raise bad("stop", "a non-empty string or a list of non-empty strings")
-        if any(not is_int(t) or t < 0 for t in self.stop_token_ids):
+        self._stop = list(stop or ())
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        if not isinstance(self.stop_token_ids, list | tuple) or any(
+                not is_int(t) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "a list of non-negative token ids")
+        self.stop_token_ids = list(self.stop_token_ids)
         if self.logit_bias is not None and (
                 not isinstance(self.logit_bias, dict)
                 or any(not is_int(t) or t < 0 for t in self.logit_bias)
-                or any(isinstance(v, bool) or not isinstance(v, int | float)
-                       or not -100.0 <= v <= 100.0 for v in self.logit_bias.values())):
+                or any(not is_real(v) or not -100.0 <= v <= 100.0
+                       for v in self.logit_bias.values())):
             raise bad("logit_bias", "a dict of non-negative token ids to floats in [-100, 100]")

@@ -301,3 +301,98 @@ def test_chat_with_bad_messages(llm, want):
     with pytest.raises(ValueError, match="empty conversation"):
         llm.chat([[]], greedy(), use_tqdm=False)
     assert_still_serves(llm, want)
+
+
+# ---- typed, bounded inputs (one LLM, the hostile-but-realistic caller) ------------------------
+
+@pytest.mark.parametrize("prompt", [b"hello", None, 7.5, {"ids": [1]}, [3, 4, b"x"]],
+                         ids=["bytes", "None", "float", "dict", "list-with-bytes"])
+def test_a_prompt_must_be_text_or_token_ids(llm, want, prompt):
+    from nanovllm.engine.llm_engine import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError) as e:
+        llm.generate([prompt], greedy(), use_tqdm=False)
+    assert "a prompt must be a str or a list of int token ids" in message(e)
+    assert type(prompt).__name__ in message(e)
+    assert_still_serves(llm, want)
+
+
+def test_text_that_is_not_utf8_encodable_is_an_invalid_request(llm, want):
+    from nanovllm.engine.llm_engine import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError) as e:
+        llm.generate(["Paris \ud800 is"], greedy(), use_tqdm=False)
+    assert "lone surrogate" in message(e) and "index 6" in message(e)
+    assert_still_serves(llm, want)
+
+
+@pytest.mark.parametrize("kw,field_name", [
+    (dict(temperature="0.5"), "temperature"), (dict(top_p=None), "top_p"),
+    (dict(n=10**6), "n"), (dict(n=4097), "n"), (dict(seed=2**70), "seed"),
+    (dict(seed=-2**64), "seed"), (dict(seed="1"), "seed"), (dict(max_tokens=2.0), "max_tokens"),
+    (dict(ignore_eos="yes"), "ignore_eos"), (dict(stop=5), "stop"),
+    (dict(stop_token_ids=7), "stop_token_ids"), (dict(min_p=float("nan")), "min_p"),
+    (dict(presence_penalty="1"), "presence_penalty"),
+])
+def test_every_sampling_field_is_type_checked(llm, want, kw, field_name):
+    with pytest.raises(ValueError) as e:
+        SamplingParams(**kw)
+    assert f"SamplingParams.{field_name}=" in message(e) and "allowed" in message(e)
+    assert_still_serves(llm, want)
+
+
+def test_seed_bounds_are_the_signed_64_bit_range():
+    assert SamplingParams(seed=2**63 - 1).seed == 2**63 - 1
+    assert SamplingParams(seed=-2**63).seed == -2**63
+
+
+def test_a_field_changed_after_construction_is_honoured(llm, want):
+    text = llm.generate([GOOD], greedy(8), use_tqdm=False)[0].outputs[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    assert stop.strip() and text.find(stop) > 0
+    params = greedy(8)
+    params.stop = [stop]  # set after construction: add_request re-derives it
+    out = llm.generate([GOOD], params, use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.text == text[:text.find(stop)]
+    params.n = 0
+    with pytest.raises(ValueError, match="SamplingParams.n="):
+        llm.generate([GOOD], params, use_tqdm=False)
+    assert_still_serves(llm, want)
+
+
+@pytest.mark.parametrize("messages,words", [
+    ([{"content": "hi"}], "messages[0] has no str 'role'"),
+    ([{"role": "user", "content": 5}], "messages[0]['content'] must be a str"),
+    (["hello"], "a conversation must be a list of message dicts, not str"),
+    ([[{"role": "user", "content": "hi"}, 3]], "messages[1] must be a dict"),
+    ([{"role": "user", "content": "hi"}, {"role": None, "content": "x"}], "messages[1]"),
+])
+def test_chat_messages_are_validated_before_rendering(llm, want, messages, words):
+    from nanovllm.engine.llm_engine import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError) as e:
+        llm.chat(messages, greedy(), use_tqdm=False)
+    assert words in message(e)
+    assert_still_serves(llm, want)
+
+
+@pytest.mark.parametrize("kw", [dict(max_num_seqs=0), dict(max_num_batched_tokens=-4),
+                                dict(kv_cache_memory=0), dict(max_model_len=1.5)])
+def test_engine_sizes_are_checked_by_name_before_loading(tiny, kw):
+    name = next(iter(kw))
+    with pytest.raises(ValueError, match=f"^{name}=.* must be a positive integer"):
+        LLM(str(tiny.path), verbose=False, **kw)
+
+
+def test_cli_replaces_text_that_is_not_utf8(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    run = dict(capture_output=True, timeout=120)
+    base = [sys.executable, "-m", "nanovllm", "--model", str(tiny.path), "--max-tokens", "3"]
+    piped = subprocess.run([*base, "-"], input=b"caf\xe9 \xff\xfe\nhello\n", **run)
+    assert piped.returncode == 0, piped.stderr.decode()
+    assert "\ufffd" in piped.stdout.decode()
+    argv = subprocess.run([*base, "caf\udce9 au lait"], **run)  # the byte 0xe9 in argv
+    assert argv.returncode == 0, argv.stderr.decode()
+    assert "caf\ufffd au lait" in argv.stdout.decode()

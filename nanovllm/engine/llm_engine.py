@@ -63,11 +63,23 @@ class LLMEngine:
                 raise InvalidRequestError(
                     "this model has no tokenizer, so text prompts cannot be encoded; pass token "
                     "ids instead (a list of ints), or use a model directory with tokenizer.json")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise InvalidRequestError(
+                    f"the prompt holds {prompt[e.start:e.end]!r} at index {e.start}, which is not "
+                    "text (a lone surrogate) and cannot be encoded as UTF-8; remove it or "
+                    "decode your input with errors='replace'") from None
             return prompt, self.tokenizer.encode(prompt)
-        ids = list(prompt)
-        if any(not isinstance(t, int) or isinstance(t, bool) for t in ids):
-            raise InvalidRequestError("a token-id prompt must be a list of ints")
-        return None, ids
+        if not isinstance(prompt, list | tuple) or any(
+                not isinstance(t, int) or isinstance(t, bool) for t in prompt):
+            kind = type(prompt).__name__
+            if isinstance(prompt, list | tuple):
+                odd = next(t for t in prompt if not isinstance(t, int) or isinstance(t, bool))
+                kind += f" holding {odd!r}"
+            raise InvalidRequestError(f"a prompt must be a str or a list of int token ids, not "
+                                      f"{kind}; decode bytes to str first")
+        return None, list(prompt)
 
     def validate_prompt(self, ids: list[int]) -> None:
         limit, vocab = self.config.max_model_len, self.model.vocab_size

@@ -119,8 +119,11 @@ class Scheduler:
                 return 0
 
     def _admit(self, batch: Batch, budget: int) -> None:
+        # the queue is walked without copying it, and only as far as admissions go, so a step
+        # costs the same however many requests wait
         bm, config = self.block_manager, self.config
-        for seq in list(self.waiting):
+        admitted: list[Sequence] = []
+        for seq in self.waiting:
             if budget == 0 or len(self.running) >= config.max_num_seqs:
                 break
             if self._held_back(seq):
@@ -132,7 +135,7 @@ class Scheduler:
             n = min(seq.num_tokens - start, budget)
             if not bm.can_allocate(cached or [], start + n):
                 break
-            self.waiting.remove(seq)
+            admitted.append(seq)
             bm.allocate(seq, start + n, cached)
             seq.num_computed_tokens = seq.num_cached_tokens = start
             seq.status = SequenceStatus.RUNNING
@@ -141,6 +144,11 @@ class Scheduler:
             self.running.append(seq)
             self._emit(batch, seq, n)
             budget -= n
+        for seq in admitted:  # in queue order: usually its head
+            if self.waiting[0] is seq:
+                self.waiting.popleft()
+            else:
+                self.waiting.remove(seq)
 
     def _sharing_siblings(self, seq: Sequence) -> bool:
         # a recurrent state cannot be shared from blocks, so hybrid models compute each sibling
