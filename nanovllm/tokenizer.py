@@ -13,7 +13,7 @@ from typing import Any
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
-from .chat_template import compile_template
+from .chat_template import render
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
                        "cls_token", "mask_token")
@@ -121,8 +121,8 @@ class Tokenizer:
             raise ValueError("cannot apply the chat template to an empty conversation")
         chat = [alias_reasoning({k: v for k, v in m.items() if v is not None}) for m in messages]
         variables = {"tools": None, "documents": None, **self.template_vars, **kwargs}
-        return compile_template(self.chat_template).render(
-            messages=chat, add_generation_prompt=add_generation_prompt, **variables)
+        return render(self.chat_template, messages=chat,
+                      add_generation_prompt=add_generation_prompt, **variables)
 
 
 class IncrementalDetokenizer:

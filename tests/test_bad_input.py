@@ -396,3 +396,40 @@ def test_cli_replaces_text_that_is_not_utf8(tiny, tmp_path):
     argv = subprocess.run([*base, "caf\udce9 au lait"], **run)  # the byte 0xe9 in argv
     assert argv.returncode == 0, argv.stderr.decode()
     assert "caf\ufffd au lait" in argv.stdout.decode()
+
+
+# ---- a hostile chat template in the model files -------------------------------------------------
+
+HOSTILE_TEMPLATES = {
+    "repeat": ("{{ 'a' * 10**10 }}", "10,000,000,000 characters"),
+    "power": ("{{ 3 ** 100000000 }}", "exponents above 64"),
+    "concat": ("{% set s = 'a' * 1000000 %}{{ s + s + s }}", "concatenation"),
+    "join": ("{% set s = 'a' * 900000 %}{{ [s, s] | join }}", "join filter"),
+    "ljust": ("{{ 'a'.ljust(10**10) }}", "str.ljust"),
+    "format": ("{{ '{:>9999999999}'.format(1) }}", "formatted string"),
+    "output": ("{% set s = 'a' * 1000000 %}{% for i in range(99) %}{{ s }}{% endfor %}",
+               "rendered more than"),
+    "slow": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+             "took more than 2.0s"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_TEMPLATES))
+def test_a_hostile_chat_template_fails_clearly_and_the_llm_goes_on(tiny, tmp_path, backend,
+                                                                   want, name):
+    from nanovllm.chat_template import TemplateLimitError
+
+    template, words = HOSTILE_TEMPLATES[name]
+    path = copy_model(tiny.path, tmp_path / "hostile")
+    (path / "chat_template.jinja").write_text(template)  # where transformers 5 saves it
+    hostile = LLM(str(path), backend=backend, verbose=False, max_model_len=MAX_MODEL_LEN,
+                  block_size=8)
+    with pytest.raises(TemplateLimitError) as e:
+        hostile.chat([{"role": "user", "content": "hi"}], greedy(), use_tqdm=False)
+    assert words in message(e) and "pass another" in message(e)
+    assert_still_serves(hostile, want)
+
+
+def test_a_normal_template_renders_as_before_under_the_bounds(llm):
+    text = llm.chat_text([{"role": "user", "content": "hi " * 1000}])
+    assert text == ("<|im_start|>user\n" + "hi " * 1000 + "<|im_end|>\n<|im_start|>assistant\n")
