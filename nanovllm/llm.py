@@ -34,22 +34,32 @@ class LLM:
                 raise ValueError(f"{name}={value!r} must be a positive integer; pass "
                                  f"{name}=1 or more")
         self.backend = get_backend(backend, device=device, dtype=dtype)
-        loaded = load_model(model, self.backend, max_model_len)
+        itemsize = 4 if dtype == "float32" else 2
+        sizes: dict[str, int] = {}
+
+        def kv_sizing(net) -> int:
+            """The KV pool and max_model_len, from the model's sizes alone (before its weights
+            are placed); the position tables are then sized by max_model_len."""
+            model_max = net.cfg.max_position_embeddings
+            if max_model_len is not None and max_model_len > model_max:
+                raise ValueError(f"max_model_len={max_model_len} exceeds the model's "
+                                 f"max_position_embeddings={model_max}; pass at most {model_max}")
+            per_block = kv_cache_bytes_per_block(net, block_size, itemsize)
+            blocks = num_kv_blocks
+            if blocks is None:
+                budget = DEFAULT_KV_CACHE_MEMORY if kv_cache_memory is None else kv_cache_memory
+                wanted_len = max_model_len or model_max
+                needed = max_num_seqs * -(-wanted_len // block_size) + 1
+                blocks = min(max(budget // per_block, 2), needed)
+            sizes.update(per_block=per_block, num_kv_blocks=blocks,
+                         max_model_len=max_model_len or min(model_max, (blocks - 1) * block_size))
+            return sizes["max_model_len"]
+
+        loaded = load_model(model, self.backend, kv_sizing)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.model_path = loaded.path
-        model_max = self.model.cfg.max_position_embeddings
-        if max_model_len is not None and max_model_len > model_max:
-            raise ValueError(f"max_model_len={max_model_len} exceeds the model's "
-                             f"max_position_embeddings={model_max}; pass at most {model_max}")
-        itemsize = 4 if dtype == "float32" else 2
-        per_block = kv_cache_bytes_per_block(self.model, block_size, itemsize)
-        if num_kv_blocks is None:
-            budget = DEFAULT_KV_CACHE_MEMORY if kv_cache_memory is None else kv_cache_memory
-            wanted_len = max_model_len or model_max
-            needed = max_num_seqs * -(-wanted_len // block_size) + 1
-            num_kv_blocks = min(max(budget // per_block, 2), needed)
-        if max_model_len is None:
-            max_model_len = min(model_max, (num_kv_blocks - 1) * block_size)
+        per_block, num_kv_blocks = sizes["per_block"], sizes["num_kv_blocks"]
+        max_model_len = sizes["max_model_len"]
         # a model with recurrent state (Granite 4.0-H) gets a state slot per running sequence,
         # and its state cannot be reused at block boundaries: prefix caching is off for it
         hybrid = bool(getattr(self.model, "needs_state_slots", False))

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .models import model_class
+from .models.config_check import check_config
 from .tokenizer import Tokenizer
 from .weights.default_model import resolve_model
+from .weights.errors import WeightsError
 
 
 @dataclass(slots=True)
@@ -30,7 +35,11 @@ def _eos_ids(hf_config: dict, tokenizer: Tokenizer | None) -> list[int]:
     return ids
 
 
-def load_model(model: str | None, backend, max_model_len: int | None = None) -> LoadedModel:
+def load_model(model: str | None, backend,
+               max_positions: int | Callable[[object], int] | None = None) -> LoadedModel:
+    """Read the files, check the config's sizes and that every weight is finite, build the
+    model and load its weights. `max_positions` (or a function of the model, which may look
+    at its sizes and raise before any weight is placed) sizes its position tables."""
     start = time.perf_counter()
     path = resolve_model(model)
     if path.is_file():
@@ -49,9 +58,23 @@ def load_model(model: str | None, backend, max_model_len: int | None = None) -> 
 
         hf_config, tensors = load_hf_dir(path)
         tokenizer = Tokenizer.from_dir(path)
+    check_config(hf_config, len(tensors), str(path))
     cls = model_class(hf_config, str(path))
-    positions = max_model_len or None
-    net = cls(hf_config, backend, max_positions=positions)
+    net = cls(hf_config, backend)
+    positions = max_positions(net) if callable(max_positions) else max_positions
+    if positions is not None:
+        net = cls(hf_config, backend, max_positions=positions)
+    check_finite(tensors, str(path))
     net.load_weights(tensors, str(path))
     return LoadedModel(path, hf_config, net, tokenizer, _eos_ids(hf_config, tokenizer),
                        time.perf_counter() - start)
+
+
+def check_finite(tensors: dict[str, np.ndarray], source: str) -> None:
+    """A NaN or infinity in a weight means a corrupt file: name the tensor and the count."""
+    for name, values in tensors.items():
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            count = values.size - int(np.count_nonzero(np.isfinite(values)))
+            raise WeightsError(f"{source}: tensor {name!r} holds {count} non-finite value(s) "
+                               f"(NaN or infinity) of {values.size}; the file is corrupt: "
+                               "download it again")

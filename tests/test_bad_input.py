@@ -9,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from nanovllm import LLM, SamplingParams
@@ -433,3 +434,100 @@ def test_a_hostile_chat_template_fails_clearly_and_the_llm_goes_on(tiny, tmp_pat
 def test_a_normal_template_renders_as_before_under_the_bounds(llm):
     text = llm.chat_text([{"role": "user", "content": "hi " * 1000}])
     assert text == ("<|im_start|>user\n" + "hi " * 1000 + "<|im_end|>\n<|im_start|>assistant\n")
+
+
+# ---- model files whose sizes or values cannot be right: fail fast, by name ---------------------
+
+def with_config(tiny, tmp_path, **changes) -> Path:
+    d = copy_model(tiny.path, tmp_path / "changed")
+    config = json.loads((d / "config.json").read_text())
+    config.update(changes)
+    (d / "config.json").write_text(json.dumps(config))
+    return d
+
+
+@pytest.mark.parametrize("changes,words", [
+    (dict(num_hidden_layers=10**9), "num_hidden_layers=1000000000 is out of range"),
+    (dict(num_hidden_layers=64), "num_hidden_layers=64, but the checkpoint holds only"),
+    (dict(num_hidden_layers="2"), "num_hidden_layers='2' is a str"),
+    (dict(num_attention_heads=0), "num_attention_heads=0 is out of range"),
+    (dict(num_key_value_heads=3), "not a multiple of the 3 key/value heads"),
+    (dict(hidden_size=65, head_dim=None), "hidden_size=65 is not a multiple"),
+    (dict(max_position_embeddings=10**12), "max_position_embeddings=1000000000000 is out of"),
+    (dict(vocab_size=True), "vocab_size=True is a bool"),
+])
+def test_a_config_with_impossible_sizes_fails_naming_the_field(tiny, tmp_path, backend, llm,
+                                                               want, changes, words):
+    from nanovllm.models.config_check import ConfigError
+
+    d = with_config(tiny, tmp_path, **changes)
+    with pytest.raises(ConfigError) as e:
+        LLM(str(d), backend=backend, verbose=False)
+    assert words in message(e) and "config.json" not in words
+    assert str(d) in message(e)
+    assert_still_serves(llm, want)
+
+
+def test_position_tables_are_sized_by_max_model_len(tiny, tmp_path, backend, want):
+    # a 10**9-position rotary table would take 256 GB; the KV pool caps max_model_len far lower
+    d = with_config(tiny, tmp_path, max_position_embeddings=10**9)
+    big = LLM(str(d), backend=backend, verbose=False, kv_cache_memory=1 << 20)
+    assert big.config.max_model_len < 10**6
+    assert big.model.max_positions == big.config.max_model_len
+    assert_still_serves(big, want)
+
+
+def test_nan_in_one_safetensors_weight_is_named(tiny, tmp_path, backend, llm, want):
+    from safetensors.numpy import load_file, save_file
+
+    d = copy_model(tiny.path, tmp_path / "nan")
+    tensors = load_file(d / "model.safetensors")
+    name = "model.layers.1.input_layernorm.weight"
+    tensors[name][[3, 7]] = [np.nan, np.inf]
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError) as e:
+        LLM(str(d), backend=backend, verbose=False)
+    assert name in message(e) and "2 non-finite value(s)" in message(e)
+    assert_still_serves(llm, want)
+
+
+def real_gguf_copy(tmp_path) -> Path:
+    if not DEFAULT_GGUF.is_file():
+        pytest.skip(f"{DEFAULT_GGUF} is not cached")
+    f = tmp_path / "smol-changed.gguf"
+    shutil.copy(DEFAULT_GGUF, f)
+    return f
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("llama.block_count", 10**9, "num_hidden_layers=1000000000 is out of range"),
+    ("llama.attention.head_count", 0, "num_attention_heads=0 is out of range"),
+])
+def test_gguf_metadata_with_impossible_sizes_fails_naming_the_field(tmp_path, backend, llm,
+                                                                    want, key, value, words):
+    import gguf
+
+    f = real_gguf_copy(tmp_path)
+    reader = gguf.GGUFReader(f, "r+")
+    field = reader.fields[key]
+    field.parts[field.data[0]][0] = value
+    del reader
+    with pytest.raises(ValueError) as e:
+        LLM(str(f), backend=backend, verbose=False)
+    assert words in message(e) and "smol-changed.gguf" in message(e)
+    assert_still_serves(llm, want)
+
+
+def test_random_bytes_over_gguf_tensor_data_are_caught(tmp_path, backend, llm, want):
+    import gguf
+
+    f = real_gguf_copy(tmp_path)
+    tensor = next(t for t in gguf.GGUFReader(f).tensors if t.name == "blk.3.ffn_down.weight")
+    with open(f, "r+b") as out:
+        out.seek(tensor.data_offset + 4096)
+        out.write(np.random.default_rng(0).bytes(1 << 16))
+    with pytest.raises(ValueError) as e:
+        LLM(str(f), backend=backend, verbose=False)
+    assert "model.layers.3.mlp.down_proj.weight" in message(e), message(e)
+    assert "non-finite" in message(e)
+    assert_still_serves(llm, want)

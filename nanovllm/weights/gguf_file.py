@@ -12,6 +12,7 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
+from ..models.config_check import check_config
 from .errors import WeightsError
 from .gguf_tokenizer import GGUFTokenizerData, build_tokenizer
 
@@ -185,6 +186,7 @@ def load_gguf(path: str | Path) -> tuple[dict, dict[str, np.ndarray], GGUFTokeni
     spec = GGUF_ARCHS[arch]
     names = {t.name for t in reader.tensors}
     config = gguf_config(reader, arch, spec, names, file)
+    check_config(config, len(names), file)  # before any size is used
     check_complete(names, spec, config["num_hidden_layers"], file)
     tensors = {}
     for tensor in tqdm(reader.tensors, desc=f"Dequantizing {Path(file).name}", unit="tensor",
