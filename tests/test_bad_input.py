@@ -531,3 +531,26 @@ def test_random_bytes_over_gguf_tensor_data_are_caught(tmp_path, backend, llm, w
     assert "model.layers.3.mlp.down_proj.weight" in message(e), message(e)
     assert "non-finite" in message(e)
     assert_still_serves(llm, want)
+
+
+def poison(llm: LLM, token: int) -> None:
+    """Set one embedding row to NaN after loading: any sequence holding `token` computes NaN."""
+    b = llm.backend
+    embed = b.to_host(llm.model.params["embed"]).copy()
+    embed[token] = np.nan
+    llm.model.params["embed"] = b.weight(embed)
+
+
+def test_non_finite_logits_fail_that_request_and_the_engine_goes_on(tiny, backend, want):
+    sick = LLM(str(tiny.path), backend=backend, verbose=False, max_model_len=MAX_MODEL_LEN,
+               block_size=8)
+    token = next(t for t in range(5, 100) if t not in want and t not in GOOD)
+    poison(sick, token)
+    outs = sick.generate([GOOD, [3, token, 5], GOOD], greedy(8), use_tqdm=False)
+    bad = outs[1].outputs[0]
+    assert bad.finish_reason == "error" and bad.token_ids == []
+    assert "non-finite logits" in bad.error and "position 2" in bad.error
+    assert outs[0].outputs[0].token_ids == want == outs[2].outputs[0].token_ids
+    n = sick.generate([[token, 4]], SamplingParams(n=2, max_tokens=3), use_tqdm=False)[0]
+    assert [c.finish_reason for c in n.outputs] == ["error", "error"]
+    assert_still_serves(sick, want)

@@ -17,6 +17,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 from conftest import free_port, start_server
 
@@ -117,6 +118,23 @@ def test_a_failing_step_fails_its_requests_with_500_and_the_server_goes_on(serve
     assert good.status_code == 200
     assert good.json()["choices"][0]["text"] == srv.llm.tokenizer.decode(want)
     assert httpx.get(f"{srv.url}/health").status_code == 200
+    assert kv_usage(srv.url) == 0
+
+
+def test_non_finite_logits_fail_that_request_with_500_and_the_others_go_on(serve, tiny):
+    srv = serve()
+    want = tiny.greedy(PROMPT, 6)[0]
+    token = next(t for t in range(5, 100) if t not in want and t not in PROMPT)
+    b = srv.llm.backend
+    embed = b.to_host(srv.llm.model.params["embed"]).copy()
+    embed[token] = np.nan  # any sequence holding this token computes NaN
+    srv.llm.model.params["embed"] = b.weight(embed)
+    r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": [3, token, 5]}, timeout=30)
+    assert r.status_code == 500 and "non-finite logits" in r.json()["error"]["message"]
+    good = srv.complete(max_tokens=6, temperature=0, ignore_eos=True)
+    assert good.json()["choices"][0]["text"] == srv.llm.tokenizer.decode(want)
+    metrics = httpx.get(f"{srv.url}/metrics").text
+    assert 'finished_reason="error",model_name="tiny"} 1.0' in metrics
     assert kv_usage(srv.url) == 0
 
 

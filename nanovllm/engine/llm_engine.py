@@ -186,6 +186,10 @@ class LLMEngine:
 
     def _on_token(self, req: Request, seq: Sequence, res) -> None:
         p, out, token = req.params, req.completions[seq.index], res.token_id
+        if res.error is not None:  # this sample cannot go on; the others in the step can
+            out.finish_reason, out.error = "error", res.error
+            self._finish(req, seq, "error")
+            return
         out.token_ids.append(token)
         if res.logprobs is not None:
             out.logprobs.append(self._logprob_dict(res.logprobs))
@@ -210,10 +214,13 @@ class LLMEngine:
             reason = "length"
         if reason is not None:
             out.finish_reason, out.stop_reason = reason, stop_reason
-            self.scheduler.finish(seq, reason)
-            req.pending.discard(seq.index)
-            if not req.pending:
-                del self.requests[req.request_id]
+            self._finish(req, seq, reason)
+
+    def _finish(self, req: Request, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        req.pending.discard(seq.index)
+        if not req.pending:
+            del self.requests[req.request_id]
 
 
 def find_stop(text: str, new: int, stops: list[str], include: bool) -> tuple[str, str] | None:

@@ -23,6 +23,7 @@ class SeqResult:
     logprobs: dict[int, tuple[float, int]] | None = None  # token id -> (logprob, rank)
     # prompt positions start+1 .. : per position, token id -> (logprob, rank)
     prompt_logprobs: list[dict[int, tuple[float, int]]] | None = None
+    error: str | None = None  # the row's logits were not finite: no token could be sampled
 
 
 def kv_cache_bytes_per_block(model, block_size: int, itemsize: int) -> int:
@@ -89,7 +90,9 @@ class ModelRunner:
         return self.model.compute_logits(params, self.xp.take(hidden, rows, axis=0)), kv_caches
 
     def _device_sample(self, logits, rows, tensors):
-        return sample(self.xp, self.xp.take(logits, rows, axis=0), tensors)
+        xp = self.xp
+        rows = xp.take(logits, rows, axis=0)
+        return sample(xp, rows, tensors), xp.all(xp.isfinite(rows), axis=-1)
 
     # ---- batch -> arrays -------------------------------------------------------------
     def _padded_prefill(self, prefill) -> tuple[int, int, list[int], list[int]]:
@@ -301,14 +304,18 @@ class ModelRunner:
     def _sample_rows(self, logits, sampled, at, results) -> None:
         xp, b = self.xp, self.backend
         at = at + [0] * (self.bucket(len(at)) - len(at))
-        tokens = b.to_host(self._sample(logits, b.index(at), self._sampling_tensors(sampled)))
-        tokens = tokens.tolist()
+        tokens, finite = self._sample(logits, b.index(at), self._sampling_tensors(sampled))
+        tokens, finite = b.to_host(tokens).tolist(), b.to_host(finite).tolist()
         want = [i for i, s in enumerate(sampled) if s.seq.params.logprobs is not None]
         if want:
             rows = b.index([at[i] for i in want])
             lp = b.to_host(log_softmax(xp, xp.take(logits, rows, axis=0)))
         for i, s in enumerate(sampled):
             results[id(s)].token_id = int(tokens[i])
+            if not finite[i]:
+                results[id(s)].error = (
+                    f"the model computed non-finite logits (NaN or infinity) at position "
+                    f"{s.context_len - 1} of this sequence, so no token could be sampled")
         for j, i in enumerate(want):
             s = sampled[i]
             results[id(s)].logprobs = _top_logprobs(lp[j], s.seq.params.logprobs, [tokens[i]])

@@ -202,6 +202,14 @@ class EngineLoop:
         if not tracked.scheduled:
             self._unwait(tracked)
             self.metrics.scheduled(step_start - tracked.arrival, tracked.num_prompt_tokens)
+        failed = next((c for c in out.outputs if c.finish_reason == "error"), None)
+        if failed is not None:  # e.g. non-finite logits: the request fails, the engine goes on
+            del self._tracked[out.request_id]
+            self.engine.abort_request(out.request_id)
+            self.metrics.finished("error", now - tracked.arrival)
+            posts.append((tracked, Update(out.request_id, finished=True,
+                                          error=ServerError(failed.error))))
+            return
         choices = []
         for c in out.outputs:
             i = c.index
