@@ -8,6 +8,8 @@ import itertools
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from nanovllm import LLM, SamplingParams
 
@@ -85,3 +87,30 @@ def test_a_stream_dropped_half_way_leaves_the_others_whole(llm, tiny):
     rest = "".join(b)
     full = llm.tokenizer.decode(tiny.greedy(PROMPTS[2], 10)[0])
     assert full.endswith(rest) and rest
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.lists(st.integers(3, 150), min_size=1, max_size=9),
+                          st.integers(1, 8), st.booleans()), min_size=2, max_size=8))
+def test_threads_with_random_requests_and_aborts_each_get_what_they_get_alone(llm, tiny,
+                                                                             requests):
+    for prompt, max_tokens, _ in requests:
+        assume(tiny.near_tie(prompt, max_tokens) is None)  # a coin flip is not a bug
+
+    def one(request):
+        prompt, max_tokens, abort = request
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        if abort:  # a caller that gives up after its first piece of text
+            stream = llm.stream(prompt, params)
+            next(stream, None)
+            stream.close()
+            return None
+        return tokens(llm.generate([prompt], params, use_tqdm=False)[0])
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        results = list(pool.map(one, requests))
+    for (prompt, max_tokens, abort), got in zip(requests, results):
+        if not abort:
+            assert got == tiny.greedy(prompt, max_tokens)[0]
+    assert not llm.engine.requests and not llm._outputs
+    assert llm.engine.scheduler.block_manager.num_free_blocks == llm.config.num_kv_blocks - 1
