@@ -41,13 +41,8 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def gguf() -> Path:
-    from nanovllm.weights.default_model import DefaultModelError, default_model_path
-
-    try:
-        return default_model_path()
-    except (DefaultModelError, OSError) as e:
-        pytest.skip(f"the default SmolLM2 GGUF is not cached and could not be fetched: {e}")
+def gguf(default_gguf) -> Path:
+    return default_gguf
 
 
 @pytest.fixture(scope="module")

@@ -32,8 +32,6 @@ from .responses import (
     sse,
 )
 
-OPEN_PATHS = ("/health", "/version", "/metrics")  # answered without an API key
-
 
 @dataclass
 class ServerState:

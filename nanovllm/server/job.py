@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from ..sampling_params import SamplingParams
-from .engine_loop import EngineLoop, ServerError, Update
+from .engine_loop import EngineLoop, Update
 
 
 class Job:
@@ -55,5 +55,3 @@ class Job:
             self.loop.abort(rid)
         self.unfinished.clear()
 
-
-__all__ = ["Job", "ServerError"]
