@@ -11,6 +11,7 @@ from .config import EngineConfig
 from .engine.llm_engine import InvalidRequestError, LLMEngine
 from .engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from .loader import load_model
+from .memory import check_fits
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -51,6 +52,10 @@ class LLM:
                 wanted_len = max_model_len or model_max
                 needed = max_num_seqs * -(-wanted_len // block_size) + 1
                 blocks = min(max(budget // per_block, 2), needed)
+            if self.backend.on_host:
+                check_fits(f"a KV cache of {blocks} blocks x {block_size} tokens",
+                           blocks * per_block, "lower kv_cache_memory (or num_kv_blocks), "
+                           "max_num_seqs or max_model_len")
             sizes.update(per_block=per_block, num_kv_blocks=blocks,
                          max_model_len=max_model_len or min(model_max, (blocks - 1) * block_size))
             return sizes["max_model_len"]

@@ -554,3 +554,43 @@ def test_non_finite_logits_fail_that_request_and_the_engine_goes_on(tiny, backen
     n = sick.generate([[token, 4]], SamplingParams(n=2, max_tokens=3), use_tqdm=False)[0]
     assert [c.finish_reason for c in n.outputs] == ["error", "error"]
     assert_still_serves(sick, want)
+
+
+def test_a_kv_cache_larger_than_the_machine_fails_with_the_numbers(backend, llm, want):
+    from nanovllm.memory import OutOfMemoryError, available_bytes
+
+    if not DEFAULT_GGUF.is_file():
+        pytest.skip(f"{DEFAULT_GGUF} is not cached")
+    if available_bytes() is None:
+        pytest.skip("this system does not report its available memory (/proc/meminfo)")
+    # 4096 full-length SmolLM2 sequences: 8192 tokens x 46 KB each, about 1.4 TiB
+    with pytest.raises(OutOfMemoryError) as e:
+        LLM(str(DEFAULT_GGUF), backend=backend, verbose=False, max_num_seqs=4096,
+            max_num_batched_tokens=4096, kv_cache_memory=1 << 50)
+    msg = message(e)
+    assert "a KV cache of" in msg and "GiB of memory is available" in msg
+    assert "lower kv_cache_memory" in msg
+    assert_still_serves(llm, want)
+
+
+def test_weights_larger_than_the_machine_fail_before_loading(tiny, tmp_path, backend, llm, want):
+    import struct
+
+    from nanovllm.memory import OutOfMemoryError, available_bytes
+
+    have = available_bytes()
+    if have is None:
+        pytest.skip("this system does not report its available memory (/proc/meminfo)")
+    d = copy_model(tiny.path, tmp_path / "huge")
+    n = (have + (4 << 30)) // 4  # one float32 tensor 4 GiB larger than what is free
+    header = json.dumps({"huge.weight": {"dtype": "F32", "shape": [n],
+                                         "data_offsets": [0, 4 * n]}}).encode()
+    with open(d / "model.safetensors", "wb") as f:  # sparse: it takes no disk
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + 4 * n)
+    with pytest.raises(OutOfMemoryError) as e:
+        LLM(str(d), backend=backend, verbose=False)
+    msg = message(e)
+    assert "model.safetensors: its weights widened to float32 would take" in msg
+    assert "GiB of memory is available" in msg
+    assert_still_serves(llm, want)

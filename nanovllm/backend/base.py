@@ -57,6 +57,11 @@ class Backend:
         """A context the model runs under (no autograd for torch)."""
         return contextlib.nullcontext()
 
+    @property
+    def on_host(self) -> bool:
+        """Arrays live in the machine's own memory (a CPU device), not on an accelerator."""
+        return "cpu" in str(self.device).lower()
+
     def describe(self) -> str:
         dtype = getattr(self.dtype, "__name__", self.dtype)
         return f"{self.name} (device={self.device}, dtype={dtype})"

@@ -12,6 +12,7 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
+from ..memory import check_fits
 from ..models.config_check import check_config
 from .errors import WeightsError
 from .gguf_tokenizer import GGUFTokenizerData, build_tokenizer
@@ -188,6 +189,9 @@ def load_gguf(path: str | Path) -> tuple[dict, dict[str, np.ndarray], GGUFTokeni
     config = gguf_config(reader, arch, spec, names, file)
     check_config(config, len(names), file)  # before any size is used
     check_complete(names, spec, config["num_hidden_layers"], file)
+    check_fits(f"{file}: its weights dequantized to float32",
+               4 * sum(int(t.n_elements) for t in reader.tensors),
+               "use a smaller model or free memory")
     tensors = {}
     for tensor in tqdm(reader.tensors, desc=f"Dequantizing {Path(file).name}", unit="tensor",
                        leave=False):

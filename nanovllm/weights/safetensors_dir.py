@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..memory import check_fits
 from .errors import WeightsError
 
 CONFIG = "config.json"
@@ -98,10 +99,28 @@ def read_safetensors(file: Path) -> dict[str, np.ndarray]:
             raise WeightsError(f"{file} has a corrupt header ({e}); download it again") from e
     header.pop("__metadata__", None)
     start = 8 + header_len
+    check_fits(f"{file}: its weights widened to float32", _float32_bytes(header, size - start),
+               "use a smaller model or free memory")
     data = np.memmap(file, dtype=np.uint8, mode="r", offset=start) if size > start else None
     items = tqdm(header.items(), desc=f"Loading {file.name}", unit="tensor", leave=False,
                  disable=len(header) < 64)
     return {name: _tensor(file, name, info, data, size - start) for name, info in items}
+
+
+def _float32_bytes(header: dict, data_size: int) -> int:
+    """What the well-formed entries of a header take as float32 (a corrupt entry is left to
+    _tensor, which names it)."""
+    total = 0
+    for info in header.values():
+        try:
+            raw = np.dtype(_RAW_DTYPES[info["dtype"]])
+            (begin, end), elements = info["data_offsets"], math.prod(info["shape"])
+        except (TypeError, KeyError, ValueError):
+            continue
+        if isinstance(elements, int) and 0 <= begin <= end <= data_size \
+                and end - begin == elements * raw.itemsize:
+            total += 4 * elements
+    return total
 
 
 def _tensor(file: Path, name: str, info: object, data: np.memmap | None,
