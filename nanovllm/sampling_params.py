@@ -58,7 +58,7 @@ class SamplingParams:
             return isinstance(v, int | float) and not isinstance(v, bool) and v == v
 
         if not is_int(self.n) or not 1 <= self.n <= MAX_N:
-            raise bad("n", f"an integer in [1, {MAX_N}] (>= 1)")
+            raise bad("n", f"an integer >= 1 and at most {MAX_N}")
         if not is_real(self.temperature) or not 0.0 <= self.temperature <= 1e4:
             raise bad("temperature", "0 (greedy) or a float in (0, 1e4]")
         if not is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
