@@ -1,6 +1,7 @@
 """How often a seeded request's tokens change with its batch: the figures README.md quotes.
 
-    python benchmarks/seed_reproducibility.py            # default model, numpy
+    python benchmarks/seed_reproducibility.py                      # default model, numpy
+    python benchmarks/seed_reproducibility.py --batch-invariant    # the batch-invariant mode
 
 24 random-token prompts, temperature 1, seeds 1000..1023, 32 tokens each (ignore_eos): the
 batch, the same batch again (now with prefix-cache hits), and each request alone.
@@ -13,6 +14,7 @@ import argparse
 import numpy as np
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.bench import blas_kernel
 
 
 def main() -> None:
@@ -21,8 +23,11 @@ def main() -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--backend", default="numpy")
     p.add_argument("--requests", type=int, default=24)
+    p.add_argument("--batch-invariant", action="store_true")
     args = p.parse_args()
-    llm = LLM(args.model, backend=args.backend, verbose=False)
+    llm = LLM(args.model, backend=args.backend, verbose=False,
+              batch_invariant=args.batch_invariant)
+    print(f"{args.backend}, batch_invariant={args.batch_invariant}, blas: {blas_kernel()}")
     rng = np.random.default_rng(0)
     prompts = [rng.integers(100, min(30000, llm.model.vocab_size),
                             size=int(rng.integers(8, 64))).tolist()

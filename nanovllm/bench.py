@@ -112,15 +112,19 @@ def main(argv: list[str]) -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs of each scenario (median)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the figures as JSON lines")
+    p.add_argument("--vs-batch-invariant", action="store_true",
+                   help="load each backend also with --batch-invariant and give its ratios")
     args = p.parse_args(argv)
     args.no_prefix_caching = True  # every run must compute its prompts
-    # several backends (--backend numpy,jax) are loaded together and their runs interleaved,
+    # several engines (--backend numpy,jax) are loaded together and their runs interleaved,
     # so that each ratio compares figures taken under the same machine load
-    llms = []
+    llms, labels = [], []
     for name in args.backend.split(","):
-        one = copy.copy(args)
-        one.backend = name
-        llms.append(make_llm(one))
+        for invariant in sorted({args.batch_invariant, args.vs_batch_invariant}):
+            one = copy.copy(args)
+            one.backend, one.batch_invariant = name, invariant
+            llms.append(make_llm(one))
+            labels.append(name + (" batch_invariant" if invariant else ""))
     vocab = llms[0].model.vocab_size
     work = Workload(args.seed, vocab)
     prompts, outputs = work.requests(args.num_requests, args.input_len, args.output_len)
@@ -142,9 +146,9 @@ def main(argv: list[str]) -> None:
             r["batched"].append(run_requests(llm, prompts, outputs))
     med = statistics.median
     table = []
-    for llm, r in zip(llms, runs):
+    for llm, label, r in zip(llms, labels, runs):
         figures = {
-            "backend": llm.backend.name, "model": llm.model.__class__.__name__,
+            "backend": label, "model": llm.model.__class__.__name__,
             "batch1_decode_tok_s": med(r["decode"]),
             f"prefill{args.prefill_len}_tok_s": med(r["prefill"]),
             "requests": args.num_requests,

@@ -27,6 +27,9 @@ def add_model_args(p: argparse.ArgumentParser, backend_help: str = "") -> None:
     p.add_argument("--kv-cache-memory", type=int, default=None,
                    help="KV-cache budget in bytes (default 1 GiB)")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="outputs that do not depend on the batch, chunking or prefix-cache hits "
+                        "(slower: see README)")
 
 
 def make_llm(args: argparse.Namespace):
@@ -36,7 +39,8 @@ def make_llm(args: argparse.Namespace):
                max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
-               enable_prefix_caching=not args.no_prefix_caching)
+               enable_prefix_caching=not args.no_prefix_caching,
+               batch_invariant=args.batch_invariant)
 
 
 def model_argv(args: argparse.Namespace, **overrides) -> list[str]:

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+BATCH_INVARIANT_HYBRID = (
+    "batch_invariant=True is not supported for models with Mamba layers (Granite 4.0-H): their "
+    "chunked scan sums in an order set by where the prompt was cut into chunks; pass "
+    "batch_invariant=False")
+
 
 @dataclass(slots=True)
 class EngineConfig:
@@ -14,6 +19,7 @@ class EngineConfig:
     num_kv_blocks: int = 1024  # total, including the reserved null block 0
     enable_prefix_caching: bool = True
     num_state_slots: int = 0  # per-sequence recurrent state slots (hybrid models); 0 = off
+    batch_invariant: bool = False  # a row's numbers do not depend on the rest of the step
 
     def __post_init__(self) -> None:
         self.validate()
@@ -45,3 +51,5 @@ class EngineConfig:
         if self.num_state_slots and self.enable_prefix_caching:
             raise ValueError("enable_prefix_caching must be False when num_state_slots > 0: "
                              "a recurrent state cannot be reused at block boundaries")
+        if self.batch_invariant and self.num_state_slots:
+            raise ValueError(BATCH_INVARIANT_HYBRID)

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Iterator, Sequence
 
 from .backend import get_backend
-from .config import EngineConfig
+from .config import BATCH_INVARIANT_HYBRID, EngineConfig
 from .engine.llm_engine import InvalidRequestError, LLMEngine
 from .engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from .loader import load_model
@@ -24,7 +24,8 @@ class LLM:
                  dtype: str = "float32", max_model_len: int | None = None,
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 512, block_size: int = 16,
                  num_kv_blocks: int | None = None, kv_cache_memory: int | None = None,
-                 enable_prefix_caching: bool = True, seed: int = 0, verbose: bool = True):
+                 enable_prefix_caching: bool = True, seed: int = 0, batch_invariant: bool = False,
+                 verbose: bool = True):
         # sizes are checked before loading weights (the slow part) and before deriving others
         for name, value in (("max_num_seqs", max_num_seqs), ("block_size", block_size),
                             ("max_num_batched_tokens", max_num_batched_tokens),
@@ -34,6 +35,10 @@ class LLM:
                                       or value <= 0):
                 raise ValueError(f"{name}={value!r} must be a positive integer; pass "
                                  f"{name}=1 or more")
+        for name, value in (("enable_prefix_caching", enable_prefix_caching),
+                            ("batch_invariant", batch_invariant)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}={value!r} must be True or False")
         self.backend = get_backend(backend, device=device, dtype=dtype)
         itemsize = 4 if dtype == "float32" else 2
         sizes: dict[str, int] = {}
@@ -41,6 +46,8 @@ class LLM:
         def kv_sizing(net) -> int:
             """The KV pool and max_model_len, from the model's sizes alone (before its weights
             are placed); the position tables are then sized by max_model_len."""
+            if batch_invariant and getattr(net, "needs_state_slots", False):
+                raise ValueError(BATCH_INVARIANT_HYBRID)
             model_max = net.cfg.max_position_embeddings
             if max_model_len is not None and max_model_len > model_max:
                 raise ValueError(f"max_model_len={max_model_len} exceeds the model's "
@@ -73,7 +80,7 @@ class LLM:
             max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
             num_kv_blocks=num_kv_blocks,
             enable_prefix_caching=enable_prefix_caching and not hybrid,
-            num_state_slots=max_num_seqs if hybrid else 0)
+            num_state_slots=max_num_seqs if hybrid else 0, batch_invariant=batch_invariant)
         runner = ModelRunner(self.model, self.backend, self.config, loaded.eos_token_ids, seed)
         self.engine = LLMEngine(self.model, self.tokenizer, runner, self.config,
                                 loaded.eos_token_ids)

@@ -21,6 +21,17 @@ def test_bench_reports_each_backend_of_an_interleaved_run(tiny_llama, backend, c
             assert figures[key] > 0, (figures["backend"], key)
 
 
+def test_bench_gives_the_cost_of_batch_invariant_beside_the_default(tiny_llama, backend,
+                                                                    capsys):
+    case = tiny_llama("gqa", seed=0)
+    main(["--model", str(case.path), "--backend", backend, "--vs-batch-invariant",
+          "--repeats", "1", "--num-requests", "3", "--input-len", "4", "20", "--output-len", "2",
+          "6", "--decode-tokens", "5", "--prefill-len", "24", "--json"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [f["backend"] for f in lines] == [backend, f"{backend} batch_invariant"]
+    assert all(f["batched_total_tok_s"] > 0 for f in lines)
+
+
 def test_bench_serve_reports_server_and_offline_figures(tiny_llama, backend, capsys):
     import pytest
 

@@ -160,6 +160,14 @@ def test_engine_config(case, backend):
     assert llm.config.enable_prefix_caching == (not is_hybrid)
 
 
+def test_batch_invariant_is_refused_for_mamba_layers(hybrid, backend):
+    """The chunked scan sums in an order set by the chunking: the mode is refused, by name,
+    before the weights load."""
+    with pytest.raises(ValueError, match=r"batch_invariant=True is not supported for models "
+                                         r"with Mamba layers.*pass batch_invariant=False"):
+        make_llm(hybrid, backend, batch_invariant=True)
+
+
 def _variant(src, dst, edit) -> str:
     shutil.copytree(src, dst)
     config = json.loads((dst / "config.json").read_text())

@@ -1,6 +1,7 @@
 """One LLM shared by many callers: threads calling generate, interleaved streams, and requests
 added straight to the engine, each getting exactly its own outputs (greedy, checked against
-transformers' greedy tokens for the same tiny checkpoint)."""
+transformers' greedy tokens for the same tiny checkpoint; with batch_invariant=True, random
+requests from threads equal themselves run alone, bit for bit)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import itertools
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nanovllm import LLM, SamplingParams
@@ -89,28 +90,47 @@ def test_a_stream_dropped_half_way_leaves_the_others_whole(llm, tiny):
     assert full.endswith(rest) and rest
 
 
+@pytest.fixture(scope="module")
+def invariant_llm(tiny, backend):
+    return LLM(str(tiny.path), backend=backend, verbose=False, max_num_seqs=4,
+               max_num_batched_tokens=64, batch_invariant=True)
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.lists(st.integers(3, 150), min_size=1, max_size=9),
-                          st.integers(1, 8), st.booleans()), min_size=2, max_size=8))
-def test_threads_with_random_requests_and_aborts_each_get_what_they_get_alone(llm, tiny,
+                          st.integers(1, 8), st.sampled_from([None, 0, 1]), st.booleans()),
+                min_size=2, max_size=8))
+def test_threads_with_random_requests_and_aborts_each_get_what_they_get_alone(invariant_llm,
                                                                              requests):
-    for prompt, max_tokens, _ in requests:
-        assume(tiny.near_tie(prompt, max_tokens) is None)  # a coin flip is not a bug
+    """batch_invariant=True: each thread's result equals the same request run alone afterwards,
+    bit for bit, whatever ran beside it (greedy, or sampling with a seed)."""
+    llm = invariant_llm
+
+    def params(max_tokens, seed):
+        if seed is None:
+            return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                                  logprobs=1)
+        return SamplingParams(temperature=1.0, seed=seed, max_tokens=max_tokens,
+                              ignore_eos=True, logprobs=1)
+
+    def result(out):
+        steps = out.outputs[0].logprobs
+        return tokens(out), [sorted((t, lp.logprob) for t, lp in s.items()) for s in steps]
 
     def one(request):
-        prompt, max_tokens, abort = request
-        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        prompt, max_tokens, seed, abort = request
         if abort:  # a caller that gives up after its first piece of text
-            stream = llm.stream(prompt, params)
+            stream = llm.stream(prompt, params(max_tokens, seed))
             next(stream, None)
             stream.close()
             return None
-        return tokens(llm.generate([prompt], params, use_tqdm=False)[0])
+        return result(llm.generate([prompt], params(max_tokens, seed), use_tqdm=False)[0])
 
     with ThreadPoolExecutor(len(requests)) as pool:
         results = list(pool.map(one, requests))
-    for (prompt, max_tokens, abort), got in zip(requests, results):
+    for (prompt, max_tokens, seed, abort), got in zip(requests, results):
         if not abort:
-            assert got == tiny.greedy(prompt, max_tokens)[0]
+            alone = llm.generate([prompt], params(max_tokens, seed), use_tqdm=False)[0]
+            assert got == result(alone)
     assert not llm.engine.requests and not llm._outputs
     assert llm.engine.scheduler.block_manager.num_free_blocks == llm.config.num_kv_blocks - 1

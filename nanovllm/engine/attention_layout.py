@@ -116,12 +116,14 @@ def tiled_part(tables: np.ndarray, q_pos: np.ndarray, q_row: np.ndarray, num_row
     return part
 
 
-def decode_tiles(decode) -> tuple:
-    """Decode sequences as one-query tiles on rows 0, 1, ...: (tables, q_pos, q_row) for
-    `tiled_part`."""
+def decode_tiles(decode, query_tile: int = 1) -> tuple:
+    """Decode sequences as tiles of one query (padded to query_tile) on rows 0, 1, ...:
+    (tables, q_pos, q_row) for `tiled_part`."""
     blocks = max(len(s.block_table) for s in decode)
-    q_pos = np.array([[s.context_len - 1] for s in decode], dtype=np.int64)
-    q_row = np.arange(len(decode), dtype=np.int64)[:, None]
+    q_pos = np.full((len(decode), query_tile), -1, dtype=np.int64)
+    q_pos[:, 0] = [s.context_len - 1 for s in decode]
+    q_row = np.zeros((len(decode), query_tile), dtype=np.int64)
+    q_row[:, 0] = np.arange(len(decode))
     return block_tables(decode, blocks), q_pos, q_row
 
 

@@ -6,7 +6,7 @@ numpy, moved to the backend, and token ids come back to the host.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -47,6 +47,27 @@ def _top_logprobs(row: np.ndarray, k: int, chosen: list[int]) -> dict[int, tuple
 
 QUERY_TILE = 64  # tiled parts (jitting backends): queries per item
 KEY_TILE = 64  # and keys per item
+ROW_BLOCK = 16  # batch-invariant mode: rows of every pass (and queries per attention item)
+
+
+def row_blocks(seqs, size: int) -> list[list[tuple]]:
+    """The step's chunks cut into passes of at most `size` rows, in order, as (chunk, piece)
+    pairs: a chunk longer than what is left of a pass goes on in the next pass, and only its
+    last piece samples. Each pass reads the K/V that the passes before it wrote."""
+    blocks, block, free = [], [], size
+    for s in seqs:
+        n, done = len(s.token_ids), 0
+        while done < n:
+            m = min(free, n - done)
+            piece = replace(s, start=s.start + done, token_ids=s.token_ids[done:done + m],
+                            slot_mapping=s.slot_mapping[done:done + m],
+                            context_len=s.start + done + m, sample=s.sample and done + m == n)
+            block.append((s, piece))
+            done, free = done + m, free - m
+            if free == 0:
+                blocks.append(block)
+                block, free = [], size
+    return blocks + [block] if block else blocks
 
 
 def _identity(n: int) -> int:
@@ -80,10 +101,25 @@ class ModelRunner:
         self.padded = self.bucket is not _identity
         # tiled attention parts (few shapes) where jitting, exact parts (no padding) otherwise
         self.tiled, self.query_tile, self.key_tile = self.padded, QUERY_TILE, KEY_TILE
+        self.decode_query_tile = 1
         # sizes that set the work (prefill rows, tiled attention items): rounded more finely
         self.fine_bucket = _half_octaves if self.padded else _identity
+        # the rows that get logits, and the sampled rows, are padded with this
+        self.rows_bucket = self.bucket
+        self.row_block = ROW_BLOCK if config.batch_invariant else 0
+        if self.row_block:
+            # every pass computes exactly row_block rows, so each GEMM has one shape and a row's
+            # sums never depend on the others; attention takes row_block-query tiles (decodes
+            # too) over key tiles at absolute positions, merged in key order
+            self.tiled = True
+            self.query_tile = self.decode_query_tile = self.row_block
+            self.rows_bucket = self._row_block
         self._step = backend.jit(self._device_step, donate_argnums=(1,))
         self._sample = backend.jit(self._device_sample)
+
+    def _row_block(self, n: int) -> int:
+        assert n <= self.row_block, (n, self.row_block)
+        return self.row_block
 
     def _device_step(self, params, kv_caches, ids, pos, meta, rows):
         hidden, kv_caches = self.model.forward(params, ids, pos, kv_caches, meta)
@@ -132,7 +168,7 @@ class ModelRunner:
         bs, parts = self.block_size, []
         if self.tiled:
             if decode:
-                part = layout.tiled_part(*layout.decode_tiles(decode), nd,
+                part = layout.tiled_part(*layout.decode_tiles(decode, self.decode_query_tile), nd,
                                          bs, self.key_tile, window, self.fine_bucket, self.bucket)
                 parts.append(layout.to_device(part, self.backend, 0, nd))
             if prefill:
@@ -161,9 +197,12 @@ class ModelRunner:
         bucket), then the prefill chunks back to back (padded to a finer bucket). Padding tokens
         write to the null block.
         """
-        b, bucket = self.backend, self.bucket
+        b = self.backend
         decode = sorted(decode, key=lambda s: s.context_len)
-        nd = bucket(len(decode)) if decode else 0
+        if self.row_block:  # one pass of row_block rows: the padding goes to the last part
+            nd = len(decode) if prefill else self.row_block
+        else:
+            nd = self.bucket(len(decode)) if decode else 0
         ids, pos, slots, first = [], [], [], {}
         for i, s in enumerate(decode):
             first[id(s)] = i
@@ -179,7 +218,10 @@ class ModelRunner:
             pos.extend(range(s.start, s.start + n))
             slots.extend(s.slot_mapping)
         tp = len(ids) - nd  # prefill rows
-        tp = self.fine_bucket(tp) if tp else 0
+        if self.row_block:
+            tp = self.row_block - nd
+        elif tp:
+            tp = self.fine_bucket(tp)
         pad = nd + tp - len(ids)
         ids, pos, slots = ids + [0] * pad, pos + [0] * pad, slots + [0] * pad
         meta = AttentionMetadata(b.index(slots), self._attention_parts(decode, nd, prefill, tp))
@@ -209,7 +251,7 @@ class ModelRunner:
 
     def _sampling_tensors(self, rows) -> SamplingTensors:
         b, V = self.backend, self.model.vocab_size
-        n = self.bucket(len(rows))
+        n = self.rows_bucket(len(rows))
         params = [s.seq.params for s in rows]
         temp = np.zeros(n, dtype=np.float32)
         temp[:len(rows)] = [p.temperature for p in params]
@@ -269,9 +311,22 @@ class ModelRunner:
     # ---- one step ------------------------------------------------------------------------
     def execute(self, batch) -> list[SeqResult]:
         """Runs one scheduled step; returns one SeqResult per batch.seqs entry, in order."""
+        if not self.row_block:
+            return self._execute(batch.seqs)
+        results = {id(s): SeqResult() for s in batch.seqs}
+        for block in row_blocks(batch.seqs, self.row_block):
+            for (s, piece), r in zip(block, self._execute([piece for _, piece in block])):
+                into = results[id(s)]
+                if r.prompt_logprobs is not None:
+                    into.prompt_logprobs = (into.prompt_logprobs or []) + r.prompt_logprobs
+                if piece.sample:
+                    into.token_id, into.logprobs, into.error = r.token_id, r.logprobs, r.error
+        return [results[id(s)] for s in batch.seqs]
+
+    def _execute(self, seqs) -> list[SeqResult]:
         b = self.backend
-        decode = [s for s in batch.seqs if len(s.token_ids) == 1]
-        prefill = [s for s in batch.seqs if len(s.token_ids) > 1]
+        decode = [s for s in seqs if len(s.token_ids) == 1]
+        prefill = [s for s in seqs if len(s.token_ids) > 1]
         ids, pos, meta, first = self._layout(decode, prefill)
         # rows of the hidden states that need logits: every prompt row for prompt-logprob
         # requests, else only the last row of chunks that end in a sample
@@ -287,10 +342,10 @@ class ModelRunner:
                 if not wants_prompt:
                     rows.append(offset + n - 1)
                 sample_at[id(s)] = len(rows) - 1
-        results = {id(s): SeqResult() for s in batch.seqs}
+        results = {id(s): SeqResult() for s in seqs}
         if not rows:  # nothing to sample: still write the K/V
             rows = [0]
-        rows += [0] * (self.bucket(len(rows)) - len(rows))
+        rows += [0] * (self.rows_bucket(len(rows)) - len(rows))
         with b.inference():
             logits, self.kv_caches = self._step(self.model.params, self.kv_caches, ids, pos,
                                                 meta, b.index(rows))
@@ -299,17 +354,18 @@ class ModelRunner:
                 self._sample_rows(logits, sampled, [sample_at[id(s)] for s in sampled], results)
             if prompt_rows:
                 self._prompt_logprobs(logits, decode + prefill, prompt_rows, results)
-        return [results[id(s)] for s in batch.seqs]
+        return [results[id(s)] for s in seqs]
 
     def _sample_rows(self, logits, sampled, at, results) -> None:
         xp, b = self.xp, self.backend
-        at = at + [0] * (self.bucket(len(at)) - len(at))
+        at = at + [0] * (self.rows_bucket(len(at)) - len(at))
         tokens, finite = self._sample(logits, b.index(at), self._sampling_tensors(sampled))
         tokens, finite = b.to_host(tokens).tolist(), b.to_host(finite).tolist()
         want = [i for i, s in enumerate(sampled) if s.seq.params.logprobs is not None]
         if want:
-            rows = b.index([at[i] for i in want])
-            lp = b.to_host(log_softmax(xp, xp.take(logits, rows, axis=0)))
+            rows = [at[i] for i in want]
+            rows += [0] * (self.rows_bucket(len(rows)) - len(rows))
+            lp = b.to_host(log_softmax(xp, xp.take(logits, b.index(rows), axis=0)))
         for i, s in enumerate(sampled):
             results[id(s)].token_id = int(tokens[i])
             if not finite[i]:
@@ -321,7 +377,7 @@ class ModelRunner:
             results[id(s)].logprobs = _top_logprobs(lp[j], s.seq.params.logprobs, [tokens[i]])
 
     def _prompt_logprobs(self, logits, seqs, prompt_rows, results) -> None:
-        xp, b = self.xp, self.backend
+        lp = self.backend.to_host(log_softmax(self.xp, logits))  # every row: one shape
         for s in seqs:
             if id(s) not in prompt_rows:
                 continue
@@ -329,8 +385,7 @@ class ModelRunner:
             # row for position p predicts token p + 1, which must be a prompt token
             last = min(s.start + n, s.seq.num_prompt_tokens - 1)
             count = last - s.start
-            lp = b.to_host(log_softmax(xp, logits[first:first + count, ...]))
             k = s.seq.params.prompt_logprobs
             targets = s.seq.token_ids[s.start + 1:s.start + 1 + count]
             results[id(s)].prompt_logprobs = [
-                _top_logprobs(lp[j], k, [targets[j]]) for j in range(count)]
+                _top_logprobs(lp[first + j], k, [targets[j]]) for j in range(count)]

@@ -89,9 +89,12 @@ def _attend_part(xp, q, k_pool, v_pool, part: AttentionPart, scale: float):
     m = xp.reshape(xp.take(m, index, axis=0), (R, B, heads))
     top = xp.max(m, axis=1, keepdims=True)
     weight = xp.exp(m - xp.where(top == -xp.inf, 0.0, top))  # [R, B, heads]
-    total = xp.sum(weight * xp.reshape(xp.take(total, index, axis=0), (R, B, heads)), axis=1)
-    out = xp.sum(weight[..., None] * xp.reshape(xp.take(out, index, axis=0), (R, B, heads, d)),
-                 axis=1)
+    totals = weight * xp.reshape(xp.take(total, index, axis=0), (R, B, heads))
+    outs = weight[..., None] * xp.reshape(xp.take(out, index, axis=0), (R, B, heads, d))
+    # merged one key tile at a time, in key order: the same sums whatever the batch
+    total, out = totals[:, 0, ...], outs[:, 0, ...]
+    for j in range(1, B):
+        total, out = total + totals[:, j, ...], out + outs[:, j, ...]
     out = out / xp.where(total > 0, total, 1.0)[..., None]  # rows with no keys: zeros
     return xp.reshape(out, (R, heads * d))
 
