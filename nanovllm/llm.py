@@ -9,10 +9,10 @@ from collections.abc import Iterator, Sequence
 from .backend import get_backend
 from .config import BATCH_INVARIANT_HYBRID, EngineConfig
 from .engine.llm_engine import InvalidRequestError, LLMEngine
-from .engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from .loader import load_model
 from .memory import check_fits
 from .outputs import RequestOutput
+from .runner.model_runner import ModelRunner, kv_cache_bytes_per_block
 from .sampling_params import SamplingParams
 
 Prompt = str | list[int]

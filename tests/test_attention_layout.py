@@ -1,4 +1,4 @@
-"""The two attention layouts (engine/attention_layout.py) compute the same attention.
+"""The two attention layouts (runner/attention_layout.py) compute the same attention.
 
 Exact parts (the eager backends') and tiled parts (the jitting backends', whose items are
 merged flash-decoding style) are checked against attention written out naively in numpy,
@@ -14,9 +14,9 @@ import pytest
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.backend import get_backend
-from nanovllm.engine import attention_layout as layout
 from nanovllm.engine.scheduler import ScheduledSeq
 from nanovllm.layers.attention import AttentionMetadata, paged_attention
+from nanovllm.runner import attention_layout as layout
 
 BS, KV_HEADS, GROUP, D = 4, 2, 3, 8
 HEADS = KV_HEADS * GROUP

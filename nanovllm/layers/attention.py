@@ -7,7 +7,7 @@ derived from the block tables; the masks say which keys a query may see (causal,
 context, and within a sliding window if any). Grouped heads share one gathered K/V: queries
 are shaped [seq, kv_head, group * Q, d].
 
-The step's rows are cut into parts (engine/attention_layout.py builds them). A part is S
+The step's rows are cut into parts (runner/attention_layout.py builds them). A part is S
 items of Q queries over L keys each. Without a combine table an item is a whole sequence
 (its queries see all their keys) and is normalized at once. With one, an item is a tile of
 queries over one tile of keys: each item yields partial results (running max, sum of

@@ -10,12 +10,16 @@ Two layouts (see layers/attention.py for the arithmetic):
   queries are cut into tiles of `Qt` rows of one sequence and each tile's context into key tiles
   of `Kt` keys; every (query tile, key tile) pair is one item, padded only to Qt x Kt, and the
   number of items is what gets rounded up. Each query's partial results from its items (one per
-  key tile) are merged by the combine table, as in flash-decoding.
+  key tile) are merged by the combine table, as in flash-decoding. The batch-invariant mode
+  uses these on every backend, with decodes padded to full query tiles: key tiles start at
+  absolute positions, so a query's sums never depend on what else is in the step.
 
 The parts are built with numpy on the host; `to_device` hands their arrays to the backend.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 
@@ -23,14 +27,15 @@ from ..layers.attention import AttentionPart
 
 
 def to_device(part: AttentionPart, backend, first_row: int, num_rows: int) -> AttentionPart:
-    """The part's host arrays moved to the backend, placed at rows [first_row, +num_rows)."""
+    """A copy of the host-built part with its arrays on the backend, placed at rows
+    [first_row, first_row + num_rows) of the step."""
     b = backend
-    part.first_row, part.num_rows = first_row, num_rows
-    part.context_slots, part.mask = b.index(part.context_slots), b.step_input(part.mask)
+    device = replace(part, first_row=first_row, num_rows=num_rows,
+                     context_slots=b.index(part.context_slots), mask=b.step_input(part.mask))
     if part.query_index is not None:
-        part.query_index, part.combine_index = (b.index(part.query_index),
-                                                b.index(part.combine_index))
-    return part
+        device.query_index = b.index(part.query_index)
+        device.combine_index = b.index(part.combine_index)
+    return device
 
 
 def block_tables(seqs, num_blocks: int) -> np.ndarray:

@@ -1,7 +1,8 @@
 """ModelRunner: turns the scheduler's Batch into arrays, runs the model, samples.
 
-This is the one engine module that touches arrays: host-side index arrays are built with
-numpy, moved to the backend, and token ids come back to the host.
+Host-side index arrays are built with numpy (attention_layout.py: which keys each query reads;
+sampling.py: the sampling parameters), moved to the backend, and token ids come back to the
+host.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import numpy as np
 from ..layers.activation import log_softmax
 from ..layers.attention import AttentionMetadata, AttentionPart
 from ..layers.mamba2 import StateMetadata
-from ..layers.sampler import SamplingTensors, sample
+from ..layers.sampler import sample
 from . import attention_layout as layout
+from .sampling import sampling_tensors, top_logprobs
 
 
 @dataclass(slots=True)
@@ -29,20 +31,6 @@ class SeqResult:
 def kv_cache_bytes_per_block(model, block_size: int, itemsize: int) -> int:
     layers = max(getattr(model, "num_kv_layers", model.num_layers), 1)  # hybrid: attention only
     return 2 * layers * block_size * model.num_kv_heads * model.head_dim * itemsize
-
-
-def _top_logprobs(row: np.ndarray, k: int, chosen: list[int]) -> dict[int, tuple[float, int]]:
-    """The top k of one log-softmax row plus the chosen tokens, each with its rank."""
-    out: dict[int, tuple[float, int]] = {}
-    if k > 0:
-        top = np.argpartition(-row, k - 1)[:k]
-        top = top[np.argsort(-row[top], kind="stable")]
-        for r, t in enumerate(top.tolist(), start=1):
-            out[t] = (float(row[t]), r)
-    for t in chosen:
-        if t not in out:
-            out[t] = (float(row[t]), int(np.count_nonzero(row > row[t])) + 1)
-    return out
 
 
 QUERY_TILE = 64  # tiled parts (jitting backends): queries per item
@@ -194,8 +182,8 @@ class ModelRunner:
         """Token ids, positions, metadata and each sequence's first row, padded if bucketing.
 
         Rows: the decode tokens (one per sequence, sorted by context length, padded to a
-        bucket), then the prefill chunks back to back (padded to a finer bucket). Padding tokens
-        write to the null block.
+        bucket), then the prefill chunks back to back (padded to a finer bucket); in the
+        batch-invariant mode, exactly row_block rows. Padding tokens write to the null block.
         """
         b = self.backend
         decode = sorted(decode, key=lambda s: s.context_len)
@@ -249,65 +237,6 @@ class ModelRunner:
             st.prefill_query_index, st.prefill_output_index = b.index(qi), b.index(oi)
         return st
 
-    def _sampling_tensors(self, rows) -> SamplingTensors:
-        b, V = self.backend, self.model.vocab_size
-        n = self.rows_bucket(len(rows))
-        params = [s.seq.params for s in rows]
-        temp = np.zeros(n, dtype=np.float32)
-        temp[:len(rows)] = [p.temperature for p in params]
-        top_k = np.full(n, V, dtype=np.int64)
-        top_k[:len(rows)] = [p.top_k if p.top_k > 0 else V for p in params]
-        top_p = np.ones(n, dtype=np.float32)
-        top_p[:len(rows)] = [p.top_p for p in params]
-        min_p = np.zeros(n, dtype=np.float32)
-        min_p[:len(rows)] = [p.min_p for p in params]
-        uniform = np.zeros(n, dtype=np.float64)
-        for i, s in enumerate(rows):
-            p = s.seq.params
-            if p.seed is not None:
-                key = [p.seed & 0xFFFFFFFFFFFFFFFF, s.seq.index, s.seq.num_output_tokens]
-                uniform[i] = np.random.default_rng(key).random()
-            else:
-                uniform[i] = self.rng.random()
-        penalties = None
-        if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
-               for p in params):
-            counts = np.zeros((n, V), dtype=np.float32)
-            seen = np.zeros((n, V), dtype=bool)
-            for i, s in enumerate(rows):
-                out = np.asarray(s.seq.output_token_ids, dtype=np.int64)
-                counts[i] = np.bincount(out, minlength=V)[:V]
-                seen[i, s.seq.token_ids] = True
-
-            def column(field: str, fill: float):
-                values = np.full(n, fill, dtype=np.float32)
-                values[:len(rows)] = [getattr(p, field) for p in params]
-                return b.step_input(values)
-
-            penalties = (b.step_input(counts), b.step_input(seen), column("presence_penalty", 0.0),
-                         column("frequency_penalty", 0.0), column("repetition_penalty", 1.0))
-        banned = None
-        if any(s.seq.num_output_tokens < s.seq.params.min_tokens for s in rows):
-            mask = np.zeros((n, V), dtype=bool)
-            for i, s in enumerate(rows):
-                p = s.seq.params
-                if s.seq.num_output_tokens < p.min_tokens:
-                    mask[i, p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)] = True
-            banned = b.step_input(mask)
-        bias = None
-        if any(p.logit_bias for p in params):
-            dense = np.zeros((n, V), dtype=np.float32)
-            for i, p in enumerate(params):
-                for token, value in (p.logit_bias or {}).items():
-                    dense[i, token] = value
-            bias = b.step_input(dense)
-        return SamplingTensors(
-            b.step_input(temp), b.index(top_k), b.step_input(top_p), b.step_input(min_p),
-            b.step_input(uniform.astype(np.float32)), all_greedy=bool(np.all(temp == 0)),
-            needs_sort=bool(np.any((top_k < V) | (top_p < 1.0))),
-            needs_min_p=bool(np.any(min_p > 0)), penalties=penalties, banned=banned,
-            bias=bias)
-
     # ---- one step ------------------------------------------------------------------------
     def execute(self, batch) -> list[SeqResult]:
         """Runs one scheduled step; returns one SeqResult per batch.seqs entry, in order."""
@@ -358,8 +287,10 @@ class ModelRunner:
 
     def _sample_rows(self, logits, sampled, at, results) -> None:
         xp, b = self.xp, self.backend
-        at = at + [0] * (self.rows_bucket(len(at)) - len(at))
-        tokens, finite = self._sample(logits, b.index(at), self._sampling_tensors(sampled))
+        n = self.rows_bucket(len(at))
+        tensors = sampling_tensors(sampled, b, self.model.vocab_size, n, self.eos_token_ids,
+                                   self.rng)
+        tokens, finite = self._sample(logits, b.index(at + [0] * (n - len(at))), tensors)
         tokens, finite = b.to_host(tokens).tolist(), b.to_host(finite).tolist()
         want = [i for i, s in enumerate(sampled) if s.seq.params.logprobs is not None]
         if want:
@@ -374,7 +305,7 @@ class ModelRunner:
                     f"{s.context_len - 1} of this sequence, so no token could be sampled")
         for j, i in enumerate(want):
             s = sampled[i]
-            results[id(s)].logprobs = _top_logprobs(lp[j], s.seq.params.logprobs, [tokens[i]])
+            results[id(s)].logprobs = top_logprobs(lp[j], s.seq.params.logprobs, [tokens[i]])
 
     def _prompt_logprobs(self, logits, seqs, prompt_rows, results) -> None:
         lp = self.backend.to_host(log_softmax(self.xp, logits))  # every row: one shape
@@ -388,4 +319,4 @@ class ModelRunner:
             k = s.seq.params.prompt_logprobs
             targets = s.seq.token_ids[s.start + 1:s.start + 1 + count]
             results[id(s)].prompt_logprobs = [
-                _top_logprobs(lp[first + j], k, [targets[j]]) for j in range(count)]
+                top_logprobs(lp[first + j], k, [targets[j]]) for j in range(count)]
