@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(exc: BaseException) -> bool:
-    from .weights.default_model import DefaultModelError
+    from .errors import DefaultModelError
 
     return isinstance(exc, DefaultModelError)
 

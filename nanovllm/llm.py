@@ -8,7 +8,8 @@ from collections.abc import Iterator, Sequence
 
 from .backend import get_backend
 from .config import BATCH_INVARIANT_HYBRID, EngineConfig
-from .engine.llm_engine import InvalidRequestError, LLMEngine
+from .engine.llm_engine import LLMEngine
+from .errors import InvalidRequestError
 from .loader import load_model
 from .memory import check_fits
 from .outputs import RequestOutput

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import WeightsError
 from .models import model_class
 from .models.config_check import check_config
 from .tokenizer import Tokenizer
 from .weights.default_model import resolve_model
-from .weights.errors import WeightsError
 
 
 @dataclass(slots=True)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
+from .errors import OutOfMemoryError
+
 GIB = float(1 << 30)
-
-
-class OutOfMemoryError(ValueError):
-    """What a model or KV pool would take is more than the machine's available memory."""
 
 
 def available_bytes() -> int | None:

@@ -308,7 +308,8 @@ def start_server(args: list[str], log: Path, api_key: str | None = None,
 @pytest.fixture(scope="session")
 def default_gguf() -> Path:
     """The default SmolLM2 GGUF, fetched into the cache once (skips when it cannot be)."""
-    from nanovllm.weights.default_model import DefaultModelError, default_model_path
+    from nanovllm.errors import DefaultModelError
+    from nanovllm.weights.default_model import default_model_path
 
     try:
         return default_model_path()

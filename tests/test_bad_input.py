@@ -309,7 +309,7 @@ def test_chat_with_bad_messages(llm, want):
 @pytest.mark.parametrize("prompt", [b"hello", None, 7.5, {"ids": [1]}, [3, 4, b"x"]],
                          ids=["bytes", "None", "float", "dict", "list-with-bytes"])
 def test_a_prompt_must_be_text_or_token_ids(llm, want, prompt):
-    from nanovllm.engine.llm_engine import InvalidRequestError
+    from nanovllm.errors import InvalidRequestError
 
     with pytest.raises(InvalidRequestError) as e:
         llm.generate([prompt], greedy(), use_tqdm=False)
@@ -319,7 +319,7 @@ def test_a_prompt_must_be_text_or_token_ids(llm, want, prompt):
 
 
 def test_text_that_is_not_utf8_encodable_is_an_invalid_request(llm, want):
-    from nanovllm.engine.llm_engine import InvalidRequestError
+    from nanovllm.errors import InvalidRequestError
 
     with pytest.raises(InvalidRequestError) as e:
         llm.generate(["Paris \ud800 is"], greedy(), use_tqdm=False)
@@ -369,7 +369,7 @@ def test_a_field_changed_after_construction_is_honoured(llm, want):
     ([{"role": "user", "content": "hi"}, {"role": None, "content": "x"}], "messages[1]"),
 ])
 def test_chat_messages_are_validated_before_rendering(llm, want, messages, words):
-    from nanovllm.engine.llm_engine import InvalidRequestError
+    from nanovllm.errors import InvalidRequestError
 
     with pytest.raises(InvalidRequestError) as e:
         llm.chat(messages, greedy(), use_tqdm=False)
@@ -458,7 +458,7 @@ def with_config(tiny, tmp_path, **changes) -> Path:
 ])
 def test_a_config_with_impossible_sizes_fails_naming_the_field(tiny, tmp_path, backend, llm,
                                                                want, changes, words):
-    from nanovllm.models.config_check import ConfigError
+    from nanovllm.errors import ConfigError
 
     d = with_config(tiny, tmp_path, **changes)
     with pytest.raises(ConfigError) as e:
@@ -557,7 +557,8 @@ def test_non_finite_logits_fail_that_request_and_the_engine_goes_on(tiny, backen
 
 
 def test_a_kv_cache_larger_than_the_machine_fails_with_the_numbers(backend, llm, want):
-    from nanovllm.memory import OutOfMemoryError, available_bytes
+    from nanovllm.errors import OutOfMemoryError
+    from nanovllm.memory import available_bytes
 
     if not DEFAULT_GGUF.is_file():
         pytest.skip(f"{DEFAULT_GGUF} is not cached")
@@ -576,7 +577,8 @@ def test_a_kv_cache_larger_than_the_machine_fails_with_the_numbers(backend, llm,
 def test_weights_larger_than_the_machine_fail_before_loading(tiny, tmp_path, backend, llm, want):
     import struct
 
-    from nanovllm.memory import OutOfMemoryError, available_bytes
+    from nanovllm.errors import OutOfMemoryError
+    from nanovllm.memory import available_bytes
 
     have = available_bytes()
     if have is None:

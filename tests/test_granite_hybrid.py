@@ -18,7 +18,7 @@ import pytest
 from conftest import TinyModel
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.models import UnsupportedFeatureError
+from nanovllm.errors import UnsupportedFeatureError
 
 TOL = 1e-4
 VOCAB = 160

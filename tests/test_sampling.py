@@ -312,7 +312,7 @@ def test_logit_bias_is_added_to_the_logits_before_sampling(llm, tiny):
 
 
 def test_logit_bias_token_outside_vocabulary_is_rejected(llm, tiny):
-    from nanovllm.engine.llm_engine import InvalidRequestError
+    from nanovllm.errors import InvalidRequestError
 
     with pytest.raises(InvalidRequestError, match="logit_bias holds 100000"):
         llm.generate([PROMPT], SamplingParams(logit_bias={100000: 1.0}), use_tqdm=False)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Backend, BackendError
+from ..errors import BackendError
+from .base import Backend
 
 # name -> (module in this package, the library it needs, the pip extra that installs it)
 BACKENDS = {

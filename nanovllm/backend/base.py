@@ -10,10 +10,6 @@ from typing import Any
 import numpy as np
 
 
-class BackendError(ValueError):
-    """An unknown backend, a missing array library, or an option the backend cannot honour."""
-
-
 @dataclass(eq=False)
 class Backend:
     name: str

@@ -5,7 +5,8 @@ from __future__ import annotations
 import array_api_compat.cupy as xp
 import cupy
 
-from .base import Backend, BackendError
+from ..errors import BackendError
+from .base import Backend
 
 DTYPES = {"float32": cupy.float32, "float16": cupy.float16}
 

@@ -10,10 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..errors import BackendError
 from ..layers.attention import AttentionMetadata, AttentionPart
 from ..layers.mamba2 import StateMetadata
 from ..layers.sampler import SamplingTensors
-from .base import Backend, BackendError
+from .base import Backend
 
 DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
 _registered = False

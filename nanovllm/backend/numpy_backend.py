@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import array_api_compat.numpy as xp
 
-from .base import Backend, BackendError
+from ..errors import BackendError
+from .base import Backend
 
 
 def make(device: str | None, dtype: str) -> Backend:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Backend, BackendError
+from ..errors import BackendError
+from .base import Backend
 
 
 class StrictBackend(Backend):

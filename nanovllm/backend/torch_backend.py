@@ -6,7 +6,8 @@ import array_api_compat.torch as xp
 import numpy as np
 import torch
 
-from .base import Backend, BackendError
+from ..errors import BackendError
+from .base import Backend
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

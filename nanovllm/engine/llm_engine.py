@@ -9,24 +9,11 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+from ..errors import InvalidRequestError, StepError
 from ..outputs import CompletionOutput, Logprob, RequestOutput
 from ..sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
-
-
-class InvalidRequestError(ValueError):
-    """A request that can never run: empty, too long, or with token ids outside the vocabulary."""
-
-
-class StepError(RuntimeError):
-    """The model step raised: the requests it held were aborted (their blocks freed), and the
-    engine can go on with the others. `request_ids` names them; `__cause__` is the error."""
-
-    def __init__(self, request_ids: list[str], cause: BaseException):
-        super().__init__(f"the model step failed ({type(cause).__name__}: {cause}); its "
-                         f"{len(request_ids)} request(s) were aborted")
-        self.request_ids = request_ids
 
 
 @dataclass(eq=False)

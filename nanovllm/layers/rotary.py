@@ -5,9 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-
-class UnsupportedFeatureError(ValueError):
-    """A valid config that uses a feature nanovllm does not implement."""
+from ..errors import UnsupportedFeatureError
 
 
 @dataclass(slots=True)

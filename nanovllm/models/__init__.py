@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from ..layers.rotary import UnsupportedFeatureError
+from ..errors import UnsupportedArchitectureError, UnsupportedFeatureError
 
 # architecture -> (module, class)
 MODELS = {
@@ -18,10 +18,6 @@ MODELS = {
     "FalconForCausalLM": ("falcon", "FalconForCausalLM"),
     "RWForCausalLM": ("falcon", "FalconForCausalLM"),  # RefinedWeb / RefinedWebModel configs
 }
-
-
-class UnsupportedArchitectureError(ValueError):
-    pass
 
 
 def model_class(config: dict, source: str = "config.json"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..layers.rotary import UnsupportedFeatureError
+from ..errors import UnsupportedFeatureError, WeightsError
 
 
 def require(config: dict, key: str, source: str = "config.json") -> Any:
@@ -16,8 +16,6 @@ def require(config: dict, key: str, source: str = "config.json") -> Any:
 def check_tensors(expected: dict[str, tuple[int, ...]], optional: set[str],
                   tensors: dict[str, Any], source: str) -> None:
     """Every expected tensor present with its shape, nothing unexpected."""
-    from ..weights.errors import WeightsError
-
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise WeightsError(f"{source}: missing tensor {missing[0]!r}"

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import ConfigError
+
 # field -> (smallest, largest) allowed when present and not null; generous for real models
 # (Llama 3.1 405B, Gemma 3's 262144 vocab, 10M-token contexts)
 SIZE_FIELDS: dict[str, tuple[int, int]] = {
@@ -29,10 +31,6 @@ SIZE_FIELDS: dict[str, tuple[int, int]] = {
     "mamba_chunk_size": (1, 1 << 16),
 }
 LAYER_FIELDS = ("num_hidden_layers", "n_layer")
-
-
-class ConfigError(ValueError):
-    """A model config whose sizes cannot be right."""
 
 
 def check_config(config: dict[str, Any], num_tensors: int, source: str) -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import UnsupportedFeatureError
 from ..layers.activation import gelu_tanh
 from ..layers.attention import paged_attention, write_kv
 from ..layers.erf import gelu_erf
 from ..layers.linear import embedding, linear, prepare_linear
 from ..layers.norm import layer_norm
-from ..layers.rotary import UnsupportedFeatureError
 from .base import check_tensors, require
 
 ACTIVATIONS = {"gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh, "gelu_fast": gelu_tanh,

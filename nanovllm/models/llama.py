@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import UnsupportedFeatureError
 from ..layers.activation import silu
 from ..layers.attention import paged_attention, write_kv
 from ..layers.linear import embedding, linear, prepare_linear
 from ..layers.norm import rms_norm
-from ..layers.rotary import RotaryEmbedding, UnsupportedFeatureError, rope_spec
+from ..layers.rotary import RotaryEmbedding, rope_spec
 from .base import check_tensors, require
 
 

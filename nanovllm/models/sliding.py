@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..layers.rotary import UnsupportedFeatureError
+from ..errors import UnsupportedFeatureError
 
 
 def sliding_window(c: dict, num_layers: int, gate: str | None = None) -> int | None:

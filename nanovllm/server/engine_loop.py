@@ -19,7 +19,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from itertools import count
 
-from ..engine.llm_engine import LLMEngine, StepError
+from ..engine.llm_engine import LLMEngine
+from ..errors import StepError
 from ..outputs import Logprob, RequestOutput
 from ..sampling_params import SamplingParams
 from .metrics import Metrics

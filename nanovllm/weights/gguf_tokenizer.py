@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from .errors import WeightsError
+from ..errors import WeightsError
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 

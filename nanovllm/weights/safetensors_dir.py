@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..errors import WeightsError
 from ..memory import check_fits
-from .errors import WeightsError
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
