@@ -129,7 +129,7 @@ def main(argv: list[str]) -> None:
     work = Workload(args.seed, vocab)
     prompts, outputs = work.requests(args.num_requests, args.input_len, args.output_len)
     for llm in llms:
-        if getattr(llm.backend, "compilations", None) is not None:
+        if llm.backend.jits:
             # a jitting backend compiles each new shape once: one untimed round first
             decode_tok_s(llm, work.tokens(32), args.decode_tokens)
             llm.generate([work.tokens(args.prefill_len)], SamplingParams(max_tokens=1),
@@ -157,9 +157,8 @@ def main(argv: list[str]) -> None:
             "batched_decode_tok_s": med(x["decode_tok_s"] for x in r["batched"]),
             "batched_ttft_median_s": med(x["ttft_median_s"] for x in r["batched"]),
         }
-        compiles = getattr(llm.backend, "compilations", None)
-        if compiles is not None:
-            figures["compilations"] = compiles()
+        if llm.backend.jits:
+            figures["compilations"] = llm.backend.compilations()
         table.append(figures)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for figures in table:

@@ -41,13 +41,13 @@ class LLM:
             if not isinstance(value, bool):
                 raise TypeError(f"{name}={value!r} must be True or False")
         self.backend = get_backend(backend, device=device, dtype=dtype)
-        itemsize = 4 if dtype == "float32" else 2
+        itemsize = self.backend.itemsize
         sizes: dict[str, int] = {}
 
         def kv_sizing(net) -> int:
             """The KV pool and max_model_len, from the model's sizes alone (before its weights
             are placed); the position tables are then sized by max_model_len."""
-            if batch_invariant and getattr(net, "needs_state_slots", False):
+            if batch_invariant and net.needs_state_slots:
                 raise ValueError(BATCH_INVARIANT_HYBRID)
             model_max = net.cfg.max_position_embeddings
             if max_model_len is not None and max_model_len > model_max:
@@ -75,7 +75,7 @@ class LLM:
         max_model_len = sizes["max_model_len"]
         # a model with recurrent state (Granite 4.0-H) gets a state slot per running sequence,
         # and its state cannot be reused at block boundaries: prefix caching is off for it
-        hybrid = bool(getattr(self.model, "needs_state_slots", False))
+        hybrid = self.model.needs_state_slots
         self.config = EngineConfig(
             max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -12,12 +12,30 @@ import numpy as np
 
 @dataclass(eq=False)
 class Backend:
+    """An eager backend; a jitting one (jax) overrides `jits`, `bucket`, `jit` and
+    `compilations`. The runner and the models ask these, and never probe for attributes."""
+
     name: str
     xp: Any
     device: Any = None
     dtype: Any = None  # the compute dtype (xp.float32 unless asked otherwise)
     int_dtype: Any = None  # index dtype for token ids, positions and slots
-    extra: dict = field(default_factory=dict)
+
+    jits = False  # the step is compiled per distinct input shape
+
+    def bucket(self, n: int) -> int:
+        """A size (rows, items) as this backend wants it: a jitting backend rounds sizes up to
+        few values so that it compiles few times; an eager one takes them as they are."""
+        return n
+
+    def compilations(self) -> int | None:
+        """How many times jitted functions were compiled so far; None where nothing is."""
+        return None
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element of the compute dtype (what the KV cache is sized by)."""
+        return self.xp.finfo(self.dtype).bits // 8
 
     def asarray(self, host: Any, dtype: Any = None) -> Any:
         """Host (numpy or Python) data -> an array on this backend's device."""
@@ -45,6 +63,9 @@ class Backend:
 
     def zeros(self, shape: tuple[int, ...], dtype: Any = None) -> Any:
         return self.xp.zeros(shape, dtype=dtype or self.dtype, device=self.device)
+
+    def register_step_dataclass(self, cls: type) -> None:
+        """Tell a jitting backend about a dataclass the step takes (see its `static_fields`)."""
 
     def jit(self, fn: Callable, **kwargs: Any) -> Callable:
         return fn

@@ -6,43 +6,26 @@ times; `compilations()` counts them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ..errors import BackendError
-from ..layers.attention import AttentionMetadata, AttentionPart
-from ..layers.mamba2 import StateMetadata
-from ..layers.sampler import SamplingTensors
 from .base import Backend
 
+_REGISTERED: set[type] = set()  # jax's pytree registry is process-wide
 DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
-_registered = False
-
-
-def _register_pytrees() -> None:
-    global _registered
-    if _registered:
-        return
-    jax.tree_util.register_dataclass(
-        AttentionMetadata, data_fields=["slot_mapping", "parts", "state"], meta_fields=[])
-    jax.tree_util.register_dataclass(
-        AttentionPart, data_fields=["context_slots", "mask", "query_index", "combine_index"],
-        meta_fields=["num_seqs", "query_len", "context_len", "first_row", "num_rows"])
-    jax.tree_util.register_dataclass(  # recurrent-state slots (hybrid models)
-        StateMetadata, data_fields=["decode_slots", "decode_reset", "prefill_slots",
-                                    "prefill_reset", "prefill_lens", "prefill_query_index",
-                                    "prefill_output_index"],
-        meta_fields=["num_decode", "prefill_seqs", "prefill_steps"])
-    jax.tree_util.register_dataclass(
-        SamplingTensors,
-        data_fields=["temperature", "top_k", "top_p", "min_p", "uniform", "penalties", "banned",
-                     "bias"],
-        meta_fields=["all_greedy", "needs_sort", "needs_min_p"])
-    _registered = True
 
 
 class JaxBackend(Backend):
+    jits = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.jitted: list = []  # every function jit() made, for compilations()
+
     def asarray(self, host, dtype=None):
         return jax.device_put(jnp.asarray(host, dtype=dtype), self.device)
 
@@ -57,17 +40,25 @@ class JaxBackend(Backend):
     def scatter_rows(self, pool, slots, rows):
         return pool.at[slots].set(rows.astype(pool.dtype))
 
+    def register_step_dataclass(self, cls) -> None:
+        """A dataclass the jitted step takes: its `static_fields` are compiled in, the other
+        fields are traced arrays."""
+        if cls not in _REGISTERED:
+            static = cls.static_fields
+            data = [f.name for f in dataclasses.fields(cls) if f.name not in static]
+            jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=list(static))
+            _REGISTERED.add(cls)
+
     def jit(self, fn, donate_argnums=(), **kwargs):
         jitted = jax.jit(fn, donate_argnums=donate_argnums, **kwargs)
-        self.extra.setdefault("jitted", []).append(jitted)
+        self.jitted.append(jitted)
         return jitted
 
-    @staticmethod
-    def bucket(n: int) -> int:
-        return 1 << max(n - 1, 0).bit_length()
+    def bucket(self, n: int) -> int:
+        return 1 << max(n - 1, 0).bit_length()  # the next power of two
 
     def compilations(self) -> int:
-        return sum(f._cache_size() for f in self.extra.get("jitted", []))
+        return sum(f._cache_size() for f in self.jitted)
 
 
 def make(device: str | None, dtype: str) -> Backend:
@@ -81,5 +72,4 @@ def make(device: str | None, dtype: str) -> Backend:
         raise BackendError(f"device={device!r}: jax has no such device here ({exc}); pass "
                            "device='cpu', or install jax[cuda] on a GPU machine") from exc
     index = int(device.split(":")[1]) if device and ":" in device else 0
-    _register_pytrees()
     return JaxBackend("jax", jnp, devices[index], DTYPES[dtype], jnp.int32)

@@ -18,7 +18,7 @@ its items, as flash-decoding does.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .activation import softmax
 
@@ -27,6 +27,9 @@ from .activation import softmax
 class AttentionPart:
     """Rows [first_row, first_row + num_rows) of the step: num_seqs items of query_len queries
     over context_len keys each."""
+    # sizes, not arrays: a jitting backend compiles once per value of these
+    static_fields: ClassVar[tuple[str, ...]] = ("num_seqs", "query_len", "context_len",
+                                                "first_row", "num_rows")
     context_slots: Any  # [S, L] pool slots of each item's keys (padded with null slots)
     mask: Any  # [S, 1, 1, Q, L] bool: may query q attend to key l
     num_seqs: int  # S
@@ -40,6 +43,7 @@ class AttentionPart:
 
 @dataclass(slots=True)
 class AttentionMetadata:
+    static_fields: ClassVar[tuple[str, ...]] = ()
     slot_mapping: Any  # [T] where each new token's K/V is written
     parts: list  # AttentionParts covering the step's rows in order
     state: Any = None  # recurrent-state slots of hybrid models (layers/mamba2.StateMetadata)

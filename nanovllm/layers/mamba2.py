@@ -15,7 +15,7 @@ chunk to chunk (and from step to step: a decode is the one-step case of the same
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .activation import silu
 from .linear import linear
@@ -29,6 +29,7 @@ class StateMetadata:
     sequence of the padded prefill part (padding sequences: the scratch slot, length 0).
     `reset` is True where a sequence starts at position 0, so its slot's old state is ignored.
     """
+    static_fields: ClassVar[tuple[str, ...]] = ("num_decode", "prefill_seqs", "prefill_steps")
     num_decode: int = 0  # rows of decode tokens (padding included) before the prefill rows
     decode_slots: Any = None  # [nd] int
     decode_reset: Any = None  # [nd] bool

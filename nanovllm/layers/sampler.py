@@ -7,13 +7,14 @@ filters. Greedy rows (temperature 0) take the argmax of the penalised logits.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .activation import softmax
 
 
 @dataclass(slots=True)
 class SamplingTensors:
+    static_fields: ClassVar[tuple[str, ...]] = ("all_greedy", "needs_sort", "needs_min_p")
     temperature: Any  # [N] float, 0 for greedy rows
     top_k: Any  # [N] int, vocab size when off
     top_p: Any  # [N] float, 1 when off

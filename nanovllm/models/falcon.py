@@ -16,7 +16,7 @@ from ..layers.erf import gelu_erf
 from ..layers.linear import embedding, linear, prepare_linear
 from ..layers.norm import layer_norm
 from ..layers.rotary import RotaryEmbedding, rope_spec
-from .base import check_tensors, require
+from .base import CausalLM, check_tensors, require
 
 ACTIVATIONS = {"gelu": gelu_erf, "gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh}
 
@@ -93,7 +93,7 @@ class FalconConfig:
             max_position_embeddings=c.get("max_position_embeddings", 2048))
 
 
-class FalconForCausalLM:
+class FalconForCausalLM(CausalLM):
     def __init__(self, hf_config: dict, backend, max_positions: int | None = None):
         self.backend, self.xp = backend, backend.xp
         self.cfg = cfg = FalconConfig.from_hf(hf_config)

@@ -10,7 +10,7 @@ from ..layers.attention import paged_attention, write_kv
 from ..layers.erf import gelu_erf
 from ..layers.linear import embedding, linear, prepare_linear
 from ..layers.norm import layer_norm
-from .base import check_tensors, require
+from .base import CausalLM, check_tensors, require
 
 ACTIVATIONS = {"gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh, "gelu_fast": gelu_tanh,
                "gelu": gelu_erf}
@@ -58,7 +58,7 @@ class GPT2Config:
             tie_word_embeddings=bool(c.get("tie_word_embeddings", True)))
 
 
-class GPT2LMHeadModel:
+class GPT2LMHeadModel(CausalLM):
     def __init__(self, hf_config: dict, backend, max_positions: int | None = None):
         self.backend, self.xp = backend, backend.xp
         self.cfg = cfg = GPT2Config.from_hf(hf_config)

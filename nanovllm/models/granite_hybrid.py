@@ -21,7 +21,7 @@ from ..layers.mamba2 import Mamba2Spec, mamba2_mixer
 from ..layers.moe import moe
 from ..layers.norm import rms_norm
 from ..layers.rotary import RotaryEmbedding, rope_spec
-from .base import check_tensors, require
+from .base import CausalLM, check_tensors, require
 
 MAMBA, ATTENTION = "mamba", "attention"
 LAYER_KINDS = {"mamba": MAMBA, "linear_attention": MAMBA,
@@ -114,7 +114,7 @@ class GraniteHybridConfig:
                 "logits_scaling")})
 
 
-class GraniteMoeHybridForCausalLM:
+class GraniteMoeHybridForCausalLM(CausalLM):
     def __init__(self, hf_config: dict, backend, max_positions: int | None = None):
         self.backend = backend
         self.xp = backend.xp
@@ -122,7 +122,6 @@ class GraniteMoeHybridForCausalLM:
         self.rope_spec = rope_spec(hf_config, c.head_dim) if c.use_rope else None
         self.max_positions = max_positions or c.max_position_embeddings
         self.num_layers, self.num_kv_heads, self.head_dim = c.num_layers, c.num_kv_heads, c.head_dim
-        self.num_kv_layers = c.layer_kinds.count(ATTENTION)
         self.needs_state_slots = MAMBA in c.layer_kinds
         self.vocab_size = c.vocab_size
         self.scale = c.attention_multiplier
@@ -232,6 +231,10 @@ class GraniteMoeHybridForCausalLM:
         if c.use_rope:
             self.rotary = RotaryEmbedding(xp, self.rope_spec, self.max_positions, b.dtype,
                                           b.device)
+
+    @property
+    def num_kv_layers(self) -> int:
+        return self.cfg.layer_kinds.count(ATTENTION)
 
     def allocate_cache(self, backend, num_kv_slots: int, num_state_slots: int) -> list:
         """Per layer: (K pool, V pool) for attention, (conv, ssm) state pools for Mamba."""

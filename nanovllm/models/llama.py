@@ -10,7 +10,7 @@ from ..layers.attention import paged_attention, write_kv
 from ..layers.linear import embedding, linear, prepare_linear
 from ..layers.norm import rms_norm
 from ..layers.rotary import RotaryEmbedding, rope_spec
-from .base import check_tensors, require
+from .base import CausalLM, check_tensors, require
 
 
 @dataclass(slots=True)
@@ -51,7 +51,7 @@ class LlamaConfig:
         )
 
 
-class LlamaForCausalLM:
+class LlamaForCausalLM(CausalLM):
     def __init__(self, hf_config: dict, backend, max_positions: int | None = None):
         self.backend = backend
         self.xp = backend.xp

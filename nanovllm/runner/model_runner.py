@@ -14,7 +14,7 @@ import numpy as np
 from ..layers.activation import log_softmax
 from ..layers.attention import AttentionMetadata, AttentionPart
 from ..layers.mamba2 import StateMetadata
-from ..layers.sampler import sample
+from ..layers.sampler import SamplingTensors, sample
 from . import attention_layout as layout
 from .sampling import sampling_tensors, top_logprobs
 
@@ -29,7 +29,7 @@ class SeqResult:
 
 
 def kv_cache_bytes_per_block(model, block_size: int, itemsize: int) -> int:
-    layers = max(getattr(model, "num_kv_layers", model.num_layers), 1)  # hybrid: attention only
+    layers = max(model.num_kv_layers, 1)  # hybrid: attention layers only
     return 2 * layers * block_size * model.num_kv_heads * model.head_dim * itemsize
 
 
@@ -75,18 +75,13 @@ class ModelRunner:
         self.xp = backend.xp
         self.block_size = config.block_size
         slots = config.num_kv_blocks * config.block_size
-        if hasattr(model, "allocate_cache"):  # per-layer caches of the model's own kinds
-            # one extra state slot, owned by no sequence, takes the padding rows' state writes
-            self.scratch_state_slot = config.num_state_slots
-            self.kv_caches = model.allocate_cache(backend, slots, config.num_state_slots + 1)
-        else:
-            shape = (slots, model.num_kv_heads, model.head_dim)
-            self.kv_caches = [(backend.zeros(shape), backend.zeros(shape))
-                              for _ in range(model.num_layers)]
+        # one extra state slot, owned by no sequence, takes the padding rows' state writes
+        self.scratch_state_slot = config.num_state_slots
+        self.kv_caches = model.allocate_cache(backend, slots, config.num_state_slots + 1)
         self.rng = np.random.default_rng(seed)
         # a jitting backend wants few distinct shapes: it rounds sizes up to buckets
-        self.bucket = getattr(backend, "bucket", _identity)
-        self.padded = self.bucket is not _identity
+        self.bucket = backend.bucket
+        self.padded = backend.jits
         # tiled attention parts (few shapes) where jitting, exact parts (no padding) otherwise
         self.tiled, self.query_tile, self.key_tile = self.padded, QUERY_TILE, KEY_TILE
         self.decode_query_tile = 1
@@ -102,6 +97,8 @@ class ModelRunner:
             self.tiled = True
             self.query_tile = self.decode_query_tile = self.row_block
             self.rows_bucket = self._row_block
+        for cls in (AttentionMetadata, AttentionPart, StateMetadata, SamplingTensors):
+            backend.register_step_dataclass(cls)
         self._step = backend.jit(self._device_step, donate_argnums=(1,))
         self._sample = backend.jit(self._device_sample)
 
@@ -152,7 +149,7 @@ class ModelRunner:
         Eager backends: exact parts (a run of decode sequences, one prefill chunk each).
         Jitting backends: one tiled part for the decodes and one for the prefill chunks.
         """
-        window = getattr(self.model, "sliding_window", None)
+        window = self.model.sliding_window
         bs, parts = self.block_size, []
         if self.tiled:
             if decode:
