@@ -3,9 +3,13 @@ check of a checkpoint's tensors."""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..errors import UnsupportedFeatureError, WeightsError
+from ..layers.linear import prepare_linear
 
 
 class CausalLM(Protocol):
@@ -13,7 +17,8 @@ class CausalLM(Protocol):
 
     Every architecture subclasses this explicitly, which gives it the optional parts' defaults
     (the last block). Built from a Hugging Face config dict and a backend; `load_weights` then
-    places the arrays that `forward` and `compute_logits` take as `params`.
+    places the arrays that `forward` and `compute_logits` take as `params`, as the model's
+    `weight_table` says (checking and loading both read that one table).
     """
 
     cfg: Any  # the architecture's config dataclass; has `max_position_embeddings`
@@ -23,12 +28,9 @@ class CausalLM(Protocol):
     vocab_size: int
     params: dict
 
-    def expected_shapes(self) -> tuple[dict[str, tuple[int, ...]], set[str]]:
-        """Every Hugging Face tensor name with its shape, and the names that may be absent."""
-        ...
-
-    def load_weights(self, tensors: dict, source: str) -> None:
-        """Host tensors with Hugging Face names -> `self.params` on the backend."""
+    def weight_table(self) -> tuple[dict, set[str]]:
+        """The shape of `params` with a `Weight` where each array goes (None where the config
+        has none), and the tensor names that may be present and are ignored."""
         ...
 
     def forward(self, params: dict, input_ids, positions, kv_caches: list, meta
@@ -54,6 +56,89 @@ class CausalLM(Protocol):
         """Per layer, a (K pool, V pool) pair of [num_kv_slots, kv_heads, head_dim]."""
         shape = (num_kv_slots, self.num_kv_heads, self.head_dim)
         return [(backend.zeros(shape), backend.zeros(shape)) for _ in range(self.num_layers)]
+
+    def expected_shapes(self) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+        """Every Hugging Face tensor the table reads, with its shape; and the ignored names."""
+        table, ignored = self.weight_table()
+        return {n: s for w in table_weights(table) for n, s in zip(w.names, w.shapes)}, ignored
+
+    def load_weights(self, tensors: dict, source: str) -> None:
+        """Host tensors with Hugging Face names -> `self.params` on the backend, as the weight
+        table says; a model that needs more (rotary tables) extends this."""
+        table, ignored = self.weight_table()
+        self.params = build_params(table, ignored, tensors, self.backend, source)
+
+
+@dataclass(frozen=True, slots=True)
+class Weight:
+    """One array of a model's params: the Hugging Face tensors it is made of (joined along
+    axis 0 when several: fused q|k|v, gate|up), each one's shape, and how it is laid out."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    linear: bool = False  # a [out, in] weight, laid out [in, out] for `x @ w`
+    prepare: Callable | None = None  # applied on the backend after joining, before the layout
+
+
+def weight(name: str, shape: tuple[int, ...], linear: bool = False,
+           prepare: Callable | None = None) -> Weight:
+    return Weight((name,), (shape,), linear, prepare)
+
+
+def fused(names: list[str], shapes: list[tuple[int, ...]], linear: bool = False) -> Weight:
+    return Weight(tuple(names), tuple(shapes), linear)
+
+
+def table_weights(table) -> list[Weight]:
+    """The Weights of a table (nested dicts, lists and tuples), in order."""
+    if isinstance(table, Weight):
+        return [table]
+    values = table.values() if isinstance(table, dict) else table if isinstance(
+        table, (list, tuple)) else ()
+    return [w for v in values for w in table_weights(v)]
+
+
+def build_params(table, ignored: set[str], tensors: dict[str, Any], backend, source: str):
+    """The table with each Weight replaced by its array on the backend, after checking every
+    tensor's presence and shape. Host tensors are dropped once their last use is built."""
+    weights = table_weights(table)
+    expected = {n: s for w in weights for n, s in zip(w.names, w.shapes)}
+    check_tensors(expected, ignored, tensors, source)
+    uses = Counter(n for w in weights for n in w.names)
+    shared = {k for k, count in Counter(w.names for w in weights).items() if count > 1}
+    placed: dict[tuple[str, ...], Any] = {}  # arrays read twice (a tied head) are placed once
+    xp = backend.xp
+
+    def build(w: Weight):
+        for n in w.names:
+            uses[n] -= 1
+        if w.names in placed:
+            x = placed[w.names]
+        else:
+            arrays = [backend.weight(tensors[n]) for n in w.names]
+            x = arrays[0] if len(arrays) == 1 else xp.concat(arrays, axis=0)
+            if w.names in shared:
+                placed[w.names] = x
+        for n in w.names:
+            if uses[n] == 0:  # its last use: the host copy can go
+                tensors.pop(n)
+        if w.prepare is not None:
+            x = w.prepare(x)
+        return prepare_linear(xp, x) if w.linear else x
+
+    def walk(t):
+        if isinstance(t, Weight):
+            return build(t)
+        if isinstance(t, dict):
+            return {k: walk(v) for k, v in t.items()}
+        if isinstance(t, (list, tuple)):
+            return type(t)(walk(v) for v in t)
+        return t
+
+    params = walk(table)
+    for name in ignored:
+        tensors.pop(name, None)
+    return params
 
 
 def require(config: dict, key: str, source: str = "config.json") -> Any:
@@ -82,4 +167,5 @@ def check_tensors(expected: dict[str, tuple[int, ...]], optional: set[str],
                                f"{tuple(shape)} from config.json")
 
 
-__all__ = ["UnsupportedFeatureError", "check_tensors", "require"]
+__all__ = ["CausalLM", "UnsupportedFeatureError", "Weight", "build_params", "check_tensors",
+           "fused", "require", "weight"]

@@ -13,10 +13,10 @@ from ..errors import UnsupportedFeatureError
 from ..layers.activation import gelu_tanh
 from ..layers.attention import paged_attention, write_kv
 from ..layers.erf import gelu_erf
-from ..layers.linear import embedding, linear, prepare_linear
+from ..layers.linear import embedding, linear
 from ..layers.norm import layer_norm
 from ..layers.rotary import RotaryEmbedding, rope_spec
-from .base import CausalLM, check_tensors, require
+from .base import CausalLM, require, weight
 
 ACTIVATIONS = {"gelu": gelu_erf, "gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh}
 
@@ -113,29 +113,35 @@ class FalconForCausalLM(CausalLM):
         return ["input_layernorm"] if c.parallel_attn else ["input_layernorm",
                                                             "post_attention_layernorm"]
 
-    def expected_shapes(self) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    def weight_table(self) -> tuple[dict, set[str]]:
         c, H = self.cfg, self.cfg.hidden_size
         qkv = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-        shapes = {"transformer.word_embeddings.weight": (c.vocab_size, H),
-                  "transformer.ln_f.weight": (H,), "transformer.ln_f.bias": (H,)}
-        optional = set()
-        if c.tie_word_embeddings:
-            optional.add("lm_head.weight")
-        else:
-            shapes["lm_head.weight"] = (c.vocab_size, H)
+
+        def norm(name):
+            return (weight(name + ".weight", (H,)), weight(name + ".bias", (H,)))
+
+        def lin(name, shape, reorder=None):  # reorder: the fused q/k/v rows -> [Q | K | V]
+            bias = weight(name + ".bias", shape[:1], prepare=reorder) if c.bias else None
+            return (weight(name + ".weight", shape, linear=True, prepare=reorder), bias)
+
+        ignored = set()
+        layers = []
         for i in range(c.num_layers):
             p = f"transformer.h.{i}."
-            linears = {"self_attention.query_key_value": (qkv, H),
-                       "self_attention.dense": (H, H),
-                       "mlp.dense_h_to_4h": (c.intermediate_size, H),
-                       "mlp.dense_4h_to_h": (H, c.intermediate_size)}
-            for name, shape in linears.items():
-                shapes[p + name + ".weight"] = shape
-                if c.bias:
-                    shapes[p + name + ".bias"] = shape[:1]
-            for name in self._norm_names():
-                shapes[p + name + ".weight"] = shapes[p + name + ".bias"] = (H,)
-        return shapes, optional
+            layers.append({
+                "norms": [norm(p + n) for n in self._norm_names()],
+                "qkv": lin(p + "self_attention.query_key_value", (qkv, H), self._qkv_rows),
+                "o": lin(p + "self_attention.dense", (H, H)),
+                "up": lin(p + "mlp.dense_h_to_4h", (c.intermediate_size, H)),
+                "down": lin(p + "mlp.dense_4h_to_h", (H, c.intermediate_size)),
+            })
+        if c.tie_word_embeddings:
+            head = weight("transformer.word_embeddings.weight", (c.vocab_size, H), linear=True)
+            ignored.add("lm_head.weight")
+        else:
+            head = weight("lm_head.weight", (c.vocab_size, H), linear=True)
+        return {"embed": weight("transformer.word_embeddings.weight", (c.vocab_size, H)),
+                "layers": layers, "lm_head": head, "ln_f": norm("transformer.ln_f")}, ignored
 
     def _qkv_rows(self, x):
         """query_key_value rows (axis 0) in the checkpoint's layout -> [Q | K | V]."""
@@ -153,35 +159,10 @@ class FalconForCausalLM(CausalLM):
         return xp.concat([xp.reshape(p, (-1,) + rest) for p in parts], axis=0)
 
     def load_weights(self, tensors: dict, source: str) -> None:
-        check_tensors(*self.expected_shapes(), tensors, source)
-        xp, b, c = self.xp, self.backend, self.cfg
-
-        def w(name):
-            return b.weight(tensors.pop(name))
-
-        def lin(name, reorder=lambda x: x):
-            bias = w(name + ".bias") if c.bias else None
-            return (prepare_linear(xp, reorder(w(name + ".weight"))),
-                    None if bias is None else reorder(bias))
-
-        layers = []
-        for i in range(c.num_layers):
-            p = f"transformer.h.{i}."
-            layers.append({
-                "norms": [(w(p + n + ".weight"), w(p + n + ".bias")) for n in self._norm_names()],
-                "qkv": lin(p + "self_attention.query_key_value", self._qkv_rows),
-                "o": lin(p + "self_attention.dense"),
-                "up": lin(p + "mlp.dense_h_to_4h"), "down": lin(p + "mlp.dense_4h_to_h"),
-            })
-        embed = w("transformer.word_embeddings.weight")
-        if c.tie_word_embeddings:
-            tensors.pop("lm_head.weight", None)
-            head = prepare_linear(xp, embed)
-        else:
-            head = prepare_linear(xp, w("lm_head.weight"))
-        self.params = {"embed": embed, "layers": layers, "lm_head": head,
-                       "ln_f": (w("transformer.ln_f.weight"), w("transformer.ln_f.bias"))}
-        self.rotary = RotaryEmbedding(xp, self.rope_spec, self.max_positions, b.dtype, b.device)
+        super().load_weights(tensors, source)
+        b = self.backend
+        self.rotary = RotaryEmbedding(self.xp, self.rope_spec, self.max_positions, b.dtype,
+                                      b.device)
 
     def _attention(self, x, i, L, cos, sin, kv_caches, meta):
         xp, c = self.xp, self.cfg

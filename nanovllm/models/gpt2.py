@@ -8,9 +8,9 @@ from ..errors import UnsupportedFeatureError
 from ..layers.activation import gelu_tanh
 from ..layers.attention import paged_attention, write_kv
 from ..layers.erf import gelu_erf
-from ..layers.linear import embedding, linear, prepare_linear
+from ..layers.linear import embedding, linear
 from ..layers.norm import layer_norm
-from .base import CausalLM, check_tensors, require
+from .base import CausalLM, require, weight
 
 ACTIVATIONS = {"gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh, "gelu_fast": gelu_tanh,
                "gelu": gelu_erf}
@@ -72,58 +72,40 @@ class GPT2LMHeadModel(CausalLM):
         self.prefix = "transformer."
         self.params: dict = {}
 
-    def expected_shapes(self) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    def weight_table(self) -> tuple[dict, set[str]]:
         c, t = self.cfg, self.prefix
         H, inner = c.hidden_size, c.intermediate_size
-        shapes = {t + "wte.weight": (c.vocab_size, H),
-                  t + "wpe.weight": (c.max_position_embeddings, H),
-                  t + "ln_f.weight": (H,), t + "ln_f.bias": (H,)}
-        optional = set()
-        if c.tie_word_embeddings:
-            optional.add("lm_head.weight")
-        else:
-            shapes["lm_head.weight"] = (c.vocab_size, H)
+
+        def norm(name):
+            return (weight(name + ".weight", (H,)), weight(name + ".bias", (H,)))
+
+        def conv1d(name, n_in, n_out):  # stored [in, out]: already laid out for `x @ w`
+            return (weight(name + ".weight", (n_in, n_out)), weight(name + ".bias", (n_out,)))
+
+        ignored = set()
+        layers = []
         for i in range(c.num_layers):
             p = f"{t}h.{i}."
-            layer = {"ln_1": (H,), "ln_2": (H,), "attn.c_attn": (H, 3 * H),
-                     "attn.c_proj": (H, H), "mlp.c_fc": (H, inner), "mlp.c_proj": (inner, H)}
-            for name, shape in layer.items():
-                shapes[p + name + ".weight"] = shape
-                shapes[p + name + ".bias"] = (shape[-1],)
-            optional |= {p + "attn.bias", p + "attn.masked_bias"}  # causal-mask buffers
-        return shapes, optional
+            layers.append({
+                "ln_1": norm(p + "ln_1"), "ln_2": norm(p + "ln_2"),
+                "qkv": conv1d(p + "attn.c_attn", H, 3 * H), "o": conv1d(p + "attn.c_proj", H, H),
+                "fc": conv1d(p + "mlp.c_fc", H, inner), "proj": conv1d(p + "mlp.c_proj", inner, H),
+            })
+            ignored |= {p + "attn.bias", p + "attn.masked_bias"}  # causal-mask buffers
+        if c.tie_word_embeddings:
+            head = weight(t + "wte.weight", (c.vocab_size, H), linear=True)
+            ignored.add("lm_head.weight")
+        else:
+            head = weight("lm_head.weight", (c.vocab_size, H), linear=True)
+        return {"wte": weight(t + "wte.weight", (c.vocab_size, H)),
+                "wpe": weight(t + "wpe.weight", (c.max_position_embeddings, H)),
+                "layers": layers, "ln_f": norm(t + "ln_f"), "lm_head": head}, ignored
 
     def load_weights(self, tensors: dict, source: str) -> None:
         # GPT2Model checkpoints (the hub's "gpt2") have no "transformer." prefix
         if "transformer.wte.weight" not in tensors and "wte.weight" in tensors:
             self.prefix = ""
-        check_tensors(*self.expected_shapes(), tensors, source)
-        xp, b, c, t = self.xp, self.backend, self.cfg, self.prefix
-
-        def w(name):
-            return b.weight(tensors.pop(name))
-
-        def conv1d(name):  # stored [in, out]: transpose to HF's Linear [out, in] for the layout
-            return (prepare_linear(xp, xp.matrix_transpose(w(name + ".weight"))),
-                    w(name + ".bias"))
-
-        layers = []
-        for i in range(c.num_layers):
-            p = f"{t}h.{i}."
-            layers.append({
-                "ln_1": (w(p + "ln_1.weight"), w(p + "ln_1.bias")),
-                "ln_2": (w(p + "ln_2.weight"), w(p + "ln_2.bias")),
-                "qkv": conv1d(p + "attn.c_attn"), "o": conv1d(p + "attn.c_proj"),
-                "fc": conv1d(p + "mlp.c_fc"), "proj": conv1d(p + "mlp.c_proj"),
-            })
-        wte = w(t + "wte.weight")
-        if c.tie_word_embeddings:
-            tensors.pop("lm_head.weight", None)
-            head = prepare_linear(xp, wte)
-        else:
-            head = prepare_linear(xp, w("lm_head.weight"))
-        self.params = {"wte": wte, "wpe": w(t + "wpe.weight"), "layers": layers,
-                       "ln_f": (w(t + "ln_f.weight"), w(t + "ln_f.bias")), "lm_head": head}
+        super().load_weights(tensors, source)
 
     def forward(self, params: dict, input_ids, positions, kv_caches: list, meta):
         xp, c, P = self.xp, self.cfg, params

@@ -21,7 +21,7 @@ from ..layers.mamba2 import Mamba2Spec, mamba2_mixer
 from ..layers.moe import moe
 from ..layers.norm import rms_norm
 from ..layers.rotary import RotaryEmbedding, rope_spec
-from .base import CausalLM, check_tensors, require
+from .base import CausalLM, fused, require, weight
 
 MAMBA, ATTENTION = "mamba", "attention"
 LAYER_KINDS = {"mamba": MAMBA, "linear_attention": MAMBA,
@@ -128,108 +128,90 @@ class GraniteMoeHybridForCausalLM(CausalLM):
         self.params: dict = {}
         self.rotary = None
 
-    def expected_shapes(self) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    def weight_table(self) -> tuple[dict, set[str]]:
         c, m = self.cfg, self.cfg.mamba
         H = c.hidden_size
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        shapes = {"model.embed_tokens.weight": (c.vocab_size, H), "model.norm.weight": (H,)}
-        optional = set()
-        if c.tie_word_embeddings:
-            optional.add("lm_head.weight")
-        else:
-            shapes["lm_head.weight"] = (c.vocab_size, H)
+        xp = self.xp
+        ignored = set()
+        layers = []
         for i, kind in enumerate(c.layer_kinds):
             p = f"model.layers.{i}."
-            layer = {"input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,),
-                     "shared_mlp.input_linear.weight": (2 * c.shared_intermediate_size, H),
-                     "shared_mlp.output_linear.weight": (H, c.shared_intermediate_size)}
+            S = c.shared_intermediate_size
+            layer = {
+                "in_norm": weight(p + "input_layernorm.weight", (H,)),
+                "mlp_norm": weight(p + "post_attention_layernorm.weight", (H,)),
+                "shared_in": weight(p + "shared_mlp.input_linear.weight", (2 * S, H), linear=True),
+                "shared_out": weight(p + "shared_mlp.output_linear.weight", (H, S), linear=True),
+            }
             if c.num_experts:
                 E, I = c.num_experts, c.intermediate_size
-                layer |= {"block_sparse_moe.router.layer.weight": (E, H),
-                          "block_sparse_moe.input_linear.weight": (E, 2 * I, H),
-                          "block_sparse_moe.output_linear.weight": (E, H, I)}
+                e = p + "block_sparse_moe."
+
+                def per_expert(w):  # [experts, out, in] -> one [in, out] weight per expert
+                    return [prepare_linear(xp, w[k, ...]) for k in range(w.shape[0])]
+
+                layer |= {
+                    "router": weight(e + "router.layer.weight", (E, H), linear=True),
+                    "experts_in": weight(e + "input_linear.weight", (E, 2 * I, H),
+                                         prepare=per_expert),
+                    "experts_out": weight(e + "output_linear.weight", (E, H, I),
+                                          prepare=per_expert)}
             if kind == ATTENTION:
-                layer |= {"self_attn.q_proj.weight": (q, H), "self_attn.k_proj.weight": (kv, H),
-                          "self_attn.v_proj.weight": (kv, H), "self_attn.o_proj.weight": (H, q)}
-                if c.attention_bias:
-                    layer |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
-                              "self_attn.v_proj.bias": (kv,), "self_attn.o_proj.bias": (H,)}
+                a, bias = p + "self_attn.", c.attention_bias
+                layer |= {
+                    "qkv": fused([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"],
+                                 [(q, H), (kv, H), (kv, H)], linear=True),
+                    "qkv_b": fused([a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"],
+                                   [(q,), (kv,), (kv,)]) if bias else None,
+                    "o": weight(a + "o_proj.weight", (H, q), linear=True),
+                    "o_b": weight(a + "o_proj.bias", (H,)) if bias else None}
             else:
-                proj = m.intermediate + m.conv_dim + m.heads
-                layer |= {"mamba.in_proj.weight": (proj, H),
-                          "mamba.conv1d.weight": (m.conv_dim, 1, m.d_conv),
-                          "mamba.dt_bias": (m.heads,), "mamba.A_log": (m.heads,),
-                          "mamba.D": (m.heads,), "mamba.norm.weight": (m.intermediate,),
-                          "mamba.out_proj.weight": (H, m.intermediate)}
-                if c.mamba_conv_bias:
-                    layer["mamba.conv1d.bias"] = (m.conv_dim,)
-                if c.mamba_proj_bias:
-                    layer |= {"mamba.in_proj.bias": (proj,), "mamba.out_proj.bias": (H,)}
-            shapes |= {p + k: v for k, v in layer.items()}
-        return shapes, optional
+                a, proj = p + "mamba.", m.intermediate + m.conv_dim + m.heads
+                layer |= {
+                    "in_proj": weight(a + "in_proj.weight", (proj, H), linear=True),
+                    "in_proj_b": (weight(a + "in_proj.bias", (proj,))
+                                  if c.mamba_proj_bias else None),
+                    "conv_w": weight(a + "conv1d.weight", (m.conv_dim, 1, m.d_conv),
+                                     prepare=lambda w: xp.matrix_transpose(w[:, 0, :])),
+                    "conv_b": (weight(a + "conv1d.bias", (m.conv_dim,))
+                               if c.mamba_conv_bias else None),
+                    "dt_bias": weight(a + "dt_bias", (m.heads,)),
+                    "A": weight(a + "A_log", (m.heads,), prepare=lambda w: -xp.exp(w)),
+                    "D": weight(a + "D", (m.heads,)),
+                    "norm": weight(a + "norm.weight", (m.intermediate,)),
+                    "out_proj": weight(a + "out_proj.weight", (H, m.intermediate), linear=True),
+                    "out_proj_b": weight(a + "out_proj.bias", (H,)) if c.mamba_proj_bias else None}
+            layers.append(layer)
+        if c.tie_word_embeddings:
+            head = weight("model.embed_tokens.weight", (c.vocab_size, H), linear=True)
+            ignored.add("lm_head.weight")
+        else:
+            head = weight("lm_head.weight", (c.vocab_size, H), linear=True)
+        return {"embed": weight("model.embed_tokens.weight", (c.vocab_size, H)),
+                "layers": layers, "norm": weight("model.norm.weight", (H,)),
+                "lm_head": head}, ignored
 
     def load_weights(self, tensors: dict, source: str) -> None:
-        expected, optional = self.expected_shapes()
-        check_tensors(expected, optional, tensors, source)
-        xp, b, c = self.xp, self.backend, self.cfg
+        """Granite's multipliers are folded into the host tensors first: residual_multiplier
+        into every branch output, embedding_multiplier into the table, and logits_scaling (and,
+        with a tied head, the embedding multiplier the table now carries) into the final norm."""
+        c = self.cfg
         r = c.residual_multiplier
-        for name in list(tensors):  # residual_multiplier scales every branch output
+        for name in list(tensors):
             if any(s in name for s in (".self_attn.o_proj.", ".mamba.out_proj.",
                                        ".shared_mlp.output_linear.",
                                        ".block_sparse_moe.output_linear.")):
                 tensors[name] = tensors[name] * r
-
-        def w(name):
-            return b.weight(tensors.pop(name))
-
-        def lin(*names):
-            return prepare_linear(xp, xp.concat([w(n) for n in names], axis=0))
-
-        def opt(name):
-            return w(name) if name in tensors else None
-
-        layers = []
-        for i, kind in enumerate(c.layer_kinds):
-            p = f"model.layers.{i}."
-            L = {"in_norm": w(p + "input_layernorm.weight"),
-                 "mlp_norm": w(p + "post_attention_layernorm.weight"),
-                 "shared_in": lin(p + "shared_mlp.input_linear.weight"),
-                 "shared_out": lin(p + "shared_mlp.output_linear.weight")}
-            if c.num_experts:
-                moe_p = p + "block_sparse_moe."
-                gu = tensors.pop(moe_p + "input_linear.weight")
-                dn = tensors.pop(moe_p + "output_linear.weight")
-                L["router"] = lin(moe_p + "router.layer.weight")
-                L["experts_in"] = [prepare_linear(xp, b.weight(gu[e])) for e in range(len(gu))]
-                L["experts_out"] = [prepare_linear(xp, b.weight(dn[e])) for e in range(len(dn))]
-            if kind == ATTENTION:
-                a = p + "self_attn."
-                qkv_b = [opt(a + f"{n}_proj.bias") for n in "qkv"]
-                L |= {"qkv": lin(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
-                      "qkv_b": None if qkv_b[0] is None else xp.concat(qkv_b, axis=0),
-                      "o": lin(a + "o_proj.weight"), "o_b": opt(a + "o_proj.bias")}
-            else:
-                a = p + "mamba."
-                conv = tensors.pop(a + "conv1d.weight")[:, 0, :]  # [conv_dim, d_conv]
-                L |= {"in_proj": lin(a + "in_proj.weight"), "in_proj_b": opt(a + "in_proj.bias"),
-                      "conv_w": b.weight(conv.T), "conv_b": opt(a + "conv1d.bias"),
-                      "dt_bias": w(a + "dt_bias"), "A": -xp.exp(w(a + "A_log")),
-                      "D": w(a + "D"), "norm": w(a + "norm.weight"),
-                      "out_proj": lin(a + "out_proj.weight"),
-                      "out_proj_b": opt(a + "out_proj.bias")}
-            layers.append(L)
-        embed_host = tensors.pop("model.embed_tokens.weight")
         head_scale = c.logits_scaling * (c.embedding_multiplier if c.tie_word_embeddings else 1.0)
-        embed = b.weight(embed_host * c.embedding_multiplier)
-        if c.tie_word_embeddings:
-            tensors.pop("lm_head.weight", None)
-            head = prepare_linear(xp, embed)
-        else:
-            head = lin("lm_head.weight")
-        norm = b.weight(tensors.pop("model.norm.weight") * (1.0 / head_scale))
-        self.params = {"embed": embed, "layers": layers, "norm": norm, "lm_head": head}
+        for name, scale in (("model.embed_tokens.weight", c.embedding_multiplier),
+                            ("model.norm.weight", 1.0 / head_scale)):
+            if name in tensors:  # else the table check names it as missing
+                tensors[name] = tensors[name] * scale
+        super().load_weights(tensors, source)
         if c.use_rope:
-            self.rotary = RotaryEmbedding(xp, self.rope_spec, self.max_positions, b.dtype,
+            b = self.backend
+            self.rotary = RotaryEmbedding(self.xp, self.rope_spec, self.max_positions, b.dtype,
                                           b.device)
 
     @property

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from ..errors import UnsupportedFeatureError
 from ..layers.activation import silu
 from ..layers.attention import paged_attention, write_kv
-from ..layers.linear import embedding, linear, prepare_linear
+from ..layers.linear import embedding, linear
 from ..layers.norm import rms_norm
 from ..layers.rotary import RotaryEmbedding, rope_spec
-from .base import CausalLM, check_tensors, require
+from .base import CausalLM, fused, require, weight
 
 
 @dataclass(slots=True)
@@ -64,80 +64,46 @@ class LlamaForCausalLM(CausalLM):
         self.scale = cfg.head_dim ** -0.5
         self.params: dict = {}
 
-    def expected_shapes(self) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    def weight_table(self) -> tuple[dict, set[str]]:
         c = self.cfg
+        H, I = c.hidden_size, c.intermediate_size
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        shapes = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
-                  "model.norm.weight": (c.hidden_size,)}
-        optional = set()
-        if c.tie_word_embeddings:
-            optional.add("lm_head.weight")
-        else:
-            shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
-        for i in range(c.num_layers):
-            p = f"model.layers.{i}."
-            layer = {
-                "input_layernorm.weight": (c.hidden_size,),
-                "post_attention_layernorm.weight": (c.hidden_size,),
-                "self_attn.q_proj.weight": (q, c.hidden_size),
-                "self_attn.k_proj.weight": (kv, c.hidden_size),
-                "self_attn.v_proj.weight": (kv, c.hidden_size),
-                "self_attn.o_proj.weight": (c.hidden_size, q),
-                "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
-                "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
-                "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
-            }
-            if c.attention_bias:
-                layer |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
-                          "self_attn.v_proj.bias": (kv,), "self_attn.o_proj.bias": (c.hidden_size,)}
-            if c.mlp_bias:
-                layer |= {"mlp.gate_proj.bias": (c.intermediate_size,),
-                          "mlp.up_proj.bias": (c.intermediate_size,),
-                          "mlp.down_proj.bias": (c.hidden_size,)}
-            shapes |= {p + k: v for k, v in layer.items()}
-            optional.add(p + "self_attn.rotary_emb.inv_freq")
-        return shapes, optional
-
-    def load_weights(self, tensors: dict, source: str) -> None:
-        """Host tensors with Hugging Face names -> fused, matmul-ready arrays on the device."""
-        expected, optional = self.expected_shapes()
-        check_tensors(expected, optional, tensors, source)
-        xp, b, c = self.xp, self.backend, self.cfg
-
-        def w(name):
-            return b.weight(tensors.pop(name))
-
-        def fused(*names):
-            return prepare_linear(xp, xp.concat([w(n) for n in names], axis=0))
-
-        def fused_bias(*names):
-            return xp.concat([w(n) for n in names], axis=0) if names[0] in tensors else None
-
+        embed = weight("model.embed_tokens.weight", (c.vocab_size, H))
+        ignored = set()
         layers = []
         for i in range(c.num_layers):
-            p = f"model.layers.{i}."
-            a, m = p + "self_attn.", p + "mlp."
+            a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+            attn_bias, mlp_bias = c.attention_bias, c.mlp_bias
             layers.append({
-                "attn_norm": w(p + "input_layernorm.weight"),
-                "mlp_norm": w(p + "post_attention_layernorm.weight"),
-                "qkv_b": fused_bias(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"),
-                "qkv": fused(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
-                "o_b": fused_bias(a + "o_proj.bias"),
-                "o": fused(a + "o_proj.weight"),
-                "gate_up_b": fused_bias(m + "gate_proj.bias", m + "up_proj.bias"),
-                "gate_up": fused(m + "gate_proj.weight", m + "up_proj.weight"),
-                "down_b": fused_bias(m + "down_proj.bias"),
-                "down": fused(m + "down_proj.weight"),
+                "attn_norm": weight(f"model.layers.{i}.input_layernorm.weight", (H,)),
+                "mlp_norm": weight(f"model.layers.{i}.post_attention_layernorm.weight", (H,)),
+                "qkv": fused([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"],
+                             [(q, H), (kv, H), (kv, H)], linear=True),
+                "qkv_b": fused([a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"],
+                               [(q,), (kv,), (kv,)]) if attn_bias else None,
+                "o": weight(a + "o_proj.weight", (H, q), linear=True),
+                "o_b": weight(a + "o_proj.bias", (H,)) if attn_bias else None,
+                "gate_up": fused([m + "gate_proj.weight", m + "up_proj.weight"],
+                                 [(I, H), (I, H)], linear=True),
+                "gate_up_b": fused([m + "gate_proj.bias", m + "up_proj.bias"],
+                                   [(I,), (I,)]) if mlp_bias else None,
+                "down": weight(m + "down_proj.weight", (H, I), linear=True),
+                "down_b": weight(m + "down_proj.bias", (H,)) if mlp_bias else None,
             })
-        embed = w("model.embed_tokens.weight")
-        if c.tie_word_embeddings:
-            tensors.pop("lm_head.weight", None)
-            head = prepare_linear(xp, embed)
+            ignored.add(a + "rotary_emb.inv_freq")
+        if c.tie_word_embeddings:  # the head is the embedding table
+            head = weight("model.embed_tokens.weight", (c.vocab_size, H), linear=True)
+            ignored.add("lm_head.weight")
         else:
-            head = fused("lm_head.weight")
-        self.params = {"embed": embed, "layers": layers, "norm": w("model.norm.weight"),
-                       "lm_head": head}
-        self.rotary = RotaryEmbedding(xp, self.rope_spec, self.max_positions, b.dtype, b.device)
+            head = weight("lm_head.weight", (c.vocab_size, H), linear=True)
+        return {"embed": embed, "layers": layers,
+                "norm": weight("model.norm.weight", (H,)), "lm_head": head}, ignored
+
+    def load_weights(self, tensors: dict, source: str) -> None:
+        super().load_weights(tensors, source)
+        b = self.backend
+        self.rotary = RotaryEmbedding(self.xp, self.rope_spec, self.max_positions, b.dtype,
+                                      b.device)
 
     def forward(self, params: dict, input_ids, positions, kv_caches: list, meta):
         """Token ids [T] -> final hidden states [T, hidden]; writes the step's K/V to the pools."""

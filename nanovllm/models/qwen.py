@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .base import Weight
 from .llama import LlamaForCausalLM
 from .sliding import sliding_window
 
@@ -16,11 +17,11 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
     def qkv_bias(hf_config: dict) -> bool:
         return True
 
-    def expected_shapes(self):
-        shapes, optional = super().expected_shapes()
-        for i in range(self.cfg.num_layers):
-            shapes.pop(f"model.layers.{i}.self_attn.o_proj.bias", None)
-        return shapes, optional
+    def weight_table(self) -> tuple[dict, set[str]]:
+        table, ignored = super().weight_table()
+        for layer in table["layers"]:
+            layer["o_b"] = None  # Qwen2: biases on q, k and v only
+        return table, ignored
 
 
 class Qwen3ForCausalLM(Qwen2ForCausalLM):
@@ -28,21 +29,19 @@ class Qwen3ForCausalLM(Qwen2ForCausalLM):
     def qkv_bias(hf_config: dict) -> bool:
         return bool(hf_config.get("attention_bias", False))
 
-    def expected_shapes(self):
+    def weight_table(self) -> tuple[dict, set[str]]:
         # Qwen3's o_proj has a bias exactly when q/k/v do (Llama's rule)
-        shapes, optional = LlamaForCausalLM.expected_shapes(self)
-        for i in range(self.cfg.num_layers):
+        table, ignored = LlamaForCausalLM.weight_table(self)
+        d = self.cfg.head_dim
+        for i, layer in enumerate(table["layers"]):
             a = f"model.layers.{i}.self_attn."
-            shapes[a + "q_norm.weight"] = shapes[a + "k_norm.weight"] = (self.cfg.head_dim,)
-        return shapes, optional
+            layer["qk_norm"] = Weight((a + "q_norm.weight", a + "k_norm.weight"), ((d,), (d,)),
+                                      prepare=self._qk_norm)
+        return table, ignored
 
-    def load_weights(self, tensors: dict, source: str) -> None:
-        super().load_weights(tensors, source)  # checks the norms' shapes, leaves them in tensors
-        xp, c = self.xp, self.cfg
-        for i, layer in enumerate(self.params["layers"]):
-            a = f"model.layers.{i}.self_attn."
-            q = self.backend.weight(tensors.pop(a + "q_norm.weight"))
-            k = self.backend.weight(tensors.pop(a + "k_norm.weight"))
-            # one weight for Llama's fused [q heads | k heads] view: [heads + kv_heads, head_dim]
-            layer["qk_norm"] = xp.concat([xp.broadcast_to(q, (c.num_heads, c.head_dim)),
-                                          xp.broadcast_to(k, (c.num_kv_heads, c.head_dim))])
+    def _qk_norm(self, qk):
+        """[q_norm | k_norm] -> one weight for Llama's fused [q heads | k heads] view:
+        [heads + kv_heads, head_dim]."""
+        xp, c, d = self.xp, self.cfg, self.cfg.head_dim
+        return xp.concat([xp.broadcast_to(qk[:d], (c.num_heads, d)),
+                          xp.broadcast_to(qk[d:], (c.num_kv_heads, d))])
