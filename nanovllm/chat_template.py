@@ -124,11 +124,13 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     def call_binop(self, context, operator: str, left: Any, right: Any) -> Any:
         if operator == "*":
             seq, times = (left, right) if _size(left) is not None else (right, left)
-            if _size(seq) is not None and isinstance(times, int) and _size(seq) * times > MAX_SIZE:
-                raise _too_big("a repeated string or list", _size(seq) * times)
-        elif operator == "+" and _size(left) is not None and _size(right) is not None:
-            if _size(left) + _size(right) > MAX_SIZE:
-                raise _too_big("a concatenation", _size(left) + _size(right))
+            size = _size(seq)
+            if size is not None and isinstance(times, int) and size * times > MAX_SIZE:
+                raise _too_big("a repeated string or list", size * times)
+        elif operator == "+":
+            a, b = _size(left), _size(right)
+            if a is not None and b is not None and a + b > MAX_SIZE:
+                raise _too_big("a concatenation", a + b)
         elif operator == "**" and isinstance(right, int) and right > 64 and isinstance(
                 left, int | float) and abs(left) > 1:
             raise TemplateLimitError(f"the chat template raises {left!r} to the power {right}, "

@@ -75,8 +75,8 @@ class Tokenizer:
                     config[name] = "<|endoftext|>"
         else:
             return None
-        specials = {name: token_content(config.get(name)) for name in SPECIAL_TOKEN_NAMES}
-        specials = {name: text for name, text in specials.items() if text is not None}
+        found = {name: token_content(config.get(name)) for name in SPECIAL_TOKEN_NAMES}
+        specials = {name: text for name, text in found.items() if text is not None}
         add_missing_tokens(tok, config, specials.values())
         bos_token, eos_token = specials.get("bos_token"), specials.get("eos_token")
         if from_vocab_files:  # transformers 5 honours add_bos/eos_token only without tokenizer.json

@@ -183,7 +183,7 @@ class Scheduler:
                 continue
             seq.num_computed_tokens = s.context_len
             self.block_manager.cache_full_blocks(seq)
-            if s.sample:
+            if s.sample and token is not None:
                 seq.append_token(token)
 
     def finish(self, seq: Sequence, reason: str) -> None:

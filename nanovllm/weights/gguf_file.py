@@ -7,6 +7,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -232,7 +233,7 @@ def open_gguf(file: str) -> gguf.GGUFReader:
 _MISSING = object()
 
 
-def read_field(reader: gguf.GGUFReader, key: str, file: str, default: object = _MISSING) -> object:
+def read_field(reader: gguf.GGUFReader, key: str, file: str, default: Any = _MISSING) -> Any:
     f = reader.fields.get(key)
     if f is None:
         if default is _MISSING:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
@@ -39,7 +40,7 @@ class GGUFTokenizerData:
     eos_token: str | None
 
 
-def build_tokenizer(meta: Callable[[str], object], file: str) -> GGUFTokenizerData | None:
+def build_tokenizer(meta: Callable[[str], Any], file: str) -> GGUFTokenizerData | None:
     """The tokenizer described by `tokenizer.ggml.*` metadata; `meta(key)` is None when absent."""
     model = meta("tokenizer.ggml.model")
     if model is None:
@@ -78,7 +79,7 @@ def build_tokenizer(meta: Callable[[str], object], file: str) -> GGUFTokenizerDa
         eos_token=tokens[eos] if eos is not None else None)
 
 
-def _token_id(meta: Callable[[str], object], key: str, vocab: int, file: str) -> int | None:
+def _token_id(meta: Callable[[str], Any], key: str, vocab: int, file: str) -> int | None:
     value = meta(key)
     if value is None:
         return None
@@ -100,7 +101,7 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def _byte_level(tokens: list[str], meta: Callable[[str], object],
+def _byte_level(tokens: list[str], meta: Callable[[str], Any],
                 file: str) -> tuple[Tokenizer, Callable[[str], bool]]:
     table = bytes_to_unicode()
     alphabet = set(table.values())
@@ -138,7 +139,7 @@ def _byte_level_pre_tokenizer(pre: object, file: str) -> pre_tokenizers.PreToken
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
-def _sentencepiece(tokens: list[str], meta: Callable[[str], object], unk: int | None,
+def _sentencepiece(tokens: list[str], meta: Callable[[str], Any], unk: int | None,
                    file: str) -> tuple[Tokenizer, Callable[[str], bool]]:
     vocab = {t: i for i, t in enumerate(tokens)}
     merges = meta("tokenizer.ggml.merges")

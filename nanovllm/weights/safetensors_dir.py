@@ -6,6 +6,7 @@ import json
 import math
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -72,7 +73,8 @@ def _weight_files(path: Path) -> list[tuple[Path, set[str] | None]]:
             AttributeError) as e:
         raise WeightsError(f"{index} is not a valid safetensors index ({e!r}); "
                            f"download it again") from e
-    files = [(path / shard, names) for shard, names in sorted(shards.items())]
+    files: list[tuple[Path, set[str] | None]] = [(path / shard, names)
+                                                 for shard, names in sorted(shards.items())]
     for file, _ in files:
         if not file.is_file():
             raise WeightsError(f"shard {file} listed in {index} is missing; download it again")
@@ -123,7 +125,7 @@ def _float32_bytes(header: dict, data_size: int) -> int:
     return total
 
 
-def _tensor(file: Path, name: str, info: object, data: np.memmap | None,
+def _tensor(file: Path, name: str, info: Any, data: Any,
             data_size: int) -> np.ndarray:
     try:
         dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
