@@ -89,6 +89,14 @@ def fused(names: list[str], shapes: list[tuple[int, ...]], linear: bool = False)
     return Weight(tuple(names), tuple(shapes), linear)
 
 
+def lm_head(embed: Weight, tied: bool, ignored: set[str]) -> Weight:
+    """The output projection: the embedding table itself when tied (an `lm_head.weight` the
+    checkpoint may still carry is then ignored), else `lm_head.weight` of the same shape."""
+    if tied:
+        ignored.add("lm_head.weight")
+    return Weight(embed.names if tied else ("lm_head.weight",), embed.shapes, linear=True)
+
+
 def table_weights(table) -> list[Weight]:
     """The Weights of a table (nested dicts, lists and tuples), in order."""
     if isinstance(table, Weight):
@@ -168,4 +176,4 @@ def check_tensors(expected: dict[str, tuple[int, ...]], optional: set[str],
 
 
 __all__ = ["CausalLM", "UnsupportedFeatureError", "Weight", "build_params", "check_tensors",
-           "fused", "require", "weight"]
+           "fused", "lm_head", "require", "weight"]

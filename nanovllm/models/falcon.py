@@ -16,7 +16,7 @@ from ..layers.erf import gelu_erf
 from ..layers.linear import embedding, linear
 from ..layers.norm import layer_norm
 from ..layers.rotary import RotaryEmbedding, rope_spec
-from .base import CausalLM, require, weight
+from .base import CausalLM, lm_head, require, weight
 
 ACTIVATIONS = {"gelu": gelu_erf, "gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh}
 
@@ -135,13 +135,10 @@ class FalconForCausalLM(CausalLM):
                 "up": lin(p + "mlp.dense_h_to_4h", (c.intermediate_size, H)),
                 "down": lin(p + "mlp.dense_4h_to_h", (H, c.intermediate_size)),
             })
-        if c.tie_word_embeddings:
-            head = weight("transformer.word_embeddings.weight", (c.vocab_size, H), linear=True)
-            ignored.add("lm_head.weight")
-        else:
-            head = weight("lm_head.weight", (c.vocab_size, H), linear=True)
-        return {"embed": weight("transformer.word_embeddings.weight", (c.vocab_size, H)),
-                "layers": layers, "lm_head": head, "ln_f": norm("transformer.ln_f")}, ignored
+        embed = weight("transformer.word_embeddings.weight", (c.vocab_size, H))
+        return {"embed": embed, "layers": layers,
+                "lm_head": lm_head(embed, c.tie_word_embeddings, ignored),
+                "ln_f": norm("transformer.ln_f")}, ignored
 
     def _qkv_rows(self, x):
         """query_key_value rows (axis 0) in the checkpoint's layout -> [Q | K | V]."""

@@ -10,7 +10,7 @@ from ..layers.attention import paged_attention, write_kv
 from ..layers.erf import gelu_erf
 from ..layers.linear import embedding, linear
 from ..layers.norm import layer_norm
-from .base import CausalLM, require, weight
+from .base import CausalLM, lm_head, require, weight
 
 ACTIVATIONS = {"gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh, "gelu_fast": gelu_tanh,
                "gelu": gelu_erf}
@@ -92,14 +92,11 @@ class GPT2LMHeadModel(CausalLM):
                 "fc": conv1d(p + "mlp.c_fc", H, inner), "proj": conv1d(p + "mlp.c_proj", inner, H),
             })
             ignored |= {p + "attn.bias", p + "attn.masked_bias"}  # causal-mask buffers
-        if c.tie_word_embeddings:
-            head = weight(t + "wte.weight", (c.vocab_size, H), linear=True)
-            ignored.add("lm_head.weight")
-        else:
-            head = weight("lm_head.weight", (c.vocab_size, H), linear=True)
-        return {"wte": weight(t + "wte.weight", (c.vocab_size, H)),
+        wte = weight(t + "wte.weight", (c.vocab_size, H))
+        return {"wte": wte,
                 "wpe": weight(t + "wpe.weight", (c.max_position_embeddings, H)),
-                "layers": layers, "ln_f": norm(t + "ln_f"), "lm_head": head}, ignored
+                "layers": layers, "ln_f": norm(t + "ln_f"),
+                "lm_head": lm_head(wte, c.tie_word_embeddings, ignored)}, ignored
 
     def load_weights(self, tensors: dict, source: str) -> None:
         # GPT2Model checkpoints (the hub's "gpt2") have no "transformer." prefix

@@ -21,7 +21,7 @@ from ..layers.mamba2 import Mamba2Spec, mamba2_mixer
 from ..layers.moe import moe
 from ..layers.norm import rms_norm
 from ..layers.rotary import RotaryEmbedding, rope_spec
-from .base import CausalLM, fused, require, weight
+from .base import CausalLM, fused, lm_head, require, weight
 
 MAMBA, ATTENTION = "mamba", "attention"
 LAYER_KINDS = {"mamba": MAMBA, "linear_attention": MAMBA,
@@ -183,14 +183,10 @@ class GraniteMoeHybridForCausalLM(CausalLM):
                     "out_proj": weight(a + "out_proj.weight", (H, m.intermediate), linear=True),
                     "out_proj_b": weight(a + "out_proj.bias", (H,)) if c.mamba_proj_bias else None}
             layers.append(layer)
-        if c.tie_word_embeddings:
-            head = weight("model.embed_tokens.weight", (c.vocab_size, H), linear=True)
-            ignored.add("lm_head.weight")
-        else:
-            head = weight("lm_head.weight", (c.vocab_size, H), linear=True)
-        return {"embed": weight("model.embed_tokens.weight", (c.vocab_size, H)),
+        embed = weight("model.embed_tokens.weight", (c.vocab_size, H))
+        return {"embed": embed,
                 "layers": layers, "norm": weight("model.norm.weight", (H,)),
-                "lm_head": head}, ignored
+                "lm_head": lm_head(embed, c.tie_word_embeddings, ignored)}, ignored
 
     def load_weights(self, tensors: dict, source: str) -> None:
         """Granite's multipliers are folded into the host tensors first: residual_multiplier

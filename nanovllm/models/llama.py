@@ -10,7 +10,7 @@ from ..layers.attention import paged_attention, write_kv
 from ..layers.linear import embedding, linear
 from ..layers.norm import rms_norm
 from ..layers.rotary import RotaryEmbedding, rope_spec
-from .base import CausalLM, fused, require, weight
+from .base import CausalLM, fused, lm_head, require, weight
 
 
 @dataclass(slots=True)
@@ -91,11 +91,7 @@ class LlamaForCausalLM(CausalLM):
                 "down_b": weight(m + "down_proj.bias", (H,)) if mlp_bias else None,
             })
             ignored.add(a + "rotary_emb.inv_freq")
-        if c.tie_word_embeddings:  # the head is the embedding table
-            head = weight("model.embed_tokens.weight", (c.vocab_size, H), linear=True)
-            ignored.add("lm_head.weight")
-        else:
-            head = weight("lm_head.weight", (c.vocab_size, H), linear=True)
+        head = lm_head(embed, c.tie_word_embeddings, ignored)
         return {"embed": embed, "layers": layers,
                 "norm": weight("model.norm.weight", (H,)), "lm_head": head}, ignored
 

@@ -58,10 +58,6 @@ def row_blocks(seqs, size: int) -> list[list[tuple]]:
     return blocks + [block] if block else blocks
 
 
-def _identity(n: int) -> int:
-    return n
-
-
 def _half_octaves(n: int) -> int:
     """n rounded up to 2^k or 3 * 2^(k-2): at most a third is padding."""
     p = 1 << max(n - 1, 0).bit_length()
@@ -81,12 +77,11 @@ class ModelRunner:
         self.rng = np.random.default_rng(seed)
         # a jitting backend wants few distinct shapes: it rounds sizes up to buckets
         self.bucket = backend.bucket
-        self.padded = backend.jits
         # tiled attention parts (few shapes) where jitting, exact parts (no padding) otherwise
-        self.tiled, self.query_tile, self.key_tile = self.padded, QUERY_TILE, KEY_TILE
+        self.tiled, self.query_tile, self.key_tile = backend.jits, QUERY_TILE, KEY_TILE
         self.decode_query_tile = 1
         # sizes that set the work (prefill rows, tiled attention items): rounded more finely
-        self.fine_bucket = _half_octaves if self.padded else _identity
+        self.fine_bucket = _half_octaves if backend.jits else backend.bucket
         # the rows that get logits, and the sampled rows, are padded with this
         self.rows_bucket = self.bucket
         self.row_block = ROW_BLOCK if config.batch_invariant else 0
