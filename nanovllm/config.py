@@ -1,4 +1,5 @@
-"""EngineConfig: every engine knob, validated in one place (pure Python)."""
+"""EngineConfig: every engine knob, validated in one place, and the KV pool's sizing (pure
+Python: the backend supplies the item size, the model its sizes)."""
 
 from __future__ import annotations
 
@@ -53,3 +54,32 @@ class EngineConfig:
                              "a recurrent state cannot be reused at block boundaries")
         if self.batch_invariant and self.num_state_slots:
             raise ValueError(BATCH_INVARIANT_HYBRID)
+
+
+DEFAULT_KV_CACHE_MEMORY = 1 << 30  # bytes for the KV pool when neither it nor the blocks are given
+
+
+def kv_cache_bytes_per_block(model, block_size: int, itemsize: int) -> int:
+    """Bytes of one KV block: K and V of `block_size` tokens in every attention layer."""
+    layers = max(model.num_kv_layers, 1)  # hybrid: attention layers only
+    return 2 * layers * block_size * model.num_kv_heads * model.head_dim * itemsize
+
+
+def size_kv_cache(per_block: int, block_size: int, model_max_len: int,
+                  max_model_len: int | None, max_num_seqs: int, num_kv_blocks: int | None,
+                  kv_cache_memory: int | None) -> tuple[int, int]:
+    """(num_kv_blocks, max_model_len) from what the user gave and the model's limit.
+
+    Given blocks are taken as they are. Otherwise the pool gets what `kv_cache_memory` (1 GiB
+    by default) holds, but no more than every sequence at full length needs, and at least two
+    blocks (the null block and one). max_model_len defaults to what the model and pool allow."""
+    if max_model_len is not None and max_model_len > model_max_len:
+        raise ValueError(f"max_model_len={max_model_len} exceeds the model's "
+                         f"max_position_embeddings={model_max_len}; pass at most {model_max_len}")
+    blocks = num_kv_blocks
+    if blocks is None:
+        budget = DEFAULT_KV_CACHE_MEMORY if kv_cache_memory is None else kv_cache_memory
+        wanted_len = max_model_len or model_max_len
+        needed = max_num_seqs * -(-wanted_len // block_size) + 1
+        blocks = min(max(budget // per_block, 2), needed)
+    return blocks, max_model_len or min(model_max_len, (blocks - 1) * block_size)

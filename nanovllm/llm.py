@@ -7,17 +7,16 @@ import threading
 from collections.abc import Iterator, Sequence
 
 from .backend import get_backend
-from .config import BATCH_INVARIANT_HYBRID, EngineConfig
+from .config import BATCH_INVARIANT_HYBRID, EngineConfig, kv_cache_bytes_per_block, size_kv_cache
 from .engine.llm_engine import LLMEngine
 from .errors import InvalidRequestError
 from .loader import load_model
 from .memory import check_fits
 from .outputs import RequestOutput
-from .runner.model_runner import ModelRunner, kv_cache_bytes_per_block
+from .runner.model_runner import ModelRunner
 from .sampling_params import SamplingParams
 
 Prompt = str | list[int]
-DEFAULT_KV_CACHE_MEMORY = 1 << 30
 
 
 class LLM:
@@ -49,23 +48,15 @@ class LLM:
             are placed); the position tables are then sized by max_model_len."""
             if batch_invariant and net.needs_state_slots:
                 raise ValueError(BATCH_INVARIANT_HYBRID)
-            model_max = net.cfg.max_position_embeddings
-            if max_model_len is not None and max_model_len > model_max:
-                raise ValueError(f"max_model_len={max_model_len} exceeds the model's "
-                                 f"max_position_embeddings={model_max}; pass at most {model_max}")
             per_block = kv_cache_bytes_per_block(net, block_size, itemsize)
-            blocks = num_kv_blocks
-            if blocks is None:
-                budget = DEFAULT_KV_CACHE_MEMORY if kv_cache_memory is None else kv_cache_memory
-                wanted_len = max_model_len or model_max
-                needed = max_num_seqs * -(-wanted_len // block_size) + 1
-                blocks = min(max(budget // per_block, 2), needed)
+            blocks, model_len = size_kv_cache(per_block, block_size,
+                                              net.cfg.max_position_embeddings, max_model_len,
+                                              max_num_seqs, num_kv_blocks, kv_cache_memory)
             if self.backend.on_host:
                 check_fits(f"a KV cache of {blocks} blocks x {block_size} tokens",
                            blocks * per_block, "lower kv_cache_memory (or num_kv_blocks), "
                            "max_num_seqs or max_model_len")
-            sizes.update(per_block=per_block, num_kv_blocks=blocks,
-                         max_model_len=max_model_len or min(model_max, (blocks - 1) * block_size))
+            sizes.update(per_block=per_block, num_kv_blocks=blocks, max_model_len=model_len)
             return sizes["max_model_len"]
 
         loaded = load_model(model, self.backend, kv_sizing)

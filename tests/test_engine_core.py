@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings, target
 from hypothesis import strategies as st
 
-from nanovllm.config import EngineConfig
+from nanovllm.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig, size_kv_cache
 from nanovllm.engine import block_manager as block_manager_module
 from nanovllm.engine.block_manager import NULL_BLOCK, BlockManager
 from nanovllm.engine.scheduler import Batch, Scheduler
@@ -590,3 +590,20 @@ def test_every_engine_module_imports_without_array_libraries():
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_kv_pool_sizing_rule():
+    """The pool takes what the memory budget holds, capped at every sequence at full length,
+    and max_model_len defaults to what the model and the pool allow."""
+    def size(**kw):
+        args = dict(per_block=1000, block_size=16, model_max_len=2048, max_model_len=None,
+                    max_num_seqs=4, num_kv_blocks=None, kv_cache_memory=None)
+        return size_kv_cache(**{**args, **kw})
+
+    assert size() == (4 * 128 + 1, 2048)  # 1 GiB holds more than 4 full sequences need
+    assert size(kv_cache_memory=50_000) == (50, 49 * 16)  # the budget binds: shorter max len
+    assert size(kv_cache_memory=10) == (2, 16)  # never below the null block and one more
+    assert size(num_kv_blocks=7, max_model_len=32) == (7, 32)  # given blocks are kept
+    assert size(per_block=DEFAULT_KV_CACHE_MEMORY // 100, max_num_seqs=64)[0] == 100
+    with pytest.raises(ValueError, match="max_model_len=4096 exceeds .*pass at most 2048"):
+        size(max_model_len=4096)

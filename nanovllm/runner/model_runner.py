@@ -28,11 +28,6 @@ class SeqResult:
     error: str | None = None  # the row's logits were not finite: no token could be sampled
 
 
-def kv_cache_bytes_per_block(model, block_size: int, itemsize: int) -> int:
-    layers = max(model.num_kv_layers, 1)  # hybrid: attention layers only
-    return 2 * layers * block_size * model.num_kv_heads * model.head_dim * itemsize
-
-
 QUERY_TILE = 64  # tiled parts (jitting backends): queries per item
 KEY_TILE = 64  # and keys per item
 ROW_BLOCK = 16  # batch-invariant mode: rows of every pass (and queries per attention item)
