@@ -8,7 +8,7 @@ context, and within a sliding window if any). Grouped heads share one gathered K
 are shaped [seq, kv_head, group * Q, d].
 
 The step's rows are cut into parts (runner/attention_layout.py builds them). A part is S
-items of Q queries over L keys each. Without a combine table an item is a whole sequence
+items of Q queries over K keys each. Without a combine table an item is a whole sequence
 (its queries see all their keys) and is normalized at once. With one, an item is a tile of
 queries over one tile of keys: each item yields partial results (running max, sum of
 exponentials, unnormalized output) per query, and each output row merges the partials of
@@ -30,11 +30,11 @@ class AttentionPart:
     # sizes, not arrays: a jitting backend compiles once per value of these
     static_fields: ClassVar[tuple[str, ...]] = ("num_seqs", "query_len", "context_len",
                                                 "first_row", "num_rows")
-    context_slots: Any  # [S, L] pool slots of each item's keys (padded with null slots)
-    mask: Any  # [S, 1, 1, Q, L] bool: may query q attend to key l
+    context_slots: Any  # [S, K] pool slots of each item's keys (padded with null slots)
+    mask: Any  # [S, 1, 1, Q, K] bool: may query q attend to key k
     num_seqs: int  # S
     query_len: int  # Q: 1 for decode
-    context_len: int  # L
+    context_len: int  # K
     first_row: int = 0
     num_rows: int = 0
     query_index: Any = None  # [S*Q] the part's rows forming the items' queries (None: as is)
@@ -50,65 +50,75 @@ class AttentionMetadata:
 
 
 def write_kv(backend, k_pool, v_pool, k, v, slot_mapping):
+    """k, v [T, KV, D] of the step's tokens -> the pools [num_slots, KV, D], row t at slot
+    slot_mapping[t]."""
     return (backend.scatter_rows(k_pool, slot_mapping, k),
             backend.scatter_rows(v_pool, slot_mapping, v))
 
 
 def _attend_part(xp, q, k_pool, v_pool, part: AttentionPart, scale: float):
-    """q: [S*Q, heads, d] (the items' queries) -> [S*Q or num_rows, heads*d]."""
-    S, Q, L = part.num_seqs, part.query_len, part.context_len
-    heads, d = q.shape[1], q.shape[2]
-    kv_heads = k_pool.shape[1]
-    group = heads // kv_heads
-    slots = xp.reshape(part.context_slots, (-1,))
-    k = xp.reshape(xp.take(k_pool, slots, axis=0), (S, L, kv_heads, d))
-    v = xp.reshape(xp.take(v_pool, slots, axis=0), (S, L, kv_heads, d))
-    q = xp.reshape(q, (S, Q, kv_heads, group, d))
-    q = xp.reshape(xp.permute_dims(q, (0, 2, 3, 1, 4)), (S, kv_heads, group * Q, d))
-    k = xp.permute_dims(k, (0, 2, 3, 1))  # [S, kvh, d, L]
-    v = xp.permute_dims(v, (0, 2, 1, 3))  # [S, kvh, L, d]
-    scores = xp.reshape((q @ k) * scale, (S, kv_heads, group, Q, L))
-    scores = xp.where(part.mask, scores, -xp.inf)
+    """q [S*Q, H, D] (the items' queries) -> [num_rows, H*D].
 
-    def rows(x):  # [S, kvh, group, Q, ...] -> [S*Q, heads, ...]
+    S items of Q queries over K keys each (the part's num_seqs, query_len, context_len); H query
+    heads, KV key/value heads, G = H // KV query heads per K/V head, D head_dim. With a combine
+    table, R = num_rows output rows, each merging B partial results.
+    """
+    S, Q, K = part.num_seqs, part.query_len, part.context_len
+    H, D = q.shape[1], q.shape[2]
+    KV = k_pool.shape[1]
+    G = H // KV
+    slots = xp.reshape(part.context_slots, (-1,))  # [S*K]
+    k = xp.reshape(xp.take(k_pool, slots, axis=0), (S, K, KV, D))  # [S, K, KV, D]
+    v = xp.reshape(xp.take(v_pool, slots, axis=0), (S, K, KV, D))  # [S, K, KV, D]
+    q = xp.reshape(q, (S, Q, KV, G, D))  # [S, Q, KV, G, D]
+    q = xp.reshape(xp.permute_dims(q, (0, 2, 3, 1, 4)), (S, KV, G * Q, D))  # [S, KV, G*Q, D]
+    k = xp.permute_dims(k, (0, 2, 3, 1))  # [S, KV, D, K]
+    v = xp.permute_dims(v, (0, 2, 1, 3))  # [S, KV, K, D]
+    scores = xp.reshape((q @ k) * scale, (S, KV, G, Q, K))  # [S, KV, G, Q, K]
+    scores = xp.where(part.mask, scores, -xp.inf)  # mask [S, 1, 1, Q, K]
+
+    def rows(x):  # [S, KV, G, Q, ...] -> [S*Q, H, ...]
         x = xp.permute_dims(x, (0, 3, 1, 2) + tuple(range(4, x.ndim)))
-        return xp.reshape(x, (S * Q, heads) + tuple(x.shape[4:]))
+        return xp.reshape(x, (S * Q, H) + tuple(x.shape[4:]))
 
-    if part.combine_index is None:
-        probs = xp.reshape(softmax(xp, scores), (S, kv_heads, group * Q, L))
-        out = xp.reshape(probs @ v, (S, kv_heads, group, Q, d))
-        return xp.reshape(rows(out), (S * Q, heads * d))
-    m = xp.max(scores, axis=-1, keepdims=True)  # -inf where a query sees no key of the item
-    p = xp.exp(scores - xp.where(m == -xp.inf, 0.0, m))
-    total = rows(xp.sum(p, axis=-1))  # [S*Q, heads]
-    out = rows(xp.reshape(xp.reshape(p, (S, kv_heads, group * Q, L)) @ v,
-                          (S, kv_heads, group, Q, d)))  # [S*Q, heads, d], unnormalized
-    m = rows(m[..., 0])
+    if part.combine_index is None:  # each item is a whole sequence: normalize at once
+        probs = xp.reshape(softmax(xp, scores), (S, KV, G * Q, K))  # [S, KV, G*Q, K]
+        out = xp.reshape(probs @ v, (S, KV, G, Q, D))  # [S, KV, G, Q, D]
+        return xp.reshape(rows(out), (S * Q, H * D))  # [S*Q, H*D], S*Q = num_rows
+    # each item is a tile: partial results per query, merged per output row below
+    m = xp.max(scores, axis=-1, keepdims=True)  # [S, KV, G, Q, 1]: -inf where no key is seen
+    p = xp.exp(scores - xp.where(m == -xp.inf, 0.0, m))  # [S, KV, G, Q, K]
+    total = rows(xp.sum(p, axis=-1))  # [S*Q, H]
+    out = rows(xp.reshape(xp.reshape(p, (S, KV, G * Q, K)) @ v,
+                          (S, KV, G, Q, D)))  # [S*Q, H, D], unnormalized
+    m = rows(m[..., 0])  # [S*Q, H]
     # row S*Q: an empty partial, for combine entries past a row's items
-    m = xp.concat([m, xp.full_like(m[:1, ...], -xp.inf)], axis=0)
-    total = xp.concat([total, xp.zeros_like(total[:1, ...])], axis=0)
-    out = xp.concat([out, xp.zeros_like(out[:1, ...])], axis=0)
+    m = xp.concat([m, xp.full_like(m[:1, ...], -xp.inf)], axis=0)  # [S*Q + 1, H]
+    total = xp.concat([total, xp.zeros_like(total[:1, ...])], axis=0)  # [S*Q + 1, H]
+    out = xp.concat([out, xp.zeros_like(out[:1, ...])], axis=0)  # [S*Q + 1, H, D]
     R, B = part.combine_index.shape
-    index = xp.reshape(part.combine_index, (-1,))
-    m = xp.reshape(xp.take(m, index, axis=0), (R, B, heads))
-    top = xp.max(m, axis=1, keepdims=True)
-    weight = xp.exp(m - xp.where(top == -xp.inf, 0.0, top))  # [R, B, heads]
-    totals = weight * xp.reshape(xp.take(total, index, axis=0), (R, B, heads))
-    outs = weight[..., None] * xp.reshape(xp.take(out, index, axis=0), (R, B, heads, d))
+    index = xp.reshape(part.combine_index, (-1,))  # [R*B]
+    m = xp.reshape(xp.take(m, index, axis=0), (R, B, H))  # [R, B, H]
+    top = xp.max(m, axis=1, keepdims=True)  # [R, 1, H]
+    weight = xp.exp(m - xp.where(top == -xp.inf, 0.0, top))  # [R, B, H]
+    totals = weight * xp.reshape(xp.take(total, index, axis=0), (R, B, H))  # [R, B, H]
+    outs = weight[..., None] * xp.reshape(xp.take(out, index, axis=0),
+                                          (R, B, H, D))  # [R, B, H, D]
     # merged one key tile at a time, in key order: the same sums whatever the batch
-    total, out = totals[:, 0, ...], outs[:, 0, ...]
+    total, out = totals[:, 0, ...], outs[:, 0, ...]  # [R, H], [R, H, D]
     for j in range(1, B):
         total, out = total + totals[:, j, ...], out + outs[:, j, ...]
     out = out / xp.where(total > 0, total, 1.0)[..., None]  # rows with no keys: zeros
-    return xp.reshape(out, (R, heads * d))
+    return xp.reshape(out, (R, H * D))  # [R, H*D]
 
 
 def paged_attention(xp, q, k_pool, v_pool, meta: AttentionMetadata, scale: float):
-    """q: [T, heads, d] for the step's tokens, whose K/V are already in the pools."""
+    """q [T, H, D] for the step's T tokens, whose K/V are already in the pools
+    [num_slots, KV, D] -> [T, H*D]."""
     outs = []
     for part in meta.parts:
-        qp = q[part.first_row:part.first_row + part.num_rows, ...]
-        if part.query_index is not None:
-            qp = xp.take(qp, part.query_index, axis=0)
-        outs.append(_attend_part(xp, qp, k_pool, v_pool, part, scale))
-    return outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)
+        part_q = q[part.first_row:part.first_row + part.num_rows, ...]  # [num_rows, H, D]
+        if part.query_index is not None:  # tiles: the rows that form each item's queries
+            part_q = xp.take(part_q, part.query_index, axis=0)  # [S*Q, H, D]
+        outs.append(_attend_part(xp, part_q, k_pool, v_pool, part, scale))  # [num_rows, H*D]
+    return outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)  # [T, H*D]

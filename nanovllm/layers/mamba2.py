@@ -31,15 +31,15 @@ class StateMetadata:
     """
     static_fields: ClassVar[tuple[str, ...]] = ("num_decode", "prefill_seqs", "prefill_steps")
     num_decode: int = 0  # rows of decode tokens (padding included) before the prefill rows
-    decode_slots: Any = None  # [nd] int
-    decode_reset: Any = None  # [nd] bool
+    decode_slots: Any = None  # [num_decode] int
+    decode_reset: Any = None  # [num_decode] bool
     prefill_slots: Any = None  # [S] int
     prefill_reset: Any = None  # [S] bool
     prefill_lens: Any = None  # [S] int: tokens of each sequence in this chunk
     prefill_seqs: int = 0  # S
     prefill_steps: int = 0  # Q
     prefill_query_index: Any = None  # [S*Q] prefill rows forming the padded [S, Q] view
-    prefill_output_index: Any = None  # [prefill rows] rows of that view to keep
+    prefill_output_index: Any = None  # [num_prefill_rows] rows of that view to keep
 
 
 @dataclass(slots=True)
@@ -66,14 +66,14 @@ def softplus(xp, x):
 
 def gated_rms_norm(xp, y, gate, weight, groups: int, eps: float):
     """transformers' RMSNormGated (norm_before_gate=False): norm(y * silu(gate)) per group."""
-    y = y * silu(xp, gate)
+    y = y * silu(xp, gate)  # [T, n]
     T, n = y.shape
-    g = xp.reshape(y, (T, groups, n // groups))
+    g = xp.reshape(y, (T, groups, n // groups))  # [T, groups, n / groups]
     g = g * (1.0 / xp.sqrt(xp.mean(g * g, axis=-1, keepdims=True) + eps))
-    return xp.reshape(g, (T, n)) * weight
+    return xp.reshape(g, (T, n)) * weight  # [T, n]
 
 
-def _conv(xp, state, x, weight, bias, lens, dev):
+def _conv(xp, state, x, weight, bias, lens, device):
     """Causal depthwise conv + SiLU. state [S, K-1, C], x [S, Q, C], weight [K, C].
 
     Returns the outputs [S, Q, C] and the new state: the last K-1 inputs up to each length.
@@ -81,17 +81,17 @@ def _conv(xp, state, x, weight, bias, lens, dev):
     S, Q, C = x.shape
     K = weight.shape[0]
     seq = xp.concat([state, x], axis=1)  # [S, K-1+Q, C]
-    out = seq[:, 0:Q, :] * weight[0, :]
+    out = seq[:, 0:Q, :] * weight[0, :]  # [S, Q, C]
     for k in range(1, K):
         out = out + seq[:, k:k + Q, :] * weight[k, :]
     if bias is not None:
         out = out + bias
     if lens is None:
-        new_state = seq[:, Q:, :]
+        new_state = seq[:, Q:, :]  # [S, K-1, C]
     else:
-        rows = (xp.arange(S, dtype=lens.dtype, device=dev)[:, None] * (K - 1 + Q)
+        rows = (xp.arange(S, dtype=lens.dtype, device=device)[:, None] * (K - 1 + Q)
                 + lens[:, None]
-                + xp.arange(K - 1, dtype=lens.dtype, device=dev)[None, :])
+                + xp.arange(K - 1, dtype=lens.dtype, device=device)[None, :])  # [S, K-1]
         flat = xp.reshape(seq, (S * (K - 1 + Q), C))
         new_state = xp.reshape(xp.take(flat, xp.reshape(rows, (-1,)), axis=0), (S, K - 1, C))
     return silu(xp, out), new_state
@@ -104,7 +104,7 @@ def _by_head(xp, t, heads: int):
     return xp.permute_dims(xp.reshape(t, (S, c, heads, n)), (0, 2, 1, 3))
 
 
-def _ssd_chunk(xp, h, x, dt, A, B, C, dev):
+def _ssd_chunk(xp, h, x, dt, A, B, C, device):
     """One chunk of the SSD scan. h [S,H,P,N]; x [S,H,c,P]; dt [S,H,c]; B, C [S,H,c,N].
 
     y_t = C_t . (exp(sum a_1..t) h + sum_{s<=t} exp(sum a_{s+1..t}) dt_s B_s x_s),
@@ -112,51 +112,57 @@ def _ssd_chunk(xp, h, x, dt, A, B, C, dev):
     """
     c = x.shape[2]
     a = dt * A[:, None]  # [S,H,c], <= 0
-    acum = xp.cumulative_sum(a, axis=-1)
-    t_idx = xp.arange(c, device=dev)
-    below = t_idx[:, None] > t_idx[None, :]
-    causal = t_idx[:, None] >= t_idx[None, :]
-    rep = xp.where(below, xp.broadcast_to(a[..., :, None], a.shape + (c,)), 0.0)
+    acum = xp.cumulative_sum(a, axis=-1)  # [S,H,c]
+    t_idx = xp.arange(c, device=device)
+    below = t_idx[:, None] > t_idx[None, :]  # [c,c]
+    causal = t_idx[:, None] >= t_idx[None, :]  # [c,c]
+    rep = xp.where(below, xp.broadcast_to(a[..., :, None], a.shape + (c,)), 0.0)  # [S,H,c,c]
     seg = xp.cumulative_sum(rep, axis=-2)  # seg[t, s] = sum a_{s+1..t} for s <= t
     decay = xp.exp(xp.where(causal, seg, -xp.inf))  # [S,H,c,c]
-    xdt = x * dt[..., None]
-    scores = (C @ xp.matrix_transpose(B)) * decay
-    y = scores @ xdt + (C @ xp.matrix_transpose(h)) * xp.exp(acum)[..., None]
+    xdt = x * dt[..., None]  # [S,H,c,P]
+    scores = (C @ xp.matrix_transpose(B)) * decay  # [S,H,c,c]
+    y = scores @ xdt + (C @ xp.matrix_transpose(h)) * xp.exp(acum)[..., None]  # [S,H,c,P]
     last = acum[..., c - 1:c]  # [S,H,1]
     to_end = xp.exp(last - acum)  # [S,H,c]
     h = (h * xp.exp(last)[..., None]
-         + xp.matrix_transpose(xdt * to_end[..., None]) @ B)
+         + xp.matrix_transpose(xdt * to_end[..., None]) @ B)  # [S,H,P,N]
     return y, h
 
 
-def _mix(xp, p: dict, s: Mamba2Spec, conv_state, h, xbc, dt, lens, dev):
-    """xbc [S,Q,conv_dim], dt [S,Q,heads] raw -> y [S,Q,I], new conv state, new ssm state."""
+def _mix(xp, layer: dict, spec: Mamba2Spec, conv_state, h, xbc, dt, lens, device):
+    """xbc [S,Q,conv_dim], dt [S,Q,H] raw -> y [S,Q,I], new conv state, new ssm state.
+
+    S sequences of Q steps; H heads of P = head_dim, N = d_state, G groups, I = H * P.
+    """
     S, Q = xbc.shape[0], xbc.shape[1]
-    H, P, N, G, I = s.heads, s.head_dim, s.d_state, s.groups, s.intermediate
-    xbc, conv_state = _conv(xp, conv_state, xbc, p["conv_w"], p["conv_b"], lens, dev)
-    dt = softplus(xp, dt + p["dt_bias"])
-    if s.dt_min > 0.0 or s.dt_max < float("inf"):
-        dt = xp.clip(dt, s.dt_min, s.dt_max)
+    H, P, N, G, I = spec.heads, spec.head_dim, spec.d_state, spec.groups, spec.intermediate
+    xbc, conv_state = _conv(xp, conv_state, xbc, layer["conv_w"], layer["conv_b"], lens,
+                            device)  # [S,Q,conv_dim]
+    dt = softplus(xp, dt + layer["dt_bias"])  # [S,Q,H]
+    if spec.dt_min > 0.0 or spec.dt_max < float("inf"):
+        dt = xp.clip(dt, spec.dt_min, spec.dt_max)
     if lens is not None:  # steps past a sequence's chunk leave its state unchanged
-        valid = xp.arange(Q, dtype=lens.dtype, device=dev)[None, :] < lens[:, None]
+        valid = xp.arange(Q, dtype=lens.dtype, device=device)[None, :] < lens[:, None]  # [S,Q]
         dt = xp.where(valid[:, :, None], dt, 0.0)
     x = xp.permute_dims(xp.reshape(xbc[:, :, :I], (S, Q, H, P)), (0, 2, 1, 3))  # [S,H,Q,P]
-    B = _by_head(xp, xp.reshape(xbc[:, :, I:I + G * N], (S, Q, G, N)), H)
-    C = _by_head(xp, xp.reshape(xbc[:, :, I + G * N:], (S, Q, G, N)), H)
+    B = _by_head(xp, xp.reshape(xbc[:, :, I:I + G * N], (S, Q, G, N)), H)  # [S,H,Q,N]
+    C = _by_head(xp, xp.reshape(xbc[:, :, I + G * N:], (S, Q, G, N)), H)  # [S,H,Q,N]
     dt = xp.permute_dims(dt, (0, 2, 1))  # [S,H,Q]
     ys = []
-    for lo in range(0, Q, s.chunk_size):
-        hi = min(lo + s.chunk_size, Q)
-        y, h = _ssd_chunk(xp, h, x[:, :, lo:hi, :], dt[:, :, lo:hi], p["A"],
-                          B[:, :, lo:hi, :], C[:, :, lo:hi, :], dev)
+    for lo in range(0, Q, spec.chunk_size):
+        hi = min(lo + spec.chunk_size, Q)
+        y, h = _ssd_chunk(xp, h, x[:, :, lo:hi, :], dt[:, :, lo:hi], layer["A"],
+                          B[:, :, lo:hi, :], C[:, :, lo:hi, :], device)  # y [S,H,hi-lo,P]
         ys.append(y)
-    y = ys[0] if len(ys) == 1 else xp.concat(ys, axis=2)
-    y = y + x * xp.reshape(p["D"], (1, H, 1, 1))
-    y = xp.reshape(xp.permute_dims(y, (0, 2, 1, 3)), (S, Q, I))
+    y = ys[0] if len(ys) == 1 else xp.concat(ys, axis=2)  # [S,H,Q,P]
+    y = y + x * xp.reshape(layer["D"], (1, H, 1, 1))  # the D skip
+    y = xp.reshape(xp.permute_dims(y, (0, 2, 1, 3)), (S, Q, I))  # [S,Q,I]
     return y, conv_state, h
 
 
 def _gather_state(xp, conv_pool, ssm_pool, slots, reset):
+    """The state of each slot in `slots` [S], zeros where `reset` [S]: conv [S, d_conv - 1,
+    conv_dim] and ssm [S, heads, head_dim, d_state]."""
     conv = xp.take(conv_pool, slots, axis=0)
     h = xp.take(ssm_pool, slots, axis=0)
     conv = xp.where(reset[:, None, None], 0.0, conv)
@@ -164,33 +170,44 @@ def _gather_state(xp, conv_pool, ssm_pool, slots, reset):
     return conv, h
 
 
-def mamba2_mixer(backend, p: dict, s: Mamba2Spec, x, cache, meta):
-    """x [T, hidden] (normed) -> [T, hidden], and the layer's updated (conv_pool, ssm_pool)."""
+def mamba2_mixer(backend, layer: dict, spec: Mamba2Spec, x, cache, meta):
+    """x [T, hidden] (normed) -> [T, hidden], and the layer's updated (conv_pool, ssm_pool).
+
+    T tokens (the decode rows, then the prefill rows); I = spec.intermediate, H = spec.heads,
+    conv_dim = I + 2 * groups * d_state (x | B | C); prefill runs as S sequences of Q steps.
+    """
     xp = backend.xp
     conv_pool, ssm_pool = cache
-    st: StateMetadata = meta.state
-    I, D = s.intermediate, s.conv_dim
-    proj = linear(x, p["in_proj"], p["in_proj_b"])
-    gate, xbc, dt = proj[:, :I], proj[:, I:I + D], proj[:, I + D:]
-    nd = st.num_decode
+    state: StateMetadata = meta.state
+    I, conv_dim = spec.intermediate, spec.conv_dim
+    proj = linear(x, layer["in_proj"], layer["in_proj_b"])  # [T, I + conv_dim + H]
+    gate = proj[:, :I]  # [T, I]
+    xbc = proj[:, I:I + conv_dim]  # [T, conv_dim]
+    dt = proj[:, I + conv_dim:]  # [T, H]
+    num_decode = state.num_decode
     ys = []
-    if st.decode_slots is not None:
-        conv, h = _gather_state(xp, conv_pool, ssm_pool, st.decode_slots, st.decode_reset)
-        y, conv, h = _mix(xp, p, s, conv, h, xbc[:nd, None, :], dt[:nd, None, :], None,
-                          backend.device)
-        conv_pool = backend.scatter_rows(conv_pool, st.decode_slots, conv)
-        ssm_pool = backend.scatter_rows(ssm_pool, st.decode_slots, h)
-        ys.append(y[:, 0, :])
-    if st.prefill_slots is not None:
-        S, Q = st.prefill_seqs, st.prefill_steps
-        conv, h = _gather_state(xp, conv_pool, ssm_pool, st.prefill_slots, st.prefill_reset)
-        rows = st.prefill_query_index
-        xbc_p = xp.reshape(xp.take(xbc[nd:, ...], rows, axis=0), (S, Q, D))
-        dt_p = xp.reshape(xp.take(dt[nd:, ...], rows, axis=0), (S, Q, s.heads))
-        y, conv, h = _mix(xp, p, s, conv, h, xbc_p, dt_p, st.prefill_lens, backend.device)
-        conv_pool = backend.scatter_rows(conv_pool, st.prefill_slots, conv)
-        ssm_pool = backend.scatter_rows(ssm_pool, st.prefill_slots, h)
-        ys.append(xp.take(xp.reshape(y, (S * Q, I)), st.prefill_output_index, axis=0))
-    y = ys[0] if len(ys) == 1 else xp.concat(ys, axis=0)
-    y = gated_rms_norm(xp, y, gate, p["norm"], s.groups, s.eps)
-    return linear(y, p["out_proj"], p["out_proj_b"]), (conv_pool, ssm_pool)
+    if state.decode_slots is not None:  # a decode row is one step of its sequence
+        conv, h = _gather_state(xp, conv_pool, ssm_pool, state.decode_slots, state.decode_reset)
+        y, conv, h = _mix(xp, layer, spec, conv, h, xbc[:num_decode, None, :],
+                          dt[:num_decode, None, :], None, backend.device)  # [num_decode, 1, I]
+        conv_pool = backend.scatter_rows(conv_pool, state.decode_slots, conv)
+        ssm_pool = backend.scatter_rows(ssm_pool, state.decode_slots, h)
+        ys.append(y[:, 0, :])  # [num_decode, I]
+    if state.prefill_slots is not None:
+        S, Q = state.prefill_seqs, state.prefill_steps
+        conv, h = _gather_state(xp, conv_pool, ssm_pool, state.prefill_slots,
+                                state.prefill_reset)
+        rows = state.prefill_query_index  # [S*Q]
+        prefill_xbc = xp.reshape(xp.take(xbc[num_decode:, ...], rows, axis=0),
+                                 (S, Q, conv_dim))  # [S, Q, conv_dim]
+        prefill_dt = xp.reshape(xp.take(dt[num_decode:, ...], rows, axis=0),
+                                (S, Q, spec.heads))  # [S, Q, H]
+        y, conv, h = _mix(xp, layer, spec, conv, h, prefill_xbc, prefill_dt, state.prefill_lens,
+                          backend.device)  # [S, Q, I]
+        conv_pool = backend.scatter_rows(conv_pool, state.prefill_slots, conv)
+        ssm_pool = backend.scatter_rows(ssm_pool, state.prefill_slots, h)
+        ys.append(xp.take(xp.reshape(y, (S * Q, I)), state.prefill_output_index,
+                          axis=0))  # [num_prefill_rows, I]
+    y = ys[0] if len(ys) == 1 else xp.concat(ys, axis=0)  # [T, I]
+    y = gated_rms_norm(xp, y, gate, layer["norm"], spec.groups, spec.eps)  # [T, I]
+    return linear(y, layer["out_proj"], layer["out_proj_b"]), (conv_pool, ssm_pool)  # [T, hidden]

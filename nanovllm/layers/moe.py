@@ -15,21 +15,24 @@ def top_k_routing(xp, logits, k: int):
 
     Ties are broken towards the lower expert index (a stable sort).
     """
-    order = xp.argsort(-logits, axis=-1, stable=True)
-    rank = xp.argsort(order, axis=-1, stable=True)  # rank of each expert per token
-    picked = rank < k
-    top = xp.max(logits, axis=-1, keepdims=True)
-    e = xp.where(picked, xp.exp(logits - top), 0.0)
-    return e / xp.sum(e, axis=-1, keepdims=True)
+    order = xp.argsort(-logits, axis=-1, stable=True)  # [T, E] experts, best first
+    rank = xp.argsort(order, axis=-1, stable=True)  # [T, E] rank of each expert per token
+    picked = rank < k  # [T, E]
+    top = xp.max(logits, axis=-1, keepdims=True)  # [T, 1]
+    e = xp.where(picked, xp.exp(logits - top), 0.0)  # [T, E]
+    return e / xp.sum(e, axis=-1, keepdims=True)  # [T, E]
 
 
 def moe(xp, x, router, gate_up: list, down: list, k: int):
-    """x [T, H]; router [H, E]; per expert gate_up [H, 2I] (gate | up) and down [I, H]."""
-    weights = top_k_routing(xp, x @ router, k)
+    """x [T, H]; router [H, E]; per expert gate_up [H, 2I] (gate | up) and down [I, H].
+
+    T tokens, H hidden size, E experts, I each expert's intermediate size.
+    """
+    weights = top_k_routing(xp, x @ router, k)  # [T, E]
     out = None
-    for e, (gu, d) in enumerate(zip(gate_up, down)):
-        n = gu.shape[1] // 2
-        h = x @ gu
-        y = ((silu(xp, h[:, :n]) * h[:, n:]) @ d) * weights[:, e:e + 1]
-        out = y if out is None else out + y
+    for e, (w_gate_up, w_down) in enumerate(zip(gate_up, down)):
+        I = w_gate_up.shape[1] // 2
+        h = x @ w_gate_up  # [T, 2I]
+        y = ((silu(xp, h[:, :I]) * h[:, I:]) @ w_down) * weights[:, e:e + 1]  # [T, H]
+        out = y if out is None else out + y  # [T, H]
     return out

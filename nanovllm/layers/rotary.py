@@ -63,14 +63,14 @@ class RotaryEmbedding:
     def __init__(self, xp, spec: RopeSpec, max_positions: int, dtype, device=None):
         self.xp = xp
         inv_freq = inverse_frequencies(xp, spec, device)
-        pos = xp.arange(max_positions, dtype=xp.float32, device=device)
-        freqs = pos[:, None] * inv_freq[None, :]
+        pos = xp.arange(max_positions, dtype=xp.float32, device=device)  # [max_positions]
+        freqs = pos[:, None] * inv_freq[None, :]  # [max_positions, dim/2]
         self.cos = xp.astype(xp.cos(freqs), dtype)
         self.sin = xp.astype(xp.sin(freqs), dtype)
         self.half = spec.dim // 2
 
     def tables(self, positions):
-        """cos, sin of shape [T, 1, dim/2], to broadcast over heads."""
+        """positions [T] -> cos, sin of shape [T, 1, dim/2], to broadcast over heads."""
         xp = self.xp
         return (xp.take(self.cos, positions, axis=0)[:, None, :],
                 xp.take(self.sin, positions, axis=0)[:, None, :])
@@ -78,9 +78,9 @@ class RotaryEmbedding:
     def apply(self, x, cos, sin):
         """x: [T, heads, head_dim]; rotates the first `dim` features of each head."""
         xp = self.xp
-        h = self.half
-        x1, x2 = x[..., :h], x[..., h:2 * h]
-        rotated = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
-        if x.shape[-1] > 2 * h:
-            rotated.append(x[..., 2 * h:])
-        return xp.concat(rotated, axis=-1)
+        half = self.half  # dim/2
+        x1, x2 = x[..., :half], x[..., half:2 * half]  # [T, heads, dim/2] each
+        rotated = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]  # [T, heads, dim/2] each
+        if x.shape[-1] > 2 * half:  # partial rotary: the features past `dim` pass through
+            rotated.append(x[..., 2 * half:])  # [T, heads, head_dim - dim]
+        return xp.concat(rotated, axis=-1)  # [T, heads, head_dim]

@@ -29,43 +29,44 @@ class SamplingTensors:
 
 
 def apply_penalties(xp, logits, counts, seen, presence, frequency, repetition):
-    rep = repetition[:, None]
-    logits = xp.where(seen, xp.where(logits > 0, logits / rep, logits * rep), logits)
-    logits = logits - frequency[:, None] * counts
-    return logits - presence[:, None] * xp.astype(counts > 0, logits.dtype)
+    """logits, counts [N, V], seen [N, V] bool; presence, frequency, repetition [N]."""
+    rep = repetition[:, None]  # [N, 1]
+    logits = xp.where(seen, xp.where(logits > 0, logits / rep, logits * rep), logits)  # [N, V]
+    logits = logits - frequency[:, None] * counts  # [N, V]
+    return logits - presence[:, None] * xp.astype(counts > 0, logits.dtype)  # [N, V]
 
 
-def sample(xp, logits, t: SamplingTensors):
-    """logits [N, V] -> sampled token ids [N]."""
-    if t.bias is not None:
-        logits = logits + t.bias
-    if t.penalties is not None:
-        logits = apply_penalties(xp, logits, *t.penalties)
-    if t.banned is not None:
-        logits = xp.where(t.banned, -xp.inf, logits)
-    greedy = xp.argmax(logits, axis=-1)
-    if t.all_greedy:
+def sample(xp, logits, tensors: SamplingTensors):
+    """logits [N, V] -> sampled token ids [N], for N rows over a vocabulary of V tokens."""
+    if tensors.bias is not None:
+        logits = logits + tensors.bias  # [N, V]
+    if tensors.penalties is not None:
+        logits = apply_penalties(xp, logits, *tensors.penalties)  # [N, V]
+    if tensors.banned is not None:
+        logits = xp.where(tensors.banned, -xp.inf, logits)  # [N, V]
+    greedy = xp.argmax(logits, axis=-1)  # [N]
+    if tensors.all_greedy:
         return greedy
     V = logits.shape[-1]
-    temp = xp.where(t.temperature > 0, t.temperature, 1.0)
-    z = logits / temp[:, None]
+    temp = xp.where(tensors.temperature > 0, tensors.temperature, 1.0)  # [N]
+    z = logits / temp[:, None]  # [N, V]
     order = None
-    if t.needs_sort:
-        order = xp.argsort(z, axis=-1, descending=True, stable=True)
-        z = xp.take_along_axis(z, order, axis=-1)
-    probs = softmax(xp, z)
-    if t.needs_min_p:
-        top = xp.max(probs, axis=-1, keepdims=True)
-        probs = xp.where(probs >= t.min_p[:, None] * top, probs, 0.0)
-    if t.needs_sort:
+    if tensors.needs_sort:
+        order = xp.argsort(z, axis=-1, descending=True, stable=True)  # [N, V] token ids
+        z = xp.take_along_axis(z, order, axis=-1)  # [N, V], descending
+    probs = softmax(xp, z)  # [N, V]
+    if tensors.needs_min_p:
+        top = xp.max(probs, axis=-1, keepdims=True)  # [N, 1]
+        probs = xp.where(probs >= tensors.min_p[:, None] * top, probs, 0.0)  # [N, V]
+    if tensors.needs_sort:
         rank = xp.cumulative_sum(xp.ones_like(probs), axis=-1)  # 1-based, on probs' device
-        keep = rank <= xp.astype(t.top_k, probs.dtype)[:, None]
-        before = xp.cumulative_sum(probs, axis=-1) - probs
-        keep = keep & (before < t.top_p[:, None] * xp.sum(probs, axis=-1, keepdims=True))
-        probs = xp.where(keep, probs, 0.0)
-    cdf = xp.cumulative_sum(probs, axis=-1)
-    target = t.uniform[:, None] * cdf[:, -1:]
-    choice = xp.clip(xp.sum(xp.astype(cdf <= target, greedy.dtype), axis=-1), 0, V - 1)
-    if order is not None:
+        keep = rank <= xp.astype(tensors.top_k, probs.dtype)[:, None]  # [N, V]
+        before = xp.cumulative_sum(probs, axis=-1) - probs  # [N, V] mass ranked above
+        keep = keep & (before < tensors.top_p[:, None] * xp.sum(probs, axis=-1, keepdims=True))
+        probs = xp.where(keep, probs, 0.0)  # [N, V]
+    cdf = xp.cumulative_sum(probs, axis=-1)  # [N, V]
+    target = tensors.uniform[:, None] * cdf[:, -1:]  # [N, 1]
+    choice = xp.clip(xp.sum(xp.astype(cdf <= target, greedy.dtype), axis=-1), 0, V - 1)  # [N]
+    if order is not None:  # sorted position -> token id
         choice = xp.take_along_axis(order, xp.astype(choice, order.dtype)[:, None], axis=-1)[:, 0]
-    return xp.where(t.temperature > 0, xp.astype(choice, greedy.dtype), greedy)
+    return xp.where(tensors.temperature > 0, xp.astype(choice, greedy.dtype), greedy)  # [N]

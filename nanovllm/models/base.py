@@ -21,6 +21,7 @@ class CausalLM(Protocol):
     `weight_table` says (checking and loading both read that one table).
     """
 
+    backend: Any  # the Backend the model was built with (backend/base.py)
     cfg: Any  # the architecture's config dataclass; has `max_position_embeddings`
     num_layers: int
     num_kv_heads: int

@@ -124,7 +124,7 @@ class FalconForCausalLM(CausalLM):
             bias = weight(name + ".bias", shape[:1], prepare=reorder) if c.bias else None
             return (weight(name + ".weight", shape, linear=True, prepare=reorder), bias)
 
-        ignored = set()
+        ignored: set[str] = set()
         layers = []
         for i in range(c.num_layers):
             p = f"transformer.h.{i}."
@@ -157,40 +157,57 @@ class FalconForCausalLM(CausalLM):
 
     def load_weights(self, tensors: dict, source: str) -> None:
         super().load_weights(tensors, source)
-        b = self.backend
-        self.rotary = RotaryEmbedding(self.xp, self.rope_spec, self.max_positions, b.dtype,
-                                      b.device)
+        self.rotary = RotaryEmbedding(self.xp, self.rope_spec, self.max_positions,
+                                      self.backend.dtype, self.backend.device)
 
-    def _attention(self, x, i, L, cos, sin, kv_caches, meta):
+    def _attention(self, x, i, layer, cos, sin, kv_caches, meta):
+        """x [T, E] (normed) -> [T, E]; writes the step's K/V into kv_caches[i].
+
+        H query heads, KV key/value heads, D head_dim.
+        """
         xp, c = self.xp, self.cfg
-        T = x.shape[0]
-        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        qkv = linear(x, *L["qkv"])
-        q = xp.reshape(qkv[:, :q_size], (T, c.num_heads, c.head_dim))
-        k = xp.reshape(qkv[:, q_size:q_size + kv_size], (T, c.num_kv_heads, c.head_dim))
-        v = xp.reshape(qkv[:, q_size + kv_size:], (T, c.num_kv_heads, c.head_dim))
+        T, H, KV, D = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
+        q_size, kv_size = H * D, KV * D
+        qkv = linear(x, *layer["qkv"])  # [T, (H + 2*KV) * D]
+        q = xp.reshape(qkv[:, :q_size], (T, H, D))  # [T, H, D]
+        k = xp.reshape(qkv[:, q_size:q_size + kv_size], (T, KV, D))  # [T, KV, D]
+        v = xp.reshape(qkv[:, q_size + kv_size:], (T, KV, D))  # [T, KV, D]
         q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
-        k_pool, v_pool = write_kv(self.backend, *kv_caches[i], k, v, meta.slot_mapping)
+        k_pool, v_pool = kv_caches[i]  # [num_slots, KV, D] each
+        k_pool, v_pool = write_kv(self.backend, k_pool, v_pool, k, v, meta.slot_mapping)
         kv_caches[i] = (k_pool, v_pool)
-        return linear(paged_attention(xp, q, k_pool, v_pool, meta, self.scale), *L["o"])
+        o = paged_attention(xp, q, k_pool, v_pool, meta, self.scale)  # [T, H*D]
+        return linear(o, *layer["o"])  # [T, E]
 
     def forward(self, params: dict, input_ids, positions, kv_caches: list, meta):
-        xp, c, P = self.xp, self.cfg, params
+        """Token ids [T] -> final hidden states [T, E]; writes the step's K/V to the pools.
+
+        T tokens in the step, E = hidden_size, F = intermediate_size, D head_dim.
+        """
+        xp, c = self.xp, self.cfg
         eps = c.layer_norm_eps
-        cos, sin = self.rotary.tables(positions)
+        cos, sin = self.rotary.tables(positions)  # [T, 1, D/2] each
         kv_caches = list(kv_caches)
-        h = embedding(xp, P["embed"], input_ids)
-        for i, L in enumerate(P["layers"]):
-            x = layer_norm(xp, h, *L["norms"][0], eps)
-            a = self._attention(x, i, L, cos, sin, kv_caches, meta)
-            if c.parallel_attn:
-                y = layer_norm(xp, h, *L["norms"][1], eps) if c.two_norms else x
-                h = h + (linear(self.act(xp, linear(y, *L["up"])), *L["down"]) + a)
+        h = embedding(xp, params["embed"], input_ids)  # [T, E]
+        for i, layer in enumerate(params["layers"]):
+            norm_w, norm_b = layer["norms"][0]
+            x = layer_norm(xp, h, norm_w, norm_b, eps)  # [T, E]
+            attn = self._attention(x, i, layer, cos, sin, kv_caches, meta)  # [T, E]
+            if c.parallel_attn:  # attention and MLP both read the block's input
+                y = x  # [T, E]
+                if c.two_norms:  # ln_mlp: the MLP's own norm of the block's input
+                    norm_w, norm_b = layer["norms"][1]
+                    y = layer_norm(xp, h, norm_w, norm_b, eps)  # [T, E]
+                up = self.act(xp, linear(y, *layer["up"]))  # [T, F]
+                h = h + (linear(up, *layer["down"]) + attn)  # [T, E]
             else:
-                h = h + a
-                y = layer_norm(xp, h, *L["norms"][1], eps)
-                h = h + linear(self.act(xp, linear(y, *L["up"])), *L["down"])
-        return layer_norm(xp, h, *P["ln_f"], eps), kv_caches
+                h = h + attn  # [T, E]
+                norm_w, norm_b = layer["norms"][1]
+                y = layer_norm(xp, h, norm_w, norm_b, eps)  # [T, E]
+                up = self.act(xp, linear(y, *layer["up"]))  # [T, F]
+                h = h + linear(up, *layer["down"])  # [T, E]
+        norm_w, norm_b = params["ln_f"]
+        return layer_norm(xp, h, norm_w, norm_b, eps), kv_caches  # [T, E]
 
     def compute_logits(self, params: dict, hidden):
         return hidden @ params["lm_head"]

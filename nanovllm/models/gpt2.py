@@ -82,7 +82,7 @@ class GPT2LMHeadModel(CausalLM):
         def conv1d(name, n_in, n_out):  # stored [in, out]: already laid out for `x @ w`
             return (weight(name + ".weight", (n_in, n_out)), weight(name + ".bias", (n_out,)))
 
-        ignored = set()
+        ignored: set[str] = set()
         layers = []
         for i in range(c.num_layers):
             p = f"{t}h.{i}."
@@ -105,20 +105,34 @@ class GPT2LMHeadModel(CausalLM):
         super().load_weights(tensors, source)
 
     def forward(self, params: dict, input_ids, positions, kv_caches: list, meta):
-        xp, c, P = self.xp, self.cfg, params
-        T, H, eps = input_ids.shape[0], c.hidden_size, c.layer_norm_eps
+        """Token ids [T] -> final hidden states [T, E]; writes the step's K/V to the pools.
+
+        T tokens in the step, E = hidden_size, H heads (each with its own K/V), D = E / H,
+        F = intermediate_size.
+        """
+        xp, c = self.xp, self.cfg
+        T, E, eps = input_ids.shape[0], c.hidden_size, c.layer_norm_eps
+        H, D = c.num_heads, c.head_dim
         kv_caches = list(kv_caches)
-        h = embedding(xp, P["wte"], input_ids) + embedding(xp, P["wpe"], positions)
-        for i, L in enumerate(P["layers"]):
-            qkv = linear(layer_norm(xp, h, *L["ln_1"], eps), *L["qkv"])
-            q, k, v = (xp.reshape(qkv[:, j * H:(j + 1) * H], (T, c.num_heads, c.head_dim))
-                       for j in range(3))
-            k_pool, v_pool = write_kv(self.backend, *kv_caches[i], k, v, meta.slot_mapping)
+        tokens = embedding(xp, params["wte"], input_ids)  # [T, E]
+        h = tokens + embedding(xp, params["wpe"], positions)  # [T, E]
+        for i, layer in enumerate(params["layers"]):
+            norm_w, norm_b = layer["ln_1"]
+            x = layer_norm(xp, h, norm_w, norm_b, eps)  # [T, E]
+            qkv = linear(x, *layer["qkv"])  # [T, 3*E]
+            q, k, v = (xp.reshape(qkv[:, j * E:(j + 1) * E], (T, H, D))
+                       for j in range(3))  # [T, H, D] each
+            k_pool, v_pool = kv_caches[i]  # [num_slots, H, D] each
+            k_pool, v_pool = write_kv(self.backend, k_pool, v_pool, k, v, meta.slot_mapping)
             kv_caches[i] = (k_pool, v_pool)
-            h = h + linear(paged_attention(xp, q, k_pool, v_pool, meta, self.scales[i]), *L["o"])
-            x = layer_norm(xp, h, *L["ln_2"], eps)
-            h = h + linear(self.act(xp, linear(x, *L["fc"])), *L["proj"])
-        return layer_norm(xp, h, *P["ln_f"], eps), kv_caches
+            o = paged_attention(xp, q, k_pool, v_pool, meta, self.scales[i])  # [T, E]
+            h = h + linear(o, *layer["o"])  # [T, E]
+            norm_w, norm_b = layer["ln_2"]
+            x = layer_norm(xp, h, norm_w, norm_b, eps)  # [T, E]
+            up = self.act(xp, linear(x, *layer["fc"]))  # [T, F]
+            h = h + linear(up, *layer["proj"])  # [T, E]
+        norm_w, norm_b = params["ln_f"]
+        return layer_norm(xp, h, norm_w, norm_b, eps), kv_caches  # [T, E]
 
     def compute_logits(self, params: dict, hidden):
         return hidden @ params["lm_head"]

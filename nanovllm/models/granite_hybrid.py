@@ -21,7 +21,7 @@ from ..layers.mamba2 import Mamba2Spec, mamba2_mixer
 from ..layers.moe import moe
 from ..layers.norm import rms_norm
 from ..layers.rotary import RotaryEmbedding, rope_spec
-from .base import CausalLM, fused, lm_head, require, weight
+from .base import CausalLM, Weight, fused, lm_head, require, weight
 
 MAMBA, ATTENTION = "mamba", "attention"
 LAYER_KINDS = {"mamba": MAMBA, "linear_attention": MAMBA,
@@ -33,6 +33,12 @@ def _float(v) -> float:
     if isinstance(v, dict) and "__float__" in v:
         v = v["__float__"]
     return float(v)
+
+
+def _multiplier(c: dict, key: str) -> float:
+    """A Granite multiplier: 1.0 when the config leaves it unset or null."""
+    value = c.get(key)
+    return 1.0 if value is None else float(value)
 
 
 @dataclass(slots=True)
@@ -109,7 +115,7 @@ class GraniteHybridConfig:
                              eps=c.get("rms_norm_eps", 1e-6), dt_min=lo, dt_max=hi),
             mamba_conv_bias=bool(c.get("mamba_conv_bias", True)),
             mamba_proj_bias=bool(c.get("mamba_proj_bias", False)),
-            **{k: float(c.get(k) if c.get(k) is not None else 1.0) for k in (
+            **{k: _multiplier(c, k) for k in (
                 "embedding_multiplier", "residual_multiplier", "attention_multiplier",
                 "logits_scaling")})
 
@@ -126,19 +132,19 @@ class GraniteMoeHybridForCausalLM(CausalLM):
         self.vocab_size = c.vocab_size
         self.scale = c.attention_multiplier
         self.params: dict = {}
-        self.rotary = None
+        self.rotary: RotaryEmbedding | None = None
 
     def weight_table(self) -> tuple[dict, set[str]]:
         c, m = self.cfg, self.cfg.mamba
         H = c.hidden_size
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         xp = self.xp
-        ignored = set()
+        ignored: set[str] = set()
         layers = []
         for i, kind in enumerate(c.layer_kinds):
             p = f"model.layers.{i}."
             S = c.shared_intermediate_size
-            layer = {
+            layer: dict[str, Weight | None] = {
                 "in_norm": weight(p + "input_layernorm.weight", (H,)),
                 "mlp_norm": weight(p + "post_attention_layernorm.weight", (H,)),
                 "shared_in": weight(p + "shared_mlp.input_linear.weight", (2 * S, H), linear=True),
@@ -205,10 +211,9 @@ class GraniteMoeHybridForCausalLM(CausalLM):
             if name in tensors:  # else the table check names it as missing
                 tensors[name] = tensors[name] * scale
         super().load_weights(tensors, source)
-        if c.use_rope:
-            b = self.backend
-            self.rotary = RotaryEmbedding(self.xp, self.rope_spec, self.max_positions, b.dtype,
-                                          b.device)
+        if self.rope_spec is not None:  # set exactly when c.use_rope
+            self.rotary = RotaryEmbedding(self.xp, self.rope_spec, self.max_positions,
+                                          self.backend.dtype, self.backend.device)
 
     @property
     def num_kv_layers(self) -> int:
@@ -223,40 +228,52 @@ class GraniteMoeHybridForCausalLM(CausalLM):
         return [(backend.zeros(kv), backend.zeros(kv)) if kind == ATTENTION
                 else (backend.zeros(conv), backend.zeros(ssm)) for kind in c.layer_kinds]
 
-    def _attention(self, L, x, cache, meta, rope):
+    def _attention(self, layer, x, cache, meta, rope):
+        """x [T, E] (normed) -> [T, E], and the layer's updated (K pool, V pool).
+
+        H query heads, KV key/value heads, D head_dim; rope: (cos, sin), or None without RoPE.
+        """
         xp, c = self.xp, self.cfg
-        T = x.shape[0]
-        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        qkv = linear(x, L["qkv"], L["qkv_b"])
-        qk = xp.reshape(qkv[:, :q_size + kv_size], (T, c.num_heads + c.num_kv_heads, -1))
+        T, H, KV, D = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
+        q_size, kv_size = H * D, KV * D
+        qkv = linear(x, layer["qkv"], layer["qkv_b"])  # [T, (H + 2*KV) * D]
+        qk = xp.reshape(qkv[:, :q_size + kv_size], (T, H + KV, -1))  # [T, H + KV, D]
         if rope is not None:
-            qk = self.rotary.apply(qk, *rope)
-        q, k = qk[:, :c.num_heads, :], qk[:, c.num_heads:, :]
-        v = xp.reshape(qkv[:, q_size + kv_size:], (T, c.num_kv_heads, c.head_dim))
-        k_pool, v_pool = write_kv(self.backend, *cache, k, v, meta.slot_mapping)
-        o = paged_attention(xp, q, k_pool, v_pool, meta, self.scale)
-        return linear(o, L["o"], L["o_b"]), (k_pool, v_pool)
+            qk = self.rotary.apply(qk, *rope)  # q and k heads rotated together
+        q, k = qk[:, :H, :], qk[:, H:, :]  # [T, H, D], [T, KV, D]
+        v = xp.reshape(qkv[:, q_size + kv_size:], (T, KV, D))  # [T, KV, D]
+        k_pool, v_pool = cache  # [num_slots, KV, D] each
+        k_pool, v_pool = write_kv(self.backend, k_pool, v_pool, k, v, meta.slot_mapping)
+        o = paged_attention(xp, q, k_pool, v_pool, meta, self.scale)  # [T, H*D]
+        return linear(o, layer["o"], layer["o_b"]), (k_pool, v_pool)  # [T, E]
 
     def forward(self, params: dict, input_ids, positions, kv_caches: list, meta):
+        """Token ids [T] -> final hidden states [T, E]; writes the step's K/V and recurrent
+        state into the caches.
+
+        T tokens in the step, E = hidden_size, F = shared_intermediate_size, D head_dim.
+        """
         xp, c = self.xp, self.cfg
-        rope = self.rotary.tables(positions) if self.rotary is not None else None
+        F = c.shared_intermediate_size
+        rope = self.rotary.tables(positions) if self.rotary is not None else None  # [T, 1, D/2]
         caches = list(kv_caches)
-        h = embedding(xp, params["embed"], input_ids)
-        for i, (kind, L) in enumerate(zip(c.layer_kinds, params["layers"])):
-            x = rms_norm(xp, h, L["in_norm"], c.rms_norm_eps)
+        h = embedding(xp, params["embed"], input_ids)  # [T, E]
+        for i, (kind, layer) in enumerate(zip(c.layer_kinds, params["layers"])):
+            x = rms_norm(xp, h, layer["in_norm"], c.rms_norm_eps)  # [T, E]
             if kind == ATTENTION:
-                out, caches[i] = self._attention(L, x, caches[i], meta, rope)
+                out, caches[i] = self._attention(layer, x, caches[i], meta, rope)  # [T, E]
             else:
-                out, caches[i] = mamba2_mixer(self.backend, L, c.mamba, x, caches[i], meta)
-            h = h + out
-            x = rms_norm(xp, h, L["mlp_norm"], c.rms_norm_eps)
-            gu = x @ L["shared_in"]
-            n = c.shared_intermediate_size
-            out = (silu(xp, gu[:, :n]) * gu[:, n:]) @ L["shared_out"]
+                out, caches[i] = mamba2_mixer(self.backend, layer, c.mamba, x, caches[i],
+                                              meta)  # [T, E]
+            h = h + out  # [T, E]
+            x = rms_norm(xp, h, layer["mlp_norm"], c.rms_norm_eps)  # [T, E]
+            gate_up = x @ layer["shared_in"]  # [T, 2*F]
+            out = (silu(xp, gate_up[:, :F]) * gate_up[:, F:]) @ layer["shared_out"]  # [T, E]
             if c.num_experts:
-                out = out + moe(xp, x, L["router"], L["experts_in"], L["experts_out"], c.top_k)
-            h = h + out
-        return rms_norm(xp, h, params["norm"], c.rms_norm_eps), caches
+                out = out + moe(xp, x, layer["router"], layer["experts_in"],
+                                layer["experts_out"], c.top_k)  # [T, E]
+            h = h + out  # [T, E]
+        return rms_norm(xp, h, params["norm"], c.rms_norm_eps), caches  # [T, E]
 
     def compute_logits(self, params: dict, hidden):
         return hidden @ params["lm_head"]

@@ -69,7 +69,7 @@ class LlamaForCausalLM(CausalLM):
         H, I = c.hidden_size, c.intermediate_size
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         embed = weight("model.embed_tokens.weight", (c.vocab_size, H))
-        ignored = set()
+        ignored: set[str] = set()
         layers = []
         for i in range(c.num_layers):
             a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
@@ -97,36 +97,41 @@ class LlamaForCausalLM(CausalLM):
 
     def load_weights(self, tensors: dict, source: str) -> None:
         super().load_weights(tensors, source)
-        b = self.backend
-        self.rotary = RotaryEmbedding(self.xp, self.rope_spec, self.max_positions, b.dtype,
-                                      b.device)
+        self.rotary = RotaryEmbedding(self.xp, self.rope_spec, self.max_positions,
+                                      self.backend.dtype, self.backend.device)
 
     def forward(self, params: dict, input_ids, positions, kv_caches: list, meta):
-        """Token ids [T] -> final hidden states [T, hidden]; writes the step's K/V to the pools."""
-        xp, c, P = self.xp, self.cfg, params
+        """Token ids [T] -> final hidden states [T, E]; writes the step's K/V to the pools.
+
+        T tokens in the step, E = hidden_size, H query heads, KV key/value heads, D head_dim,
+        I = intermediate_size.
+        """
+        xp, c = self.xp, self.cfg
         T = input_ids.shape[0]
-        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        cos, sin = self.rotary.tables(positions)
+        H, KV, D, I = c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+        q_size, kv_size = H * D, KV * D
+        cos, sin = self.rotary.tables(positions)  # [T, 1, D/2] each
         kv_caches = list(kv_caches)
-        h = embedding(xp, P["embed"], input_ids)
-        for i, L in enumerate(P["layers"]):
-            x = rms_norm(xp, h, L["attn_norm"], c.rms_norm_eps)
-            qkv = linear(x, L["qkv"], L["qkv_b"])
-            qk = xp.reshape(qkv[:, :q_size + kv_size], (T, c.num_heads + c.num_kv_heads, -1))
-            if "qk_norm" in L:  # Qwen3: RMSNorm over each q and k head before RoPE
-                qk = rms_norm(xp, qk, L["qk_norm"], c.rms_norm_eps)
+        h = embedding(xp, params["embed"], input_ids)  # [T, E]
+        for i, layer in enumerate(params["layers"]):
+            x = rms_norm(xp, h, layer["attn_norm"], c.rms_norm_eps)  # [T, E]
+            qkv = linear(x, layer["qkv"], layer["qkv_b"])  # [T, (H + 2*KV) * D]
+            qk = xp.reshape(qkv[:, :q_size + kv_size], (T, H + KV, -1))  # [T, H + KV, D]
+            if "qk_norm" in layer:  # Qwen3: RMSNorm over each q and k head before RoPE
+                qk = rms_norm(xp, qk, layer["qk_norm"], c.rms_norm_eps)  # [T, H + KV, D]
             qk = self.rotary.apply(qk, cos, sin)  # q and k heads rotated together
-            q, k = qk[:, :c.num_heads, :], qk[:, c.num_heads:, :]
-            v = xp.reshape(qkv[:, q_size + kv_size:], (T, c.num_kv_heads, c.head_dim))
-            k_pool, v_pool = write_kv(self.backend, *kv_caches[i], k, v, meta.slot_mapping)
+            q, k = qk[:, :H, :], qk[:, H:, :]  # [T, H, D], [T, KV, D]
+            v = xp.reshape(qkv[:, q_size + kv_size:], (T, KV, D))  # [T, KV, D]
+            k_pool, v_pool = kv_caches[i]  # [num_slots, KV, D] each
+            k_pool, v_pool = write_kv(self.backend, k_pool, v_pool, k, v, meta.slot_mapping)
             kv_caches[i] = (k_pool, v_pool)
-            o = paged_attention(xp, q, k_pool, v_pool, meta, self.scale)
-            h = h + linear(o, L["o"], L["o_b"])
-            x = rms_norm(xp, h, L["mlp_norm"], c.rms_norm_eps)
-            gu = linear(x, L["gate_up"], L["gate_up_b"])
-            n = c.intermediate_size
-            h = h + linear(silu(xp, gu[:, :n]) * gu[:, n:], L["down"], L["down_b"])
-        return rms_norm(xp, h, P["norm"], c.rms_norm_eps), kv_caches
+            o = paged_attention(xp, q, k_pool, v_pool, meta, self.scale)  # [T, H*D]
+            h = h + linear(o, layer["o"], layer["o_b"])  # [T, E]
+            x = rms_norm(xp, h, layer["mlp_norm"], c.rms_norm_eps)  # [T, E]
+            gate_up = linear(x, layer["gate_up"], layer["gate_up_b"])  # [T, 2*I]
+            gate, up = gate_up[:, :I], gate_up[:, I:]  # [T, I] each
+            h = h + linear(silu(xp, gate) * up, layer["down"], layer["down_b"])  # [T, E]
+        return rms_norm(xp, h, params["norm"], c.rms_norm_eps), kv_caches  # [T, E]
 
     def compute_logits(self, params: dict, hidden):
         return hidden @ params["lm_head"]
