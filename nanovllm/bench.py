@@ -13,6 +13,7 @@ import resource
 import statistics
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
@@ -137,7 +138,8 @@ def main(argv: list[str]) -> None:
             run_requests(llm, prompts, outputs)
         else:
             run_requests(llm, prompts[:2], [4, 4])
-    runs = [{"decode": [], "prefill": [], "batched": []} for _ in llms]
+    runs: list[dict[str, list[Any]]] = [{"decode": [], "prefill": [], "batched": []}
+                                          for _ in llms]
     for _ in range(args.repeats):
         decode_prompt, prefill_prompt = work.tokens(32), work.tokens(args.prefill_len)
         for llm, r in zip(llms, runs):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Iterator, Sequence
+from typing import cast
 
 from .backend import get_backend
 from .config import BATCH_INVARIANT_HYBRID, EngineConfig, kv_cache_bytes_per_block, size_kv_cache
@@ -15,6 +16,7 @@ from .memory import check_fits
 from .outputs import RequestOutput
 from .runner.model_runner import ModelRunner
 from .sampling_params import SamplingParams
+from .tokenizer import Tokenizer
 
 Prompt = str | list[int]
 
@@ -136,8 +138,8 @@ class LLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
                                         and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
+            prompts = [cast(list[int], prompts)]  # one prompt (mypy cannot narrow on an item)
+        prompts = list(cast(Sequence[Prompt], prompts))
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(prompts)
         else:
@@ -174,10 +176,12 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        conversations = cast(list[list[dict]], [messages] if messages and isinstance(
+            messages[0], dict) else messages)  # one conversation, or several
         texts = [self.chat_text(c, add_generation_prompt) for c in conversations]
         # the rendered template already holds its special tokens (BOS included)
-        prompts = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        prompts: list[Prompt] = [self._chat_tokenizer().encode(t, add_special_tokens=False)
+                                 for t in texts]
         outs = self.generate(prompts, sampling_params, use_tqdm)
         for out, text in zip(outs, texts):
             out.prompt = text
@@ -185,16 +189,20 @@ class LLM:
 
     def chat_text(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """A conversation rendered with the model's chat template."""
-        if self.tokenizer is None:
-            raise InvalidRequestError("this model has no tokenizer, so it cannot chat; pass "
-                                      "token ids to generate() instead")
+        tokenizer = self._chat_tokenizer()
         validate_messages(messages)
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt)
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """A conversation rendered with the model's chat template, as token ids."""
         text = self.chat_text(messages, add_generation_prompt)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self._chat_tokenizer().encode(text, add_special_tokens=False)
+
+    def _chat_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer, so it cannot chat; pass "
+                                      "token ids to generate() instead")
+        return self.tokenizer
 
     # ---- streaming -------------------------------------------------------------------------
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None

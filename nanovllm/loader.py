@@ -11,6 +11,7 @@ import numpy as np
 
 from .errors import WeightsError
 from .models import model_class
+from .models.base import CausalLM
 from .models.config_check import check_config
 from .tokenizer import Tokenizer
 from .weights.default_model import resolve_model
@@ -20,7 +21,7 @@ from .weights.default_model import resolve_model
 class LoadedModel:
     path: Path
     hf_config: dict
-    model: object
+    model: CausalLM
     tokenizer: Tokenizer | None
     eos_token_ids: list[int]
     load_seconds: float
@@ -36,7 +37,7 @@ def _eos_ids(hf_config: dict, tokenizer: Tokenizer | None) -> list[int]:
 
 
 def load_model(model: str | None, backend,
-               max_positions: int | Callable[[object], int] | None = None) -> LoadedModel:
+               max_positions: int | Callable[[CausalLM], int] | None = None) -> LoadedModel:
     """Read the files, check the config's sizes and that every weight is finite, build the
     model and load its weights. `max_positions` (or a function of the model, which may look
     at its sizes and raise before any weight is placed) sizes its position tables."""

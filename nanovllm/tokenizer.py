@@ -54,8 +54,10 @@ class Tokenizer:
                 special_token_ids.add(bos_token_id)
         self.special_token_ids = special_token_ids
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
-        self._prepend_bos = (add_bos_token and bos_token_id is not None
-                             and not post_processor_adds_bos(tokenizer, bos_token_id))
+        # the BOS id encode() puts in front itself (the post-processor does not), or None
+        self._bos_to_prepend = (bos_token_id if add_bos_token and bos_token_id is not None
+                                and not post_processor_adds_bos(tokenizer, bos_token_id)
+                                else None)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer | None:
@@ -98,8 +100,8 @@ class Tokenizer:
         """Token ids of `text`. Encode a chat-rendered prompt with `add_special_tokens=False`:
         the template already wrote the BOS text where the model wants it."""
         ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
-        if add_special_tokens and self._prepend_bos:
-            ids = [self.bos_token_id, *ids]
+        if add_special_tokens and self._bos_to_prepend is not None:
+            ids = [self._bos_to_prepend, *ids]
         return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
@@ -221,7 +223,8 @@ def set_post_processor(tok: HFTokenizer, bos: str | None, eos: str | None,
 
     single = sequence("A", 0)
     pair = f"{single} {sequence('B', 1)}"
-    special = [(t, tok.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+    special = [(t, tok.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos))
+               if on and t is not None]  # (add_bos and add_eos already imply a token)
     tok.post_processor = processors.TemplateProcessing(single=single, pair=pair,
                                                        special_tokens=special)
 

@@ -22,7 +22,7 @@ DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat
 class JaxBackend(Backend):
     jits = True
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.jitted: list = []  # every function jit() made, for compilations()
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import array_api_compat.numpy as xp
+import numpy as np
 
 from ..errors import BackendError
 from .base import Backend
@@ -13,4 +14,4 @@ def make(device: str | None, dtype: str) -> Backend:
     if dtype != "float32":
         raise BackendError(f"dtype={dtype!r}: the numpy backend computes in float32 only "
                            "(OpenBLAS has no fast float16/bfloat16); pass dtype='float32'")
-    return Backend("numpy", xp, "cpu", xp.float32, xp.int64)
+    return Backend("numpy", xp, "cpu", np.float32, np.int64)

@@ -88,7 +88,7 @@ class LLMEngine:
             raise TypeError(f"expected SamplingParams, got {type(params).__name__}")
         params.validate()  # again: the dataclass may have been changed since it was built
         vocab = self.model.vocab_size
-        for name, ids in (("stop_token_ids", params.stop_token_ids),
+        for name, ids in (("stop_token_ids", params.stop_token_ids or ()),
                           ("logit_bias", params.logit_bias or ())):
             bad = [t for t in ids if t >= vocab]
             if bad:
@@ -167,6 +167,7 @@ class LLMEngine:
     def _add_prompt_logprobs(self, req: Request, start: int, rows) -> None:
         # rows[j] is for prompt position start + 1 + j; positions already recorded (the same
         # prompt recomputed after a preemption) are skipped
+        assert req.prompt_logprobs is not None  # set when the request asked for them
         for j, entries in enumerate(rows):
             if start + 1 + j == len(req.prompt_logprobs):
                 req.prompt_logprobs.append(self._logprob_dict(entries))
@@ -179,12 +180,13 @@ class LLMEngine:
             return
         out.token_ids.append(token)
         if res.logprobs is not None:
+            assert out.logprobs is not None  # a list when the request asked for logprobs
             out.logprobs.append(self._logprob_dict(res.logprobs))
             lp = res.logprobs[token][0]
             out.cumulative_logprob = (out.cumulative_logprob or 0.0) + lp
         reason, stop_reason = None, None
         if len(out.token_ids) >= p.min_tokens:
-            if token in p.stop_token_ids:
+            if token in (p.stop_token_ids or ()):
                 reason, stop_reason = "stop", token
             elif token in self.eos_token_ids and not p.ignore_eos:
                 reason = "stop"

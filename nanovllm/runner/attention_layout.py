@@ -2,7 +2,7 @@
 
 Two layouts (see layers/attention.py for the arithmetic):
 
-- `exact_part`: sequences padded to one [S, Q] x L rectangle, every query normalized over its
+- `exact_part`: sequences padded to one [S, Q] x K rectangle, every query normalized over its
   whole context at once. The eager backends use one per prefill chunk and one per run of decode
   sequences of similar context length, so nearly nothing is padding.
 - `tiled_part`: a jitting backend needs few distinct shapes, and one rectangle over a whole
@@ -54,22 +54,22 @@ def exact_part(seqs, num_seqs: int, query_len: int, context_len: int, block_size
     Padding queries see key 0 only (so their output stays finite); padding keys are the null
     slot, masked out.
     """
-    S, L, bs = num_seqs, context_len, block_size
-    blocks = -(-L // bs)
+    S, K, bs = num_seqs, context_len, block_size
+    blocks = -(-K // bs)
     table = np.zeros((S, blocks), dtype=np.int64)
     table[:len(seqs)] = block_tables(seqs, blocks)
     starts = np.zeros(S, dtype=np.int64)
     lens = np.zeros(S, dtype=np.int64)
     for i, s in enumerate(seqs):
         starts[i], lens[i] = s.start, len(s.token_ids)
-    slots = (table[:, :, None] * bs + np.arange(bs)).reshape(S, blocks * bs)[:, :L]
+    slots = (table[:, :, None] * bs + np.arange(bs)).reshape(S, blocks * bs)[:, :K]
     q = np.arange(query_len)[None, :]
     q_pos = np.where(q < lens[:, None], starts[:, None] + q, 0)
-    key_pos = np.arange(L)[None, None, :]
+    key_pos = np.arange(K)[None, None, :]
     mask = key_pos <= q_pos[:, :, None]
     if window is not None:
         mask &= key_pos > q_pos[:, :, None] - window
-    return AttentionPart(slots, mask[:, None, None, :, :], S, query_len, L)
+    return AttentionPart(slots, mask[:, None, None, :, :], S, query_len, K)
 
 
 def tiled_part(tables: np.ndarray, q_pos: np.ndarray, q_row: np.ndarray, num_rows: int,

@@ -111,7 +111,9 @@ class ModelRunner:
         the view's rows to keep (one per prefill row, padding rows included)."""
         S = self.bucket(len(prefill))
         Q = self.bucket(max(len(s.token_ids) for s in prefill))
-        qi, oi, offset = [], [], 0
+        qi: list[int] = []
+        oi: list[int] = []
+        offset = 0
         for i, s in enumerate(prefill):
             n = len(s.token_ids)
             qi.extend(list(range(offset, offset + n)) + [offset] * (Q - n))
@@ -133,8 +135,9 @@ class ModelRunner:
                 lo = i
         return groups
 
-    def _attention_parts(self, decode, nd: int, prefill, tp: int) -> list[AttentionPart]:
-        """Parts covering the decode rows [0, nd) and the prefill rows [nd, nd + tp).
+    def _attention_parts(self, decode, num_decode_rows: int, prefill,
+                         num_prefill_rows: int) -> list[AttentionPart]:
+        """Parts covering the decode rows [0, num_decode_rows) and the prefill rows after them.
 
         Eager backends: exact parts (a run of decode sequences, one prefill chunk each).
         Jitting backends: one tiled part for the decodes and one for the prefill chunks.
@@ -143,21 +146,23 @@ class ModelRunner:
         bs, parts = self.block_size, []
         if self.tiled:
             if decode:
-                part = layout.tiled_part(*layout.decode_tiles(decode, self.decode_query_tile), nd,
-                                         bs, self.key_tile, window, self.fine_bucket, self.bucket)
-                parts.append(layout.to_device(part, self.backend, 0, nd))
+                tables, q_pos, q_row = layout.decode_tiles(decode, self.decode_query_tile)
+                part = layout.tiled_part(tables, q_pos, q_row, num_decode_rows, bs,
+                                         self.key_tile, window, self.fine_bucket, self.bucket)
+                parts.append(layout.to_device(part, self.backend, 0, num_decode_rows))
             if prefill:
-                tiles = layout.prefill_tiles(prefill, self.query_tile)
-                part = layout.tiled_part(*tiles, tp, bs, self.key_tile, window, self.fine_bucket,
-                                         self.bucket)
-                parts.append(layout.to_device(part, self.backend, nd, tp))
+                tables, q_pos, q_row = layout.prefill_tiles(prefill, self.query_tile)
+                part = layout.tiled_part(tables, q_pos, q_row, num_prefill_rows, bs,
+                                         self.key_tile, window, self.fine_bucket, self.bucket)
+                parts.append(layout.to_device(part, self.backend, num_decode_rows,
+                                              num_prefill_rows))
             return parts
         for lo, hi in self._decode_groups(decode):
             group = decode[lo:hi]
-            L = max(s.context_len for s in group)
-            part = layout.exact_part(group, hi - lo, 1, L, bs, window)
+            context_len = max(s.context_len for s in group)
+            part = layout.exact_part(group, hi - lo, 1, context_len, bs, window)
             parts.append(layout.to_device(part, self.backend, lo, hi - lo))
-        row = nd
+        row = num_decode_rows
         for s in prefill:
             n = len(s.token_ids)
             part = layout.exact_part([s], 1, n, s.context_len, bs, window)
@@ -172,19 +177,19 @@ class ModelRunner:
         bucket), then the prefill chunks back to back (padded to a finer bucket); in the
         batch-invariant mode, exactly row_block rows. Padding tokens write to the null block.
         """
-        b = self.backend
+        backend = self.backend
         decode = sorted(decode, key=lambda s: s.context_len)
         if self.row_block:  # one pass of row_block rows: the padding goes to the last part
-            nd = len(decode) if prefill else self.row_block
+            num_decode_rows = len(decode) if prefill else self.row_block
         else:
-            nd = self.bucket(len(decode)) if decode else 0
+            num_decode_rows = self.bucket(len(decode)) if decode else 0
         ids, pos, slots, first = [], [], [], {}
         for i, s in enumerate(decode):
             first[id(s)] = i
             ids.append(s.token_ids[0])
             pos.append(s.start)
             slots.extend(s.slot_mapping)
-        pad = nd - len(decode)
+        pad = num_decode_rows - len(decode)
         ids, pos, slots = ids + [0] * pad, pos + [0] * pad, slots + [0] * pad
         for s in prefill:
             first[id(s)] = len(ids)
@@ -192,36 +197,38 @@ class ModelRunner:
             ids.extend(s.token_ids)
             pos.extend(range(s.start, s.start + n))
             slots.extend(s.slot_mapping)
-        tp = len(ids) - nd  # prefill rows
+        num_prefill_rows = len(ids) - num_decode_rows
         if self.row_block:
-            tp = self.row_block - nd
-        elif tp:
-            tp = self.fine_bucket(tp)
-        pad = nd + tp - len(ids)
+            num_prefill_rows = self.row_block - num_decode_rows
+        elif num_prefill_rows:
+            num_prefill_rows = self.fine_bucket(num_prefill_rows)
+        pad = num_decode_rows + num_prefill_rows - len(ids)
         ids, pos, slots = ids + [0] * pad, pos + [0] * pad, slots + [0] * pad
-        meta = AttentionMetadata(b.index(slots), self._attention_parts(decode, nd, prefill, tp))
+        parts = self._attention_parts(decode, num_decode_rows, prefill, num_prefill_rows)
+        meta = AttentionMetadata(backend.index(slots), parts)
         if self.config.num_state_slots:
-            meta.state = self._state_metadata(decode, nd, prefill)
-        return b.index(ids), b.index(pos), meta, first
+            meta.state = self._state_metadata(decode, num_decode_rows, prefill)
+        return backend.index(ids), backend.index(pos), meta, first
 
-    def _state_metadata(self, decode, nd: int, prefill) -> StateMetadata:
+    def _state_metadata(self, decode, num_decode_rows: int, prefill) -> StateMetadata:
         """Each sequence's state slot, reset flag (start == 0) and chunk length; padding rows
         and padding sequences use the scratch slot."""
-        b, scratch = self.backend, self.scratch_state_slot
-        st = StateMetadata(num_decode=nd)
+        backend, scratch = self.backend, self.scratch_state_slot
+        st = StateMetadata(num_decode=num_decode_rows)
         if decode:
-            pad = nd - len(decode)
-            st.decode_slots = b.index([s.seq.state_slot for s in decode] + [scratch] * pad)
-            st.decode_reset = b.step_input(np.array([s.start == 0 for s in decode] + [True] * pad))
+            pad = num_decode_rows - len(decode)
+            st.decode_slots = backend.index([s.seq.state_slot for s in decode] + [scratch] * pad)
+            st.decode_reset = backend.step_input(
+                np.array([s.start == 0 for s in decode] + [True] * pad))
         if prefill:
             S, Q, qi, oi = self._padded_prefill(prefill)
             pad = S - len(prefill)
-            st.prefill_slots = b.index([s.seq.state_slot for s in prefill] + [scratch] * pad)
-            st.prefill_reset = b.step_input(
+            st.prefill_slots = backend.index([s.seq.state_slot for s in prefill] + [scratch] * pad)
+            st.prefill_reset = backend.step_input(
                 np.array([s.start == 0 for s in prefill] + [True] * pad))
-            st.prefill_lens = b.index([len(s.token_ids) for s in prefill] + [0] * pad)
+            st.prefill_lens = backend.index([len(s.token_ids) for s in prefill] + [0] * pad)
             st.prefill_seqs, st.prefill_steps = S, Q
-            st.prefill_query_index, st.prefill_output_index = b.index(qi), b.index(oi)
+            st.prefill_query_index, st.prefill_output_index = backend.index(qi), backend.index(oi)
         return st
 
     # ---- one step ------------------------------------------------------------------------
@@ -240,13 +247,15 @@ class ModelRunner:
         return [results[id(s)] for s in batch.seqs]
 
     def _execute(self, seqs) -> list[SeqResult]:
-        b = self.backend
+        backend = self.backend
         decode = [s for s in seqs if len(s.token_ids) == 1]
         prefill = [s for s in seqs if len(s.token_ids) > 1]
         ids, pos, meta, first = self._layout(decode, prefill)
         # rows of the hidden states that need logits: every prompt row for prompt-logprob
         # requests, else only the last row of chunks that end in a sample
-        rows, sample_at, prompt_rows = [], {}, {}
+        rows: list[int] = []
+        sample_at: dict[int, int] = {}  # id(chunk) -> its row in `rows`
+        prompt_rows: dict[int, int] = {}  # id(chunk) -> its first prompt row in `rows`
         for s in decode + prefill:
             n, offset = len(s.token_ids), first[id(s)]
             wants_prompt = (s.seq.params.prompt_logprobs is not None
@@ -262,9 +271,9 @@ class ModelRunner:
         if not rows:  # nothing to sample: still write the K/V
             rows = [0]
         rows += [0] * (self.rows_bucket(len(rows)) - len(rows))
-        with b.inference():
+        with backend.inference():
             logits, self.kv_caches = self._step(self.model.params, self.kv_caches, ids, pos,
-                                                meta, b.index(rows))
+                                                meta, backend.index(rows))
             sampled = [s for s in decode + prefill if s.sample]
             if sampled:
                 self._sample_rows(logits, sampled, [sample_at[id(s)] for s in sampled], results)
@@ -273,17 +282,17 @@ class ModelRunner:
         return [results[id(s)] for s in seqs]
 
     def _sample_rows(self, logits, sampled, at, results) -> None:
-        xp, b = self.xp, self.backend
+        xp, backend = self.xp, self.backend
         n = self.rows_bucket(len(at))
-        tensors = sampling_tensors(sampled, b, self.model.vocab_size, n, self.eos_token_ids,
+        tensors = sampling_tensors(sampled, backend, self.model.vocab_size, n, self.eos_token_ids,
                                    self.rng)
-        tokens, finite = self._sample(logits, b.index(at + [0] * (n - len(at))), tensors)
-        tokens, finite = b.to_host(tokens).tolist(), b.to_host(finite).tolist()
+        tokens, finite = self._sample(logits, backend.index(at + [0] * (n - len(at))), tensors)
+        tokens, finite = backend.to_host(tokens).tolist(), backend.to_host(finite).tolist()
         want = [i for i, s in enumerate(sampled) if s.seq.params.logprobs is not None]
         if want:
             rows = [at[i] for i in want]
             rows += [0] * (self.rows_bucket(len(rows)) - len(rows))
-            lp = b.to_host(log_softmax(xp, xp.take(logits, b.index(rows), axis=0)))
+            lp = backend.to_host(log_softmax(xp, xp.take(logits, backend.index(rows), axis=0)))
         for i, s in enumerate(sampled):
             results[id(s)].token_id = int(tokens[i])
             if not finite[i]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,6 +24,9 @@ from .protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+
+if TYPE_CHECKING:
+    from ..llm import LLM
 from .responses import (
     Choices,
     chat_logprobs,
@@ -39,7 +44,7 @@ class ServerState:
     metrics: Metrics
     api_key: str | None = None
     sampling_defaults: dict[str, float] = field(default_factory=dict)  # generation config
-    llm: object | None = None  # set once the model is loaded
+    llm: LLM | None = None  # set once the model is loaded
     loop: EngineLoop | None = None
     created: int = field(default_factory=now)
 
@@ -48,6 +53,14 @@ class ServerState:
         loop = EngineLoop(llm.engine, self.metrics, max_waiting)
         loop.start()
         self.llm, self.loop = llm, loop
+
+
+@dataclass(frozen=True)
+class Serving:
+    """A server whose model is loaded and whose engine is healthy: what the routes use."""
+    state: ServerState
+    llm: LLM
+    loop: EngineLoop
 
 
 class APIError(Exception):
@@ -117,14 +130,14 @@ def build_app(state: ServerState) -> FastAPI:
                                 "with the key the server was started with (--api-key)",
                            code="invalid_api_key")
 
-    def ready() -> ServerState:
-        if state.loop is None:
+    def ready() -> Serving:
+        if state.llm is None or state.loop is None:
             raise APIError(503, "the model is still loading; retry in a few seconds",
                            "service_unavailable", headers={"Retry-After": "2"})
         if not state.loop.healthy:
             raise APIError(503, f"the engine cannot serve: {state.loop.dead}",
                            "service_unavailable")
-        return state
+        return Serving(state, state.llm, state.loop)
 
     def check_model(name: str | None) -> None:
         if name is not None and name != state.served_model_name:
@@ -158,7 +171,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def models():
         s = ready()
         return {"object": "list", "data": [{
-            "id": s.served_model_name, "object": "model", "created": s.created,
+            "id": s.state.served_model_name, "object": "model", "created": s.state.created,
             "owned_by": "nanovllm", "root": str(s.llm.model_path),
             "max_model_len": s.llm.config.max_model_len}]}
 
@@ -170,7 +183,7 @@ def build_app(state: ServerState) -> FastAPI:
             raise APIError(400, "pass exactly one of prompt or messages", param="prompt")
         if body.messages is not None:
             ids = chat_ids(s, body.messages, body.add_generation_prompt)
-        else:
+        elif body.prompt is not None:
             ids = encode(s, body.prompt, body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": s.llm.config.max_model_len}
 
@@ -203,7 +216,7 @@ def build_app(state: ServerState) -> FastAPI:
                   for p, ids in zip(prompts, encoded)] if body.echo else None
         job = await start(s, encoded, params)
         choices = Choices(len(encoded), params.n, params.stop_strings)
-        rid, model, created = new_id("cmpl"), s.served_model_name, now()
+        rid, model, created = new_id("cmpl"), s.state.served_model_name, now()
         k = body.logprobs or 0
 
         def logprobs_of(i: int, token_ids, logprobs, offset: int, prompt_lp=None):
@@ -219,7 +232,7 @@ def build_app(state: ServerState) -> FastAPI:
                         "model": model, "choices": choice_list, "usage": usage})
 
         if body.stream:
-            async def events():
+            async def events() -> AsyncIterator[str]:
                 started: set[int] = set()
                 offsets: dict[int, int] = {}
                 async for i, update in job.updates():
@@ -276,7 +289,7 @@ def build_app(state: ServerState) -> FastAPI:
         check_fits(s, ids, params.max_tokens, "messages")
         job = await start(s, [ids], params)
         choices = Choices(1, params.n, params.stop_strings)
-        rid, model, created = new_id("chatcmpl"), s.served_model_name, now()
+        rid, model, created = new_id("chatcmpl"), s.state.served_model_name, now()
         k = num_logprobs or 0
 
         def logprobs_of(token_ids, logprobs):
@@ -287,7 +300,7 @@ def build_app(state: ServerState) -> FastAPI:
                         "model": model, "choices": choice_list, "usage": usage})
 
         if body.stream:
-            async def events():
+            async def events() -> AsyncIterator[str]:
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                               "logprobs": None, "finish_reason": None}
                              for i in range(params.n)])
@@ -325,21 +338,21 @@ def build_app(state: ServerState) -> FastAPI:
 
 # ---- helpers shared by the routes ------------------------------------------------------------
 
-def tokenizer(s: ServerState):
+def tokenizer(s: Serving):
     if s.llm.tokenizer is None:
         raise APIError(400, "this model has no tokenizer: pass token ids, not text",
                        param="prompt")
     return s.llm.tokenizer
 
 
-def encode(s: ServerState, text: str, add_special_tokens: bool) -> list[int]:
+def encode(s: Serving, text: str, add_special_tokens: bool) -> list[int]:
     try:
         return tokenizer(s).encode(text, add_special_tokens=add_special_tokens)
     except (TypeError, ValueError, UnicodeError) as e:
         raise APIError(400, f"the prompt cannot be tokenized: {e}", param="prompt") from None
 
 
-def chat_ids(s: ServerState, messages, add_generation_prompt: bool) -> list[int]:
+def chat_ids(s: Serving, messages, add_generation_prompt: bool) -> list[int]:
     tokenizer(s)
     try:
         text = s.llm.chat_text([m.as_dict() for m in messages], add_generation_prompt)
@@ -349,16 +362,16 @@ def chat_ids(s: ServerState, messages, add_generation_prompt: bool) -> list[int]
     return encode(s, text, False)
 
 
-def sampling(s: ServerState, body, max_tokens: int | None, logprobs: int | None):
+def sampling(s: Serving, body, max_tokens: int | None, logprobs: int | None):
     try:
-        return body.sampling_params(max_tokens, logprobs, s.sampling_defaults)
+        return body.sampling_params(max_tokens, logprobs, s.state.sampling_defaults)
     except ValueError as e:
         message = str(e)
         param = field_of(message)
         raise APIError(400, message, param=param) from None
 
 
-def check_fits(s: ServerState, ids: list[int], max_tokens: int | None, param: str) -> None:
+def check_fits(s: Serving, ids: list[int], max_tokens: int | None, param: str) -> None:
     try:
         s.llm.engine.validate_prompt(ids)
     except ValueError as e:
@@ -373,7 +386,7 @@ def check_fits(s: ServerState, ids: list[int], max_tokens: int | None, param: st
             param="max_tokens")
 
 
-async def start(s: ServerState, prompts: list[list[int]], params) -> Job:
+async def start(s: Serving, prompts: list[list[int]], params) -> Job:
     job = Job(s.loop)
     try:
         await job.start(prompts, params)

@@ -209,7 +209,7 @@ class EngineLoop:
             self.engine.abort_request(out.request_id)
             self.metrics.finished("error", now - tracked.arrival)
             posts.append((tracked, Update(out.request_id, finished=True,
-                                          error=ServerError(failed.error))))
+                                          error=ServerError(failed.error or "the request failed"))))
             return
         choices = []
         for c in out.outputs:
@@ -234,6 +234,7 @@ class EngineLoop:
             del self._tracked[out.request_id]
             reason = out.outputs[0].finish_reason if len(out.outputs) == 1 else (
                 "stop" if all(c.finish_reason == "stop" for c in out.outputs) else "length")
+            assert reason is not None  # a finished completion has its reason
             self.metrics.finished(reason, now - tracked.arrival)
         if choices or out.finished:
             prompt_logprobs = list(out.prompt_logprobs) if (

@@ -6,7 +6,7 @@ unknown fields are ignored, as vLLM does. Ranges are checked once, by SamplingPa
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict
 
@@ -56,10 +56,10 @@ class SamplingFields(BaseModel):
             except ValueError:
                 raise ValueError(f"logit_bias keys must be token ids written as integers, got "
                                  f"{list(self.logit_bias)}") from None
-        given = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                     min_p=self.min_p, presence_penalty=self.presence_penalty,
-                     frequency_penalty=self.frequency_penalty,
-                     repetition_penalty=self.repetition_penalty)
+        given: dict[str, Any] = dict(
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty)
         return SamplingParams(
             n=self.n, seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens,
             stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
@@ -87,7 +87,8 @@ class CompletionRequest(SamplingFields):
         if not p:
             raise ValueError("prompt is an empty list; pass a string, a list of strings, a "
                              "list of token ids or a list of such lists")
-        return list(p)
+        # (the list-of-ints case returned above; mypy cannot narrow on the first item)
+        return cast(list[str | list[int]], list(p))
 
 
 class ContentPart(BaseModel):

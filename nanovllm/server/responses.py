@@ -85,7 +85,7 @@ def finite(logprob: float) -> float:
 
 def top_entries(entries: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
     return sorted(((t, lp) for t, lp in entries.items() if lp.rank is not None and lp.rank <= k),
-                  key=lambda item: item[1].rank)
+                  key=lambda item: item[1].rank or 0)  # (None was filtered out)
 
 
 def completion_logprobs(token_ids, logprobs, k: int, offset: int) -> dict:
