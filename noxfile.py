@@ -3,6 +3,7 @@
     nox                                  # every session
     nox -s "tests(backend='numpy')"      # one backend
     nox -s lint
+    nox -s typecheck
 """
 
 import shutil
@@ -25,6 +26,14 @@ BACKENDS = {
 def lint(session: nox.Session) -> None:
     session.run("python", "-m", "pip", "install", "-q", "ruff")
     session.run("python", "-m", "ruff", "check", "nanovllm", "tests", "benchmarks", "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    # the package with its own dependencies (optional backends such as jax and torch are
+    # typed as Any where absent); settings in pyproject.toml [tool.mypy]
+    session.install("-e", ".", "mypy")
+    session.run("mypy")
 
 
 @nox.session
