@@ -1,9 +1,9 @@
 """nox: the test suite once per array backend, and lint.
 
-    nox                                  # every session
-    nox -s "tests(backend='numpy')"      # one backend
-    nox -s lint
-    nox -s typecheck
+nox                                  # every session
+nox -s "tests(backend='numpy')"      # one backend
+nox -s lint
+nox -s typecheck
 """
 
 import shutil
@@ -24,8 +24,10 @@ BACKENDS = {
 
 @nox.session(python=False)
 def lint(session: nox.Session) -> None:
-    session.run("python", "-m", "pip", "install", "-q", "ruff")
-    session.run("python", "-m", "ruff", "check", "nanovllm", "tests", "benchmarks", "noxfile.py")
+    session.run("python", "-m", "pip", "install", "-q", "ruff==0.17.6")  # as .pre-commit-config
+    paths = ["nanovllm", "tests", "benchmarks", "noxfile.py"]
+    session.run("python", "-m", "ruff", "check", *paths)
+    session.run("python", "-m", "ruff", "format", "--check", *paths)
 
 
 @nox.session
@@ -40,8 +42,10 @@ def typecheck(session: nox.Session) -> None:
 @nox.parametrize("backend", list(BACKENDS))
 def tests(session: nox.Session, backend: str) -> None:
     if backend == "cupy" and shutil.which("nvidia-smi") is None:
-        session.skip("cupy needs an NVIDIA GPU with its driver (no nvidia-smi here); "
-                     "benchmarks/gpu_check.sh runs it on a GPU machine")
+        session.skip(
+            "cupy needs an NVIDIA GPU with its driver (no nvidia-smi here); "
+            "benchmarks/gpu_check.sh runs it on a GPU machine"
+        )
     extras = ",".join(["test", *BACKENDS[backend]])
     session.install("-e", f".[{extras}]")
     # transformers (torch, OpenMP) and numpy (OpenBLAS) share the process: one thread each
