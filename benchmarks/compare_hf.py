@@ -27,8 +27,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-ENV_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
-            "MKL_NUM_THREADS")
+ENV_VARS = (
+    "OPENBLAS_CORETYPE",
+    "OPENBLAS_L2_SIZE",
+    "OPENBLAS_NUM_THREADS",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+)
 
 
 def log(msg: str) -> None:
@@ -48,8 +53,10 @@ def resolve_model(model: str | None) -> tuple[Path, Path, str | None]:
         return path, path.parent, path.name
     if path.is_dir() and (path / "config.json").is_file():
         return path, path, None
-    raise SystemExit(f"--model {model!r}: expected a Hugging Face model directory (config.json "
-                     f"+ *.safetensors) or a .gguf file")
+    raise SystemExit(
+        f"--model {model!r}: expected a Hugging Face model directory (config.json "
+        f"+ *.safetensors) or a .gguf file"
+    )
 
 
 def blas_info() -> dict:
@@ -60,17 +67,36 @@ def blas_info() -> dict:
         info = {"source": "numpy.show_config (threadpoolctl not installed)"}
         try:
             blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-            info.update(name=blas.get("name"), version=blas.get("version"),
-                        config=blas.get("openblas configuration"))
+            info.update(
+                name=blas.get("name"),
+                version=blas.get("version"),
+                config=blas.get("openblas configuration"),
+            )
         except Exception as e:  # numpy < 2 or an unusual build
             info["error"] = repr(e)
         return info
-    pools = [p for p in threadpool_info() if "numpy" in p.get("filepath", "")
-             or p.get("user_api") == "blas"]
-    return {"source": "threadpoolctl",
-            "pools": [{k: p.get(k) for k in ("internal_api", "version", "num_threads",
-                                             "threading_layer", "architecture", "filepath")}
-                      for p in pools]}
+    pools = [
+        p
+        for p in threadpool_info()
+        if "numpy" in p.get("filepath", "") or p.get("user_api") == "blas"
+    ]
+    return {
+        "source": "threadpoolctl",
+        "pools": [
+            {
+                k: p.get(k)
+                for k in (
+                    "internal_api",
+                    "version",
+                    "num_threads",
+                    "threading_layer",
+                    "architecture",
+                    "filepath",
+                )
+            }
+            for p in pools
+        ],
+    }
 
 
 def environment(torch) -> dict:
@@ -79,8 +105,10 @@ def environment(torch) -> dict:
     except OSError:
         load = None
     return {
-        "python": platform.python_version(), "numpy": np.__version__,
-        "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
         "cpus": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "load_average_at_start": [round(x, 2) for x in load] if load else None,
@@ -106,8 +134,11 @@ def load_hf(hf_dir: Path, gguf_name: str | None):
 
 
 def hf_pad_id(model) -> int:
-    for v in (model.generation_config.pad_token_id, model.config.pad_token_id,
-              model.generation_config.eos_token_id):
+    for v in (
+        model.generation_config.pad_token_id,
+        model.config.pad_token_id,
+        model.generation_config.eos_token_id,
+    ):
         if isinstance(v, list):
             v = v[0] if v else None
         if v is not None:
@@ -140,12 +171,19 @@ def hf_generate(model, batch: list[list[int]], new_tokens: int, streamer=None):
     ids = torch.full((len(batch), width), pad, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for i, p in enumerate(batch):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, use_cache=True,
-                             pad_token_id=pad, streamer=streamer)
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=pad,
+            streamer=streamer,
+        )
     assert out.shape == (len(batch), width + new_tokens), out.shape
     return out
 
@@ -174,8 +212,11 @@ def hf_batched(model, prompts: list[list[int]], outputs: list[int]) -> dict:
     hf_generate(model, prompts, n_max)
     wall = time.perf_counter() - t0
     useful = sum(map(len, prompts)) + sum(outputs)
-    return {"wall_s": wall, "useful_tok_s": useful / wall,
-            "generated_tok_s": len(prompts) * n_max / wall}
+    return {
+        "wall_s": wall,
+        "useful_tok_s": useful / wall,
+        "generated_tok_s": len(prompts) * n_max / wall,
+    }
 
 
 def hf_fixed(model, prompts: list[list[int]], new_tokens: int) -> dict:
@@ -183,8 +224,11 @@ def hf_fixed(model, prompts: list[list[int]], new_tokens: int) -> dict:
     hf_generate(model, prompts, new_tokens)
     wall = time.perf_counter() - t0
     n_out = len(prompts) * new_tokens
-    return {"wall_s": wall, "generated_tok_s": n_out / wall,
-            "total_tok_s": (sum(map(len, prompts)) + n_out) / wall}
+    return {
+        "wall_s": wall,
+        "generated_tok_s": n_out / wall,
+        "total_tok_s": (sum(map(len, prompts)) + n_out) / wall,
+    }
 
 
 # ---- nanovllm workloads --------------------------------------------------------------------
@@ -194,9 +238,14 @@ def nv_batched(llm, prompts: list[list[int]], outputs: list[int]) -> dict:
     r = run_requests(llm, prompts, outputs)
     n_in, n_out = sum(map(len, prompts)), sum(outputs)
     wall = (n_in + n_out) / r["total_tok_s"]
-    return {"wall_s": wall, "useful_tok_s": r["total_tok_s"], "generated_tok_s": n_out / wall,
-            "prefill_tok_s": r["prefill_tok_s"], "decode_tok_s": r["decode_tok_s"],
-            "ttft_median_s": r["ttft_median_s"]}
+    return {
+        "wall_s": wall,
+        "useful_tok_s": r["total_tok_s"],
+        "generated_tok_s": n_out / wall,
+        "prefill_tok_s": r["prefill_tok_s"],
+        "decode_tok_s": r["decode_tok_s"],
+        "ttft_median_s": r["ttft_median_s"],
+    }
 
 
 def nv_fixed(llm, prompts: list[list[int]], new_tokens: int) -> dict:
@@ -221,11 +270,15 @@ ROWS = [  # key, label, higher is better
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None,
-                   help="a Hugging Face safetensors directory or a .gguf file (default: "
-                        "nanovllm's default SmolLM2-135M-Instruct Q4_1 GGUF)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a Hugging Face safetensors directory or a .gguf file (default: "
+        "nanovllm's default SmolLM2-135M-Instruct Q4_1 GGUF)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="runs of each workload (median; 3)")
     p.add_argument("--decode-tokens", type=int, default=64, help="batch-1 new tokens (64)")
     p.add_argument("--decode-prompt-len", type=int, default=32, help="batch-1 prompt (32)")
@@ -233,11 +286,16 @@ def parse_args(argv):
     p.add_argument("--num-requests", type=int, default=32, help="batched requests (32)")
     p.add_argument("--input-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
     p.add_argument("--output-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
-    p.add_argument("--fixed-batch", type=int, default=16,
-                   help="fixed-batch workload: prompts (16; 0 skips it)")
+    p.add_argument(
+        "--fixed-batch", type=int, default=16, help="fixed-batch workload: prompts (16; 0 skips it)"
+    )
     p.add_argument("--fixed-new-tokens", type=int, default=64, help="fixed-batch new tokens (64)")
-    p.add_argument("--fixed-prompt-len", type=int, default=32,
-                   help="fixed-batch prompt length, the same for all (32)")
+    p.add_argument(
+        "--fixed-prompt-len",
+        type=int,
+        default=32,
+        help="fixed-batch prompt length, the same for all (32)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = p.parse_args(argv)
@@ -260,15 +318,20 @@ def main(argv=None) -> None:
 
     log(f"loading nanovllm (numpy, float32) from {nv_path}")
     t0 = time.perf_counter()
-    llm = LLM(str(nv_path), backend="numpy", dtype="float32", enable_prefix_caching=False,
-              verbose=False)
+    llm = LLM(
+        str(nv_path), backend="numpy", dtype="float32", enable_prefix_caching=False, verbose=False
+    )
     nv_load = time.perf_counter() - t0
-    log(f"loading transformers (torch {torch.__version__}, float32) from {hf_dir}"
-        + (f" gguf_file={gguf_name} (dequantizing, ~35 s)" if gguf_name else ""))
+    log(
+        f"loading transformers (torch {torch.__version__}, float32) from {hf_dir}"
+        + (f" gguf_file={gguf_name} (dequantizing, ~35 s)" if gguf_name else "")
+    )
     model, hf_load = load_hf(hf_dir, gguf_name)
     if model.config.vocab_size != llm.model.vocab_size:
-        raise SystemExit(f"vocab sizes differ: transformers {model.config.vocab_size}, "
-                         f"nanovllm {llm.model.vocab_size}")
+        raise SystemExit(
+            f"vocab sizes differ: transformers {model.config.vocab_size}, "
+            f"nanovllm {llm.model.vocab_size}"
+        )
 
     # every token id drawn up front from one seeded rng; both engines get the same ones
     work = Workload(args.seed, llm.model.vocab_size)
@@ -295,12 +358,21 @@ def main(argv=None) -> None:
         for engine in order:
             nv = engine == "nanovllm"
             log(f"repeat {r + 1}/{args.repeats}: {engine}: batch-1 decode")
-            record(engine, "decode_b1_tok_s",
-                   decode_tok_s(llm, decode_prompts[r], args.decode_tokens) if nv
-                   else hf_decode_tok_s(model, decode_prompts[r], args.decode_tokens))
+            record(
+                engine,
+                "decode_b1_tok_s",
+                decode_tok_s(llm, decode_prompts[r], args.decode_tokens)
+                if nv
+                else hf_decode_tok_s(model, decode_prompts[r], args.decode_tokens),
+            )
             log(f"repeat {r + 1}/{args.repeats}: {engine}: prefill {args.prefill_len}")
-            record(engine, "prefill_tok_s", prefill_tok_s(llm, prefill_prompts[r]) if nv
-                   else hf_prefill_tok_s(model, prefill_prompts[r]))
+            record(
+                engine,
+                "prefill_tok_s",
+                prefill_tok_s(llm, prefill_prompts[r])
+                if nv
+                else hf_prefill_tok_s(model, prefill_prompts[r]),
+            )
         for engine in order:
             nv = engine == "nanovllm"
             log(f"repeat {r + 1}/{args.repeats}: {engine}: batched, {args.num_requests} requests")
@@ -310,18 +382,24 @@ def main(argv=None) -> None:
             log(f"  {engine}: batched wall {b['wall_s']:.1f}s")
         if args.fixed_batch:
             for engine in order:
-                log(f"repeat {r + 1}/{args.repeats}: {engine}: fixed batch "
-                    f"{args.fixed_batch}x{args.fixed_new_tokens}")
-                f = (nv_fixed(llm, fixed_prompts, args.fixed_new_tokens)
-                     if engine == "nanovllm"
-                     else hf_fixed(model, fixed_prompts, args.fixed_new_tokens))
+                log(
+                    f"repeat {r + 1}/{args.repeats}: {engine}: fixed batch "
+                    f"{args.fixed_batch}x{args.fixed_new_tokens}"
+                )
+                f = (
+                    nv_fixed(llm, fixed_prompts, args.fixed_new_tokens)
+                    if engine == "nanovllm"
+                    else hf_fixed(model, fixed_prompts, args.fixed_new_tokens)
+                )
                 for k, v in f.items():
                     record(engine, f"fixed_{k}", v)
 
     med = {e: {k: statistics.median(v) for k, v in s.items()} for e, s in samples.items()}
-    ratio = {k: med["nanovllm"][k] / med["transformers"][k]
-             for k, _, _ in ROWS if k in med["nanovllm"] and k in med["transformers"]
-             and k != "batched_generated_tok_s"}
+    ratio = {
+        k: med["nanovllm"][k] / med["transformers"][k]
+        for k, _, _ in ROWS
+        if k in med["nanovllm"] and k in med["transformers"] and k != "batched_generated_tok_s"
+    }
     try:
         env["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -342,28 +420,46 @@ def main(argv=None) -> None:
         "first-token time taken from a generate() streamer in the same call).",
         "prefill: transformers = one forward pass, logits for the last position only "
         "(logits_to_keep=1, as generate() and nanovllm do); nanovllm = generate(max_tokens=1).",
-        (f"fixed batch: {args.fixed_batch} prompts of {args.fixed_prompt_len} tokens, "
-         f"{args.fixed_new_tokens} new tokens each, no padding needed."
-         if args.fixed_batch else "fixed batch: skipped (--fixed-batch 0)."),
+        (
+            f"fixed batch: {args.fixed_batch} prompts of {args.fixed_prompt_len} tokens, "
+            f"{args.fixed_new_tokens} new tokens each, no padding needed."
+            if args.fixed_batch
+            else "fixed batch: skipped (--fixed-batch 0)."
+        ),
         "OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (and thread variables) may be set in the "
         "environment and change numpy's (OpenBLAS) speed; this script leaves them as found: "
-        + ", ".join(f"{k}={env['env'][k] if env['env'][k] is not None else '(unset)'}"
-                    for k in ENV_VARS) + ".",
+        + ", ".join(
+            f"{k}={env['env'][k] if env['env'][k] is not None else '(unset)'}" for k in ENV_VARS
+        )
+        + ".",
     ]
     result = {
-        "model": str(nv_path), "repeats": args.repeats, "seed": args.seed,
-        "workloads": {"decode": {"prompt_len": args.decode_prompt_len,
-                                 "new_tokens": args.decode_tokens},
-                      "prefill_len": args.prefill_len,
-                      "batched": {"requests": args.num_requests,
-                                  "input_len": list(args.input_len),
-                                  "output_len": list(args.output_len),
-                                  "sum_inputs": sum(map(len, prompts)),
-                                  "sum_outputs": sum(outputs), "max_output": max(outputs)},
-                      "fixed": {"batch": args.fixed_batch, "prompt_len": args.fixed_prompt_len,
-                                "new_tokens": args.fixed_new_tokens}},
+        "model": str(nv_path),
+        "repeats": args.repeats,
+        "seed": args.seed,
+        "workloads": {
+            "decode": {"prompt_len": args.decode_prompt_len, "new_tokens": args.decode_tokens},
+            "prefill_len": args.prefill_len,
+            "batched": {
+                "requests": args.num_requests,
+                "input_len": list(args.input_len),
+                "output_len": list(args.output_len),
+                "sum_inputs": sum(map(len, prompts)),
+                "sum_outputs": sum(outputs),
+                "max_output": max(outputs),
+            },
+            "fixed": {
+                "batch": args.fixed_batch,
+                "prompt_len": args.fixed_prompt_len,
+                "new_tokens": args.fixed_new_tokens,
+            },
+        },
         "load_s": {"nanovllm": nv_load, "transformers": hf_load},
-        "environment": env, "median": med, "ratio": ratio, "samples": samples, "notes": notes,
+        "environment": env,
+        "median": med,
+        "ratio": ratio,
+        "samples": samples,
+        "notes": notes,
     }
     if args.json:
         print(json.dumps(result))
@@ -375,34 +471,50 @@ def print_table(args, result: dict, n_requests: int) -> None:
     env, med, ratio = result["environment"], result["median"], result["ratio"]
     blas = env["numpy_blas"]
     print(f"model: {result['model']}")
-    print(f"python {env['python']}, numpy {env['numpy']}, torch {env['torch']}, "
-          f"transformers {env['transformers']}; float32 on CPU")
-    print(f"cpus: {env['cpus']} (usable {env['cpus_usable']}); load average at start "
-          f"{env['load_average_at_start']}, at end {env.get('load_average_at_end')}")
+    print(
+        f"python {env['python']}, numpy {env['numpy']}, torch {env['torch']}, "
+        f"transformers {env['transformers']}; float32 on CPU"
+    )
+    print(
+        f"cpus: {env['cpus']} (usable {env['cpus_usable']}); load average at start "
+        f"{env['load_average_at_start']}, at end {env.get('load_average_at_end')}"
+    )
     print(f"torch threads: {env['torch_threads']} (interop {env['torch_interop_threads']})")
     if blas["source"] == "threadpoolctl":
         for pool in blas["pools"]:
             print(f"numpy BLAS (threadpoolctl): {pool}")
     else:
-        print(f"numpy BLAS ({blas['source']}): {blas.get('name')} {blas.get('version')}; "
-              f"{blas.get('config') or blas.get('error')}")
-    print("env: " + ", ".join(f"{k}={v if v is not None else '(unset)'}"
-                              for k, v in env["env"].items()))
-    print(f"load time: nanovllm {result['load_s']['nanovllm']:.1f}s, "
-          f"transformers {result['load_s']['transformers']:.1f}s; "
-          f"median of {result['repeats']} repeat(s)")
+        print(
+            f"numpy BLAS ({blas['source']}): {blas.get('name')} {blas.get('version')}; "
+            f"{blas.get('config') or blas.get('error')}"
+        )
+    print(
+        "env: "
+        + ", ".join(f"{k}={v if v is not None else '(unset)'}" for k, v in env["env"].items())
+    )
+    print(
+        f"load time: nanovllm {result['load_s']['nanovllm']:.1f}s, "
+        f"transformers {result['load_s']['transformers']:.1f}s; "
+        f"median of {result['repeats']} repeat(s)"
+    )
     print()
     w = 44
     print(f"{'figure':<{w}} {'nanovllm':>10} {'transformers':>13} {'ratio nv/hf':>12}")
     print("-" * (w + 38))
-    fmt = {"prefill_len": args.prefill_len, "n": n_requests, "fb": args.fixed_batch,
-           "fn": args.fixed_new_tokens}
+    fmt = {
+        "prefill_len": args.prefill_len,
+        "n": n_requests,
+        "fb": args.fixed_batch,
+        "fn": args.fixed_new_tokens,
+    }
     for key, label, _ in ROWS:
         if key not in med["nanovllm"]:
             continue
         r = f"{ratio[key]:.2f}x" if key in ratio else "-"
-        print(f"{label.format(**fmt):<{w}} {med['nanovllm'][key]:>10.2f} "
-              f"{med['transformers'][key]:>13.2f} {r:>12}")
+        print(
+            f"{label.format(**fmt):<{w}} {med['nanovllm'][key]:>10.2f} "
+            f"{med['transformers'][key]:>13.2f} {r:>12}"
+        )
     nv = med["nanovllm"]
     print(f"{'nanovllm batched detail: prefill tok/s':<{w}} {nv['batched_prefill_tok_s']:>10.2f}")
     print(f"{'nanovllm batched detail: decode tok/s':<{w}} {nv['batched_decode_tok_s']:>10.2f}")

@@ -17,11 +17,14 @@ def __getattr__(name: str):
     # Lazy, so that `import nanovllm.engine.scheduler` pulls in no array library.
     if name == "LLM":
         from .llm import LLM
+
         return LLM
     if name == "SamplingParams":
         from .sampling_params import SamplingParams
+
         return SamplingParams
     if name in ("RequestOutput", "CompletionOutput", "Logprob"):
         from . import outputs
+
         return getattr(outputs, name)
     raise AttributeError(f"module 'nanovllm' has no attribute {name!r}")

@@ -12,24 +12,45 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m nanovllm",
         description="Generate text with a local LLM. With one prompt the answer streams as it "
-                    "is generated; several prompts run as one batch. `python -m nanovllm serve "
-                    "--help` shows the OpenAI-compatible server, `python -m nanovllm bench "
-                    "--help` the benchmark (`bench serve --help`: the serving benchmark).")
-    p.add_argument("prompts", nargs="+", metavar="PROMPT",
-                   help="prompt text; '-' reads prompts from stdin, one per line")
+        "is generated; several prompts run as one batch. `python -m nanovllm serve "
+        "--help` shows the OpenAI-compatible server, `python -m nanovllm bench "
+        "--help` the benchmark (`bench serve --help`: the serving benchmark).",
+    )
+    p.add_argument(
+        "prompts",
+        nargs="+",
+        metavar="PROMPT",
+        help="prompt text; '-' reads prompts from stdin, one per line",
+    )
     add_model_args(p)
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per prompt (64)")
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="0 is greedy, the default here for reproducible answers")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 is greedy, the default here for reproducible answers",
+    )
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0 = off)")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top "
-                   "probability (0 = off)")
+    p.add_argument(
+        "--min-p",
+        type=float,
+        default=0.0,
+        help="drop tokens below min_p x the top probability (0 = off)",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                   help="stop at this text (repeatable)")
-    p.add_argument("--chat", action="store_true",
-                   help="wrap each prompt as a user message in the model's chat template")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="stop at this text (repeatable)",
+    )
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap each prompt as a user message in the model's chat template",
+    )
     p.add_argument("--system", default=None, help="system message for --chat")
     return p
 
@@ -46,9 +67,15 @@ def generate(args: argparse.Namespace) -> None:
             prompts.append(p.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
     if not prompts:
         raise ValueError("no prompt given: pass PROMPT text, or '-' with prompts on stdin")
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            min_p=args.min_p, seed=args.seed, max_tokens=args.max_tokens,
-                            stop=args.stop)
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        stop=args.stop,
+    )
     llm = make_llm(args)
     if args.chat:
         system = [{"role": "system", "content": args.system}] if args.system else []
@@ -70,12 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:2] == ["bench", "serve"]:
             from .server.bench_serve import main as bench_serve_main
+
             return bench_serve_main(argv[2:])
         if argv and argv[0] == "bench":
             from .bench import main as bench_main
+
             bench_main(argv[1:])
         elif argv and argv[0] == "serve":
             from .server.serve import main as serve_main
+
             return serve_main(argv[1:])
         else:
             generate(build_parser().parse_args(argv))

@@ -30,8 +30,10 @@ def blas_kernel() -> str:
     import numpy  # noqa: F401  (loads the BLAS threadpoolctl looks for)
 
     infos = [i for i in threadpool_info() if i.get("user_api") == "blas"]
-    return ", ".join(f"{i['internal_api']} {i.get('architecture')} x{i['num_threads']}"
-                     for i in infos) or "none found"
+    return (
+        ", ".join(f"{i['internal_api']} {i.get('architecture')} x{i['num_threads']}" for i in infos)
+        or "none found"
+    )
 
 
 def run_requests(llm, prompts: list[list[int]], outputs: list[int]) -> dict:
@@ -57,8 +59,12 @@ def run_requests(llm, prompts: list[list[int]], outputs: list[int]) -> dict:
                 first[o.request_id] = now - start
     total = time.perf_counter() - start
     n_in, n_out = sum(map(len, prompts)), sum(outputs)
-    return {"total_tok_s": (n_in + n_out) / total, "prefill_tok_s": n_in / prefill_time,
-            "decode_tok_s": n_out / decode_time, "ttft_median_s": statistics.median(first.values())}
+    return {
+        "total_tok_s": (n_in + n_out) / total,
+        "prefill_tok_s": n_in / prefill_time,
+        "decode_tok_s": n_out / decode_time,
+        "ttft_median_s": statistics.median(first.values()),
+    }
 
 
 def prefill_tok_s(llm, prompt: list[int]) -> float:
@@ -78,8 +84,9 @@ class Workload:
     def tokens(self, n: int) -> list[int]:
         return self.rng.integers(100, self.vocab, size=n).tolist()
 
-    def requests(self, num: int, input_len: tuple[int, int], output_len: tuple[int, int]
-                 ) -> tuple[list[list[int]], list[int]]:
+    def requests(
+        self, num: int, input_len: tuple[int, int], output_len: tuple[int, int]
+    ) -> tuple[list[list[int]], list[int]]:
         """Prompts and output lengths drawn uniformly from the inclusive ranges."""
         lengths = self.rng.integers(input_len[0], input_len[1] + 1, size=num)
         prompts = [self.tokens(int(n)) for n in lengths]
@@ -102,7 +109,6 @@ def decode_tok_s(llm, prompt: list[int], new_tokens: int) -> float:
 def main(argv: list[str]) -> None:
     import copy
 
-
     p = argparse.ArgumentParser(prog="python -m nanovllm bench", description=__doc__)
     add_model_args(p, backend_help="; several, comma-separated (numpy,jax), run interleaved")
     p.add_argument("--num-requests", type=int, default=32)
@@ -113,8 +119,11 @@ def main(argv: list[str]) -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs of each scenario (median)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the figures as JSON lines")
-    p.add_argument("--vs-batch-invariant", action="store_true",
-                   help="load each backend also with --batch-invariant and give its ratios")
+    p.add_argument(
+        "--vs-batch-invariant",
+        action="store_true",
+        help="load each backend also with --batch-invariant and give its ratios",
+    )
     args = p.parse_args(argv)
     args.no_prefix_caching = True  # every run must compute its prompts
     # several engines (--backend numpy,jax) are loaded together and their runs interleaved,
@@ -133,13 +142,13 @@ def main(argv: list[str]) -> None:
         if llm.backend.jits:
             # a jitting backend compiles each new shape once: one untimed round first
             decode_tok_s(llm, work.tokens(32), args.decode_tokens)
-            llm.generate([work.tokens(args.prefill_len)], SamplingParams(max_tokens=1),
-                         use_tqdm=False)
+            llm.generate(
+                [work.tokens(args.prefill_len)], SamplingParams(max_tokens=1), use_tqdm=False
+            )
             run_requests(llm, prompts, outputs)
         else:
             run_requests(llm, prompts[:2], [4, 4])
-    runs: list[dict[str, list[Any]]] = [{"decode": [], "prefill": [], "batched": []}
-                                          for _ in llms]
+    runs: list[dict[str, list[Any]]] = [{"decode": [], "prefill": [], "batched": []} for _ in llms]
     for _ in range(args.repeats):
         decode_prompt, prefill_prompt = work.tokens(32), work.tokens(args.prefill_len)
         for llm, r in zip(llms, runs):
@@ -150,7 +159,8 @@ def main(argv: list[str]) -> None:
     table = []
     for llm, label, r in zip(llms, labels, runs):
         figures = {
-            "backend": label, "model": llm.model.__class__.__name__,
+            "backend": label,
+            "model": llm.model.__class__.__name__,
             "batch1_decode_tok_s": med(r["decode"]),
             f"prefill{args.prefill_len}_tok_s": med(r["prefill"]),
             "requests": args.num_requests,
@@ -179,8 +189,9 @@ def main(argv: list[str]) -> None:
         base = table[0]
         print(f"ratios to {base['backend']} (same run, interleaved):")
         for figures in table[1:]:
-            ratios = ", ".join(f"{k} {figures[k] / base[k]:.2f}x" for k in base
-                               if k.endswith("tok_s"))
+            ratios = ", ".join(
+                f"{k} {figures[k] / base[k]:.2f}x" for k in base if k.endswith("tok_s")
+            )
             print(f"  {figures['backend']}: {ratios}")
         print(f"peak RSS of the process (all backends): {peak:.0f} MiB")
     sys.stdout.flush()

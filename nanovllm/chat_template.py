@@ -56,10 +56,16 @@ def raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
-           separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
+def tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    return json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def strftime_now(fmt: str) -> str:
@@ -82,8 +88,10 @@ class TemplateLimitError(jinja2.exceptions.SecurityError):
 
 
 def _too_big(what: str, size: int) -> TemplateLimitError:
-    return TemplateLimitError(f"the chat template would build {what} of {size:,} characters or "
-                              f"items, past the limit of {MAX_SIZE:,}{HOSTILE}")
+    return TemplateLimitError(
+        f"the chat template would build {what} of {size:,} characters or "
+        f"items, past the limit of {MAX_SIZE:,}{HOSTILE}"
+    )
 
 
 def _size(x: Any) -> int | None:
@@ -131,10 +139,17 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             a, b = _size(left), _size(right)
             if a is not None and b is not None and a + b > MAX_SIZE:
                 raise _too_big("a concatenation", a + b)
-        elif operator == "**" and isinstance(right, int) and right > 64 and isinstance(
-                left, int | float) and abs(left) > 1:
-            raise TemplateLimitError(f"the chat template raises {left!r} to the power {right}, "
-                                     f"and exponents above 64 are not allowed{HOSTILE}")
+        elif (
+            operator == "**"
+            and isinstance(right, int)
+            and right > 64
+            and isinstance(left, int | float)
+            and abs(left) > 1
+        ):
+            raise TemplateLimitError(
+                f"the chat template raises {left!r} to the power {right}, "
+                f"and exponents above 64 are not allowed{HOSTILE}"
+            )
         return super().call_binop(context, operator, left, right)
 
     def wrap_str_format(self, value: Any):
@@ -154,17 +169,23 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
                 _check_width("an expanded string", args[0] * owner.count("\t"))
             elif name == "join" and args:
                 parts = list(args[0])
-                _check_width("a joined string", sum(len(p) for p in parts if isinstance(p, str))
-                             + len(owner) * len(parts))
+                _check_width(
+                    "a joined string",
+                    sum(len(p) for p in parts if isinstance(p, str)) + len(owner) * len(parts),
+                )
                 args = (parts, *args[1:])
-        return _check_result(f"the result of {name or 'a call'}",
-                             super().call(__context, __obj, *args, **kwargs))
+        return _check_result(
+            f"the result of {name or 'a call'}", super().call(__context, __obj, *args, **kwargs)
+        )
 
 
 def _bounded_filter(name: str, fn):
     def run(*args: Any, **kwargs: Any) -> Any:
-        values = [a for a in args if not isinstance(
-            a, jinja2.runtime.Context | jinja2.nodes.EvalContext | BoundedSandbox)]
+        values = [
+            a
+            for a in args
+            if not isinstance(a, jinja2.runtime.Context | jinja2.nodes.EvalContext | BoundedSandbox)
+        ]
         if name in ("center", "indent") and len(values) > 1:
             _check_width(f"a {name} filter result", values[1])
         _check_width(f"a {name} filter result", kwargs.get("width"))
@@ -182,12 +203,14 @@ def _bounded_filter(name: str, fn):
 
 @lru_cache(maxsize=16)
 def compile_template(template: str) -> jinja2.Template:
-    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True,
-                         extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env = BoundedSandbox(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.filters = {name: _bounded_filter(name, fn) for name, fn in env.filters.items()}
-    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now,
-                       namespace=TemplateNamespace)
+    env.globals.update(
+        raise_exception=raise_exception, strftime_now=strftime_now, namespace=TemplateNamespace
+    )
     return env.from_string(template)
 
 
@@ -198,8 +221,9 @@ def render(template: str, **variables: Any) -> str:
 
     def check(frame, event, arg):
         if time.monotonic() > deadline:
-            raise TemplateLimitError(f"the chat template took more than {MAX_SECONDS}s to "
-                                     f"render{HOSTILE}")
+            raise TemplateLimitError(
+                f"the chat template took more than {MAX_SECONDS}s to render{HOSTILE}"
+            )
         return check
 
     def tracer(frame, event, arg):
@@ -213,7 +237,8 @@ def render(template: str, **variables: Any) -> str:
             size += len(chunk)
             if size > MAX_OUTPUT:
                 raise TemplateLimitError(
-                    f"the chat template rendered more than {MAX_OUTPUT:,} characters{HOSTILE}")
+                    f"the chat template rendered more than {MAX_OUTPUT:,} characters{HOSTILE}"
+                )
             out.append(chunk)
         return "".join(out)
     finally:

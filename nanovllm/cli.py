@@ -6,41 +6,72 @@ import argparse
 
 
 def add_model_args(p: argparse.ArgumentParser, backend_help: str = "") -> None:
-    p.add_argument("--model", default=None,
-                   help="a Hugging Face model directory, a .gguf file, or a hub id (default: "
-                        "SmolLM2-135M-Instruct Q4_1, fetched once into ~/.cache/nanovllm)")
-    p.add_argument("--backend", default="numpy",
-                   help="array library: numpy (default), array_api_strict, jax, torch, cupy"
-                   + backend_help)
-    p.add_argument("--device", default=None, help="device as the backend spells it (cpu, gpu, "
-                   "cuda:0); default: the backend's default")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a Hugging Face model directory, a .gguf file, or a hub id (default: "
+        "SmolLM2-135M-Instruct Q4_1, fetched once into ~/.cache/nanovllm)",
+    )
+    p.add_argument(
+        "--backend",
+        default="numpy",
+        help="array library: numpy (default), array_api_strict, jax, torch, cupy" + backend_help,
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="device as the backend spells it (cpu, gpu, cuda:0); default: the backend's default",
+    )
     p.add_argument("--dtype", default="float32", help="compute dtype (float32)")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="longest prompt + output in tokens (default: the model's, as the KV "
-                        "cache allows)")
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="longest prompt + output in tokens (default: the model's, as the KV cache allows)",
+    )
     p.add_argument("--max-num-seqs", type=int, default=32, help="sequences per step (32)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=512,
-                   help="tokens per step; longer prompts are prefilled in chunks (512)")
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=512,
+        help="tokens per step; longer prompts are prefilled in chunks (512)",
+    )
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (16)")
-    p.add_argument("--num-kv-blocks", type=int, default=None,
-                   help="KV-cache blocks (default: from --kv-cache-memory)")
-    p.add_argument("--kv-cache-memory", type=int, default=None,
-                   help="KV-cache budget in bytes (default 1 GiB)")
+    p.add_argument(
+        "--num-kv-blocks",
+        type=int,
+        default=None,
+        help="KV-cache blocks (default: from --kv-cache-memory)",
+    )
+    p.add_argument(
+        "--kv-cache-memory", type=int, default=None, help="KV-cache budget in bytes (default 1 GiB)"
+    )
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
-    p.add_argument("--batch-invariant", action="store_true",
-                   help="outputs that do not depend on the batch, chunking or prefix-cache hits "
-                        "(slower: see README)")
+    p.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="outputs that do not depend on the batch, chunking or prefix-cache hits "
+        "(slower: see README)",
+    )
 
 
 def make_llm(args: argparse.Namespace):
     from .llm import LLM
 
-    return LLM(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
-               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-               num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
-               enable_prefix_caching=not args.no_prefix_caching,
-               batch_invariant=args.batch_invariant)
+    return LLM(
+        args.model,
+        backend=args.backend,
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory=args.kv_cache_memory,
+        enable_prefix_caching=not args.no_prefix_caching,
+        batch_invariant=args.batch_invariant,
+    )
 
 
 def model_argv(args: argparse.Namespace, **overrides) -> list[str]:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 BATCH_INVARIANT_HYBRID = (
     "batch_invariant=True is not supported for models with Mamba layers (Granite 4.0-H): their "
     "chunked scan sums in an order set by where the prompt was cut into chunks; pass "
-    "batch_invariant=False")
+    "batch_invariant=False"
+)
 
 
 @dataclass(slots=True)
@@ -30,10 +31,16 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(
-                    f"{name}={value!r} must be a positive integer; pass {name}=1 or more")
+                    f"{name}={value!r} must be a positive integer; pass {name}=1 or more"
+                )
 
-        for name in ("block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-                     "num_kv_blocks"):
+        for name in (
+            "block_size",
+            "max_model_len",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "num_kv_blocks",
+        ):
             positive(name)
         usable = (self.num_kv_blocks - 1) * self.block_size
         if usable < self.max_model_len:
@@ -41,17 +48,21 @@ class EngineConfig:
             raise ValueError(
                 f"num_kv_blocks={self.num_kv_blocks} (block_size={self.block_size}) holds {usable} "
                 f"tokens, fewer than one max_model_len={self.max_model_len} sequence; raise "
-                f"num_kv_blocks to at least {need} or lower max_model_len")
+                f"num_kv_blocks to at least {need} or lower max_model_len"
+            )
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens={self.max_num_batched_tokens} is below max_num_seqs="
                 f"{self.max_num_seqs}, so a step can never decode every running sequence; raise "
-                f"max_num_batched_tokens to at least {self.max_num_seqs} or lower max_num_seqs")
+                f"max_num_batched_tokens to at least {self.max_num_seqs} or lower max_num_seqs"
+            )
         if self.num_state_slots < 0:
             raise ValueError(f"num_state_slots={self.num_state_slots} must be >= 0")
         if self.num_state_slots and self.enable_prefix_caching:
-            raise ValueError("enable_prefix_caching must be False when num_state_slots > 0: "
-                             "a recurrent state cannot be reused at block boundaries")
+            raise ValueError(
+                "enable_prefix_caching must be False when num_state_slots > 0: "
+                "a recurrent state cannot be reused at block boundaries"
+            )
         if self.batch_invariant and self.num_state_slots:
             raise ValueError(BATCH_INVARIANT_HYBRID)
 
@@ -65,17 +76,25 @@ def kv_cache_bytes_per_block(model, block_size: int, itemsize: int) -> int:
     return 2 * layers * block_size * model.num_kv_heads * model.head_dim * itemsize
 
 
-def size_kv_cache(per_block: int, block_size: int, model_max_len: int,
-                  max_model_len: int | None, max_num_seqs: int, num_kv_blocks: int | None,
-                  kv_cache_memory: int | None) -> tuple[int, int]:
+def size_kv_cache(
+    per_block: int,
+    block_size: int,
+    model_max_len: int,
+    max_model_len: int | None,
+    max_num_seqs: int,
+    num_kv_blocks: int | None,
+    kv_cache_memory: int | None,
+) -> tuple[int, int]:
     """(num_kv_blocks, max_model_len) from what the user gave and the model's limit.
 
     Given blocks are taken as they are. Otherwise the pool gets what `kv_cache_memory` (1 GiB
     by default) holds, but no more than every sequence at full length needs, and at least two
     blocks (the null block and one). max_model_len defaults to what the model and pool allow."""
     if max_model_len is not None and max_model_len > model_max_len:
-        raise ValueError(f"max_model_len={max_model_len} exceeds the model's "
-                         f"max_position_embeddings={model_max_len}; pass at most {model_max_len}")
+        raise ValueError(
+            f"max_model_len={max_model_len} exceeds the model's "
+            f"max_position_embeddings={model_max_len}; pass at most {model_max_len}"
+        )
     blocks = num_kv_blocks
     if blocks is None:
         budget = DEFAULT_KV_CACHE_MEMORY if kv_cache_memory is None else kv_cache_memory

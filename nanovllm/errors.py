@@ -15,8 +15,10 @@ class StepError(RuntimeError):
     engine can go on with the others. `request_ids` names them; `__cause__` is the error."""
 
     def __init__(self, request_ids: list[str], cause: BaseException):
-        super().__init__(f"the model step failed ({type(cause).__name__}: {cause}); its "
-                         f"{len(request_ids)} request(s) were aborted")
+        super().__init__(
+            f"the model step failed ({type(cause).__name__}: {cause}); its "
+            f"{len(request_ids)} request(s) were aborted"
+        )
         self.request_ids = request_ids
 
 

@@ -22,23 +22,42 @@ Prompt = str | list[int]
 
 
 class LLM:
-    def __init__(self, model: str | None = None, backend: str = "numpy", device: str | None = None,
-                 dtype: str = "float32", max_model_len: int | None = None,
-                 max_num_seqs: int = 32, max_num_batched_tokens: int = 512, block_size: int = 16,
-                 num_kv_blocks: int | None = None, kv_cache_memory: int | None = None,
-                 enable_prefix_caching: bool = True, seed: int = 0, batch_invariant: bool = False,
-                 verbose: bool = True):
+    def __init__(
+        self,
+        model: str | None = None,
+        backend: str = "numpy",
+        device: str | None = None,
+        dtype: str = "float32",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 32,
+        max_num_batched_tokens: int = 512,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        kv_cache_memory: int | None = None,
+        enable_prefix_caching: bool = True,
+        seed: int = 0,
+        batch_invariant: bool = False,
+        verbose: bool = True,
+    ):
         # sizes are checked before loading weights (the slow part) and before deriving others
-        for name, value in (("max_num_seqs", max_num_seqs), ("block_size", block_size),
-                            ("max_num_batched_tokens", max_num_batched_tokens),
-                            ("max_model_len", max_model_len), ("num_kv_blocks", num_kv_blocks),
-                            ("kv_cache_memory", kv_cache_memory)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                      or value <= 0):
-                raise ValueError(f"{name}={value!r} must be a positive integer; pass "
-                                 f"{name}=1 or more")
-        for name, value in (("enable_prefix_caching", enable_prefix_caching),
-                            ("batch_invariant", batch_invariant)):
+        for name, value in (
+            ("max_num_seqs", max_num_seqs),
+            ("block_size", block_size),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+            ("max_model_len", max_model_len),
+            ("num_kv_blocks", num_kv_blocks),
+            ("kv_cache_memory", kv_cache_memory),
+        ):
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value <= 0
+            ):
+                raise ValueError(
+                    f"{name}={value!r} must be a positive integer; pass {name}=1 or more"
+                )
+        for name, value in (
+            ("enable_prefix_caching", enable_prefix_caching),
+            ("batch_invariant", batch_invariant),
+        ):
             if not isinstance(value, bool):
                 raise TypeError(f"{name}={value!r} must be True or False")
         self.backend = get_backend(backend, device=device, dtype=dtype)
@@ -51,13 +70,21 @@ class LLM:
             if batch_invariant and net.needs_state_slots:
                 raise ValueError(BATCH_INVARIANT_HYBRID)
             per_block = kv_cache_bytes_per_block(net, block_size, itemsize)
-            blocks, model_len = size_kv_cache(per_block, block_size,
-                                              net.cfg.max_position_embeddings, max_model_len,
-                                              max_num_seqs, num_kv_blocks, kv_cache_memory)
+            blocks, model_len = size_kv_cache(
+                per_block,
+                block_size,
+                net.cfg.max_position_embeddings,
+                max_model_len,
+                max_num_seqs,
+                num_kv_blocks,
+                kv_cache_memory,
+            )
             if self.backend.on_host:
-                check_fits(f"a KV cache of {blocks} blocks x {block_size} tokens",
-                           blocks * per_block, "lower kv_cache_memory (or num_kv_blocks), "
-                           "max_num_seqs or max_model_len")
+                check_fits(
+                    f"a KV cache of {blocks} blocks x {block_size} tokens",
+                    blocks * per_block,
+                    "lower kv_cache_memory (or num_kv_blocks), max_num_seqs or max_model_len",
+                )
             sizes.update(per_block=per_block, num_kv_blocks=blocks, max_model_len=model_len)
             return sizes["max_model_len"]
 
@@ -70,14 +97,19 @@ class LLM:
         # and its state cannot be reused at block boundaries: prefix caching is off for it
         hybrid = self.model.needs_state_slots
         self.config = EngineConfig(
-            max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            block_size=block_size,
             num_kv_blocks=num_kv_blocks,
             enable_prefix_caching=enable_prefix_caching and not hybrid,
-            num_state_slots=max_num_seqs if hybrid else 0, batch_invariant=batch_invariant)
+            num_state_slots=max_num_seqs if hybrid else 0,
+            batch_invariant=batch_invariant,
+        )
         runner = ModelRunner(self.model, self.backend, self.config, loaded.eos_token_ids, seed)
-        self.engine = LLMEngine(self.model, self.tokenizer, runner, self.config,
-                                loaded.eos_token_ids)
+        self.engine = LLMEngine(
+            self.model, self.tokenizer, runner, self.config, loaded.eos_token_ids
+        )
         # generate / chat / stream may run in several threads, or interleave (two streams):
         # engine calls are serialized by the lock, and whichever call steps the engine keeps
         # the latest output of every request for its owner
@@ -85,10 +117,13 @@ class LLM:
         self._outputs: dict[str, RequestOutput] = {}
         if verbose:
             tokens = (num_kv_blocks - 1) * block_size
-            print(f"nanovllm: {loaded.path.name} on {self.backend.describe()}, loaded in "
-                  f"{loaded.load_seconds:.1f}s; KV cache: {num_kv_blocks} blocks x {block_size} "
-                  f"= {tokens} tokens, {num_kv_blocks * per_block / 2**20:.0f} MiB; "
-                  f"max_model_len={max_model_len}", file=sys.stderr)
+            print(
+                f"nanovllm: {loaded.path.name} on {self.backend.describe()}, loaded in "
+                f"{loaded.load_seconds:.1f}s; KV cache: {num_kv_blocks} blocks x {block_size} "
+                f"= {tokens} tokens, {num_kv_blocks * per_block / 2**20:.0f} MiB; "
+                f"max_model_len={max_model_len}",
+                file=sys.stderr,
+            )
 
     def get_tokenizer(self):
         return self.tokenizer
@@ -115,8 +150,10 @@ class LLM:
             if mine:
                 return mine
             if not any(rid in self.engine.requests for rid in ids):
-                raise RuntimeError(f"requests {sorted(ids)} are not in the engine: were they "
-                                   "aborted through llm.engine?")
+                raise RuntimeError(
+                    f"requests {sorted(ids)} are not in the engine: were they "
+                    "aborted through llm.engine?"
+                )
             for out in self.engine.step():
                 self._outputs[out.request_id] = out  # outputs are cumulative: the newest wins
             return [self._outputs.pop(rid) for rid in ids if rid in self._outputs]
@@ -133,11 +170,15 @@ class LLM:
         with self._lock:
             return self._outputs.pop(request_id, None)
 
-    def generate(self, prompts: Prompt | Sequence[Prompt],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
-                                        and isinstance(prompts[0], int)):
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
             prompts = [cast(list[int], prompts)]  # one prompt (mypy cannot narrow on an item)
         prompts = list(cast(Sequence[Prompt], prompts))
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -145,8 +186,10 @@ class LLM:
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):
-                raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; "
-                                 "pass one, or one per prompt")
+                raise ValueError(
+                    f"got {len(params)} SamplingParams for {len(prompts)} prompts; "
+                    "pass one, or one per prompt"
+                )
         ids = self._add_all(prompts, params)
         return self._run(ids, use_tqdm)
 
@@ -155,6 +198,7 @@ class LLM:
         bar = None
         if use_tqdm:
             from tqdm import tqdm
+
             bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True)
         try:
             waiting = set(ids)
@@ -173,15 +217,21 @@ class LLM:
                 bar.close()
         return [done[rid] for rid in ids]
 
-    def chat(self, messages: list[dict] | list[list[dict]],
-             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
-        conversations = cast(list[list[dict]], [messages] if messages and isinstance(
-            messages[0], dict) else messages)  # one conversation, or several
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        conversations = cast(
+            list[list[dict]], [messages] if messages and isinstance(messages[0], dict) else messages
+        )  # one conversation, or several
         texts = [self.chat_text(c, add_generation_prompt) for c in conversations]
         # the rendered template already holds its special tokens (BOS included)
-        prompts: list[Prompt] = [self._chat_tokenizer().encode(t, add_special_tokens=False)
-                                 for t in texts]
+        prompts: list[Prompt] = [
+            self._chat_tokenizer().encode(t, add_special_tokens=False) for t in texts
+        ]
         outs = self.generate(prompts, sampling_params, use_tqdm)
         for out, text in zip(outs, texts):
             out.prompt = text
@@ -200,13 +250,16 @@ class LLM:
 
     def _chat_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
-            raise InvalidRequestError("this model has no tokenizer, so it cannot chat; pass "
-                                      "token ids to generate() instead")
+            raise InvalidRequestError(
+                "this model has no tokenizer, so it cannot chat; pass "
+                "token ids to generate() instead"
+            )
         return self.tokenizer
 
     # ---- streaming -------------------------------------------------------------------------
-    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None
-               ) -> Iterator[str]:
+    def stream(
+        self, prompt: Prompt, sampling_params: SamplingParams | None = None
+    ) -> Iterator[str]:
         """Yields the text of one request as it is generated (the first sample if n > 1).
 
         Text that could still turn out to be the start of a stop string is held back until
@@ -233,17 +286,23 @@ def validate_messages(messages) -> None:
     """A conversation is a list of dicts with a str `role` and a str (or None, or a list of
     parts) `content`; anything else is an InvalidRequestError naming the message."""
     if not isinstance(messages, list | tuple):
-        raise InvalidRequestError(f"a conversation must be a list of message dicts, not "
-                                  f"{type(messages).__name__}")
+        raise InvalidRequestError(
+            f"a conversation must be a list of message dicts, not {type(messages).__name__}"
+        )
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise InvalidRequestError(f"messages[{i}] must be a dict with 'role' and "
-                                      f"'content', not {type(m).__name__}")
+            raise InvalidRequestError(
+                f"messages[{i}] must be a dict with 'role' and 'content', not {type(m).__name__}"
+            )
         if not isinstance(m.get("role"), str):
-            raise InvalidRequestError(f"messages[{i}] has no str 'role' (got "
-                                      f"{m.get('role')!r}); use 'system', 'user' or "
-                                      "'assistant'")
+            raise InvalidRequestError(
+                f"messages[{i}] has no str 'role' (got "
+                f"{m.get('role')!r}); use 'system', 'user' or "
+                "'assistant'"
+            )
         content = m.get("content")
         if content is not None and not isinstance(content, str | list):
-            raise InvalidRequestError(f"messages[{i}]['content'] must be a str, a list of "
-                                      f"parts or None, not {type(content).__name__}")
+            raise InvalidRequestError(
+                f"messages[{i}]['content'] must be a str, a list of "
+                f"parts or None, not {type(content).__name__}"
+            )

@@ -36,8 +36,9 @@ def _eos_ids(hf_config: dict, tokenizer: Tokenizer | None) -> list[int]:
     return ids
 
 
-def load_model(model: str | None, backend,
-               max_positions: int | Callable[[CausalLM], int] | None = None) -> LoadedModel:
+def load_model(
+    model: str | None, backend, max_positions: int | Callable[[CausalLM], int] | None = None
+) -> LoadedModel:
     """Read the files, check the config's sizes and that every weight is finite, build the
     model and load its weights. `max_positions` (or a function of the model, which may look
     at its sizes and raise before any weight is placed) sizes its position tables."""
@@ -50,10 +51,15 @@ def load_model(model: str | None, backend,
         tokenizer = None
         if tok_data is not None:
             eos = [] if tok_data.eos_token_id is None else [tok_data.eos_token_id]
-            tokenizer = Tokenizer(tok_data.tokenizer, bos_token_id=tok_data.bos_token_id,
-                                  eos_token_ids=eos, add_bos_token=tok_data.add_bos_token,
-                                  chat_template=tok_data.chat_template,
-                                  bos_token=tok_data.bos_token, eos_token=tok_data.eos_token)
+            tokenizer = Tokenizer(
+                tok_data.tokenizer,
+                bos_token_id=tok_data.bos_token_id,
+                eos_token_ids=eos,
+                add_bos_token=tok_data.add_bos_token,
+                chat_template=tok_data.chat_template,
+                bos_token=tok_data.bos_token,
+                eos_token=tok_data.eos_token,
+            )
     else:
         from .weights.safetensors_dir import load_hf_dir
 
@@ -67,8 +73,9 @@ def load_model(model: str | None, backend,
         net = cls(hf_config, backend, max_positions=positions)
     check_finite(tensors, str(path))
     net.load_weights(tensors, str(path))
-    return LoadedModel(path, hf_config, net, tokenizer, _eos_ids(hf_config, tokenizer),
-                       time.perf_counter() - start)
+    return LoadedModel(
+        path, hf_config, net, tokenizer, _eos_ids(hf_config, tokenizer), time.perf_counter() - start
+    )
 
 
 def check_finite(tensors: dict[str, np.ndarray], source: str) -> None:
@@ -76,6 +83,8 @@ def check_finite(tensors: dict[str, np.ndarray], source: str) -> None:
     for name, values in tensors.items():
         if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
             count = values.size - int(np.count_nonzero(np.isfinite(values)))
-            raise WeightsError(f"{source}: tensor {name!r} holds {count} non-finite value(s) "
-                               f"(NaN or infinity) of {values.size}; the file is corrupt: "
-                               "download it again")
+            raise WeightsError(
+                f"{source}: tensor {name!r} holds {count} non-finite value(s) "
+                f"(NaN or infinity) of {values.size}; the file is corrupt: "
+                "download it again"
+            )

@@ -23,5 +23,7 @@ def check_fits(what: str, need: int, fix: str) -> None:
     """Raise before allocating `need` bytes when the machine does not have them free."""
     have = available_bytes()
     if have is not None and need > have:
-        raise OutOfMemoryError(f"{what} would take {need / GIB:.1f} GiB, but only "
-                               f"{have / GIB:.1f} GiB of memory is available; {fix}")
+        raise OutOfMemoryError(
+            f"{what} would take {need / GIB:.1f} GiB, but only "
+            f"{have / GIB:.1f} GiB of memory is available; {fix}"
+        )

@@ -47,9 +47,11 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Check every field's type and range (ValueError naming the field), and normalize."""
+
         def bad(name: str, allowed: str) -> ValueError:
-            return ValueError(f"SamplingParams.{name}={getattr(self, name)!r} is invalid; "
-                              f"allowed: {allowed}")
+            return ValueError(
+                f"SamplingParams.{name}={getattr(self, name)!r} is invalid; allowed: {allowed}"
+            )
 
         def is_int(v) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
@@ -74,13 +76,15 @@ class SamplingParams:
                 raise bad(name, "a float in [-2, 2]")
         if not is_real(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 100.0:
             raise bad("repetition_penalty", "a float in (0, 100], 1 for none")
-        if self.seed is not None and (not is_int(self.seed)
-                                      or not -2**63 <= self.seed < 2**63):
+        if self.seed is not None and (not is_int(self.seed) or not -(2**63) <= self.seed < 2**63):
             raise bad("seed", "an integer in [-2**63, 2**63 - 1] or None")
         if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
             raise bad("max_tokens", "an integer >= 1, or None for up to max_model_len")
-        if not is_int(self.min_tokens) or self.min_tokens < 0 or (
-                self.max_tokens is not None and self.min_tokens > self.max_tokens):
+        if (
+            not is_int(self.min_tokens)
+            or self.min_tokens < 0
+            or (self.max_tokens is not None and self.min_tokens > self.max_tokens)
+        ):
             raise bad("min_tokens", "an integer in [0, max_tokens]")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
@@ -90,19 +94,21 @@ class SamplingParams:
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "True or False")
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
-        if stop is not None and (not isinstance(stop, list | tuple)
-                                 or any(not isinstance(s, str) or not s for s in stop)):
+        if stop is not None and (
+            not isinstance(stop, list | tuple) or any(not isinstance(s, str) or not s for s in stop)
+        ):
             raise bad("stop", "a non-empty string or a list of non-empty strings")
         self._stop = list(stop or ())
         if self.stop_token_ids is None:
             self.stop_token_ids = []
         if not isinstance(self.stop_token_ids, list | tuple) or any(
-                not is_int(t) or t < 0 for t in self.stop_token_ids):
+            not is_int(t) or t < 0 for t in self.stop_token_ids
+        ):
             raise bad("stop_token_ids", "a list of non-negative token ids")
         self.stop_token_ids = list(self.stop_token_ids)
         if self.logit_bias is not None and (
-                not isinstance(self.logit_bias, dict)
-                or any(not is_int(t) or t < 0 for t in self.logit_bias)
-                or any(not is_real(v) or not -100.0 <= v <= 100.0
-                       for v in self.logit_bias.values())):
+            not isinstance(self.logit_bias, dict)
+            or any(not is_int(t) or t < 0 for t in self.logit_bias)
+            or any(not is_real(v) or not -100.0 <= v <= 100.0 for v in self.logit_bias.values())
+        ):
             raise bad("logit_bias", "a dict of non-negative token ids to floats in [-100, 100]")

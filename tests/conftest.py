@@ -21,9 +21,13 @@ NEAR_TIE = 1e-4  # a greedy step whose top-2 logit gap is below this is a coin f
 
 
 def pytest_addoption(parser):
-    parser.addoption("--backend", action="store", default=None,
-                     help="array backend for nanovllm (numpy, array_api_strict, jax, torch); "
-                          "default: $NANOVLLM_BACKEND or numpy")
+    parser.addoption(
+        "--backend",
+        action="store",
+        default=None,
+        help="array backend for nanovllm (numpy, array_api_strict, jax, torch); "
+        "default: $NANOVLLM_BACKEND or numpy",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -37,8 +41,7 @@ def backend(request) -> str:
         importlib.import_module(library)
     except ImportError:
         hint = f" (pip install 'nanovllm[{extra}]')" if extra else ""
-        pytest.skip(f"backend {name!r} needs the {library!r} package, which is not "
-                    f"installed{hint}")
+        pytest.skip(f"backend {name!r} needs the {library!r} package, which is not installed{hint}")
     try:
         get_backend(name)
     except BackendError as e:  # installed but unusable here, e.g. cupy without a GPU
@@ -54,16 +57,18 @@ def check_logprobs():
     `row` is the reference log-softmax. Values must match within tol, and each rank must
     point at a reference value within tol (so near-ties may swap order but not values).
     """
-    def check(entries: dict, row: np.ndarray, k: int, actual: int, where: str,
-              tol: float) -> None:
+
+    def check(entries: dict, row: np.ndarray, k: int, actual: int, where: str, tol: float) -> None:
         assert actual in entries, f"{where}: token {actual} missing from {sorted(entries)}"
         desc = np.sort(row)[::-1]
         for t, lp in entries.items():
             assert abs(lp.logprob - row[t]) < tol, (
-                f"{where}: token {t} logprob {lp.logprob:.6f}, reference {row[t]:.6f}")
+                f"{where}: token {t} logprob {lp.logprob:.6f}, reference {row[t]:.6f}"
+            )
             assert 1 <= lp.rank <= len(row) and abs(desc[lp.rank - 1] - lp.logprob) < tol, (
                 f"{where}: token {t} has rank {lp.rank}, but the reference rank-{lp.rank} "
-                f"logprob is {desc[min(lp.rank, len(row)) - 1]:.6f}, not {lp.logprob:.6f}")
+                f"logprob is {desc[min(lp.rank, len(row)) - 1]:.6f}, not {lp.logprob:.6f}"
+            )
         top = [t for t, lp in entries.items() if lp.rank <= k]
         assert len(top) == k, f"{where}: {len(top)} entries of rank <= {k}: {entries}"
         if k:
@@ -75,9 +80,18 @@ def check_logprobs():
 
 # ---- tiny random Llama checkpoints ------------------------------------------------------------
 
-TINY_LLAMA = dict(vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+TINY_LLAMA = dict(
+    vocab_size=160,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 @dataclass
@@ -121,11 +135,13 @@ class TinyModel:
                 row = self.log_softmax(ids)[-1]
                 top2 = np.sort(row)[-2:]
                 if top2[1] - top2[0] < NEAR_TIE:
-                    return (f"near-tie at step {step} of prompt {prompt}: top-2 gap "
-                            f"{top2[1] - top2[0]:.2e}")
+                    return (
+                        f"near-tie at step {step} of prompt {prompt}: top-2 gap "
+                        f"{top2[1] - top2[0]:.2e}"
+                    )
                 ids.append(int(np.argmax(row)))
                 rows.append(row)
-            self._greedy[key] = (ids[len(prompt):], np.stack(rows))
+            self._greedy[key] = (ids[len(prompt) :], np.stack(rows))
         return None
 
 
@@ -155,8 +171,7 @@ def build_tiny_llama(path: Path, seed: int = 0, std: float = 0.25, **overrides) 
 def tiny_llama(tmp_path_factory):
     """Factory: tiny_llama(name, seed=..., **LlamaConfig overrides) -> TinyModel, built once."""
     pytest.importorskip("torch", reason="building reference checkpoints needs torch")
-    pytest.importorskip("transformers", reason="building reference checkpoints needs "
-                                               "transformers")
+    pytest.importorskip("transformers", reason="building reference checkpoints needs transformers")
     built: dict[str, TinyModel] = {}
 
     def make(name: str, seed: int = 0, **overrides) -> TinyModel:
@@ -169,14 +184,21 @@ def tiny_llama(tmp_path_factory):
 
 # ---- a tiny Llama that takes text: trained byte-level BPE + ChatML template ---------------
 CORPUS = [
-    "The capital of France is Paris.", "Hello world, hello there!", "the cat sat on the mat",
-    "You are a helpful assistant.", "What is the answer? It is 42.", "x = 1 + 2 * 3; y = [4, 5]",
-    "Quick brown foxes jump over lazy dogs.", "ZEBRAS QUIETLY VEX JUMPING KOALAS",
+    "The capital of France is Paris.",
+    "Hello world, hello there!",
+    "the cat sat on the mat",
+    "You are a helpful assistant.",
+    "What is the answer? It is 42.",
+    "x = 1 + 2 * 3; y = [4, 5]",
+    "Quick brown foxes jump over lazy dogs.",
+    "ZEBRAS QUIETLY VEX JUMPING KOALAS",
 ]
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + "
-          "'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}"
-          "{{'<|im_start|>assistant\n'}}{% endif %}")
+CHATML = (
+    "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + "
+    "'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{'<|im_start|>assistant\n'}}{% endif %}"
+)
 
 
 def train_tokenizer():
@@ -186,8 +208,9 @@ def train_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS * 3, trainers.BpeTrainer(vocab_size=160,
-                                                            special_tokens=SPECIALS))
+    tok.train_from_iterator(
+        CORPUS * 3, trainers.BpeTrainer(vocab_size=160, special_tokens=SPECIALS)
+    )
     return tok
 
 
@@ -198,8 +221,9 @@ def with_tokenizer(tiny_llama, name: str = "chat_llama", seed: int = 11):
     tok = train_tokenizer()
     tm = tiny_llama(name, seed=seed, vocab_size=tok.get_vocab_size())
     if not (tm.path / "tokenizer.json").is_file():
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                       unk_token="<unk>")
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+        )
         fast.chat_template = CHATML
         fast.save_pretrained(tm.path)
     return tm
@@ -223,16 +247,19 @@ def tiny(tiny_llama):
 @pytest.fixture(scope="session")
 def pick_stop():
     """pick_stop(text, length=3): a stop string that first occurs in the middle of text."""
+
     def pick(text: str, length: int = 3) -> str:
         for i in range(len(text) // 3, len(text) - length):
-            stop = text[i:i + length]
+            stop = text[i : i + length]
             if text.find(stop) >= 3 and stop.strip():
                 return stop
         pytest.fail(f"no usable stop string in {text!r}")
+
     return pick
 
 
 # ---- a real server process on a free loopback port ------------------------------------------
+
 
 @dataclass
 class ServerProcess:
@@ -275,8 +302,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: list[str], log: Path, api_key: str | None = None,
-                 timeout: float = 180.0) -> ServerProcess:
+def start_server(
+    args: list[str], log: Path, api_key: str | None = None, timeout: float = 180.0
+) -> ServerProcess:
     """Start a server and wait until /health says 200; fail with its output if it does not."""
     import subprocess
     import sys

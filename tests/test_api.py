@@ -54,6 +54,7 @@ def generate(llm: LLM, prompts, params=None) -> list[RequestOutput]:
 
 # ---- generate: prompt forms, parameters, output fields --------------------------------------
 
+
 def test_generate_accepts_string_list_of_strings_and_token_ids(llm, tiny, hf_tok):
     p = greedy(8)
     ids = [hf_tok.encode(t) for t in TEXTS]
@@ -132,6 +133,7 @@ def test_generate_empty_prompt_list_returns_nothing(llm):
 
 # ---- logprobs ----------------------------------------------------------------------------
 
+
 def check_entries(entries: dict, row: np.ndarray, k: int, actual: int, where: str) -> None:
     """vLLM's shape: the top k with ranks 1..k, plus the actual token; values as in row."""
     assert actual in entries, f"{where}: token {actual} missing from {sorted(entries)}"
@@ -203,8 +205,14 @@ def test_prompt_logprobs_of_one_token_prompt(llm):
 
 
 def test_prompt_logprobs_with_chunked_prefill(tiny, backend):
-    llm = LLM(str(tiny.path), backend=backend, verbose=False, max_num_seqs=2,
-              max_num_batched_tokens=8, block_size=4)
+    llm = LLM(
+        str(tiny.path),
+        backend=backend,
+        verbose=False,
+        max_num_seqs=2,
+        max_num_batched_tokens=8,
+        block_size=4,
+    )
     prompt = list(range(100, 130))
     out = llm.generate([prompt, [5, 6, 7]], greedy(3, prompt_logprobs=2), use_tqdm=False)
     ref = tiny.log_softmax(prompt)
@@ -220,9 +228,12 @@ def test_prompt_logprobs_with_chunked_prefill(tiny, backend):
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello world"}],
-    [{"role": "system", "content": "You are a helpful assistant."},
-     {"role": "user", "content": "What is the capital of France?"},
-     {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And 42?"}],
+    [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And 42?"},
+    ],
 ]
 
 
@@ -256,12 +267,12 @@ def test_chat_per_conversation_params(llm):
 
 def test_chat_without_generation_prompt(llm, hf_tok):
     out = llm.chat(CONVERSATIONS[0], greedy(1), use_tqdm=False, add_generation_prompt=False)[0]
-    text = hf_tok.apply_chat_template(CONVERSATIONS[0], tokenize=False,
-                                      add_generation_prompt=False)
+    text = hf_tok.apply_chat_template(CONVERSATIONS[0], tokenize=False, add_generation_prompt=False)
     assert out.prompt_token_ids == hf_tok.encode(text, add_special_tokens=False)
 
 
 # ---- LLM.stream ----------------------------------------------------------------------------
+
 
 def test_stream_deltas_concatenate_to_generate_text(llm):
     p = greedy(24)
@@ -284,7 +295,7 @@ def test_stream_never_yields_part_of_a_stop_string(llm, include, pick_stop):
     p = greedy(30, stop=[stop, "@@@@@"], include_stop_str_in_output=include)
     want = generate(llm, TEXTS[2], p)[0].outputs[0].text
     cut = full.find(stop)
-    assert want == full[:cut + (len(stop) if include else 0)]
+    assert want == full[: cut + (len(stop) if include else 0)]
     deltas = list(llm.stream(TEXTS[2], p))
     assert "".join(deltas) == want
     sent = ""
@@ -302,6 +313,7 @@ def test_stream_closed_early_aborts_the_request(llm):
 
 
 # ---- engine-level streaming: add_request / step / abort_request ---------------------------
+
 
 def test_engine_add_request_and_step_until_done(llm, tiny):
     eng = llm.engine

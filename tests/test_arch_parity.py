@@ -24,43 +24,99 @@ from nanovllm.errors import UnsupportedFeatureError
 TOL = 1e-4
 VOCAB = 160
 WINDOW = 6
-LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
-FALCON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=128, ffn_hidden_size=96, bos_token_id=1, eos_token_id=2)
-GRANITE = dict(embedding_multiplier=3.0, residual_multiplier=0.6, attention_multiplier=0.2,
-               logits_scaling=2.5)
+LLAMA_LIKE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+FALCON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+    ffn_hidden_size=96,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+GRANITE = dict(
+    embedding_multiplier=3.0, residual_multiplier=0.6, attention_multiplier=0.2, logits_scaling=2.5
+)
 
 # name -> (transformers config class, model class, seed, config kwargs)
 CASES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", 0, LLAMA_LIKE | dict(tie_word_embeddings=True)),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", 1,
-              LLAMA_LIKE | dict(head_dim=24, attention_bias=True)),
-    "mistral": ("MistralConfig", "MistralForCausalLM", 2,
-                LLAMA_LIKE | dict(sliding_window=WINDOW)),
-    "granite": ("GraniteConfig", "GraniteForCausalLM", 3,
-                LLAMA_LIKE | GRANITE | dict(tie_word_embeddings=True)),
-    "granite_untied": ("GraniteConfig", "GraniteForCausalLM", 4,
-                       LLAMA_LIKE | GRANITE | dict(tie_word_embeddings=False, mlp_bias=True)),
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", 5,
-             dict(vocab_size=VOCAB, n_positions=128, n_embd=64, n_layer=2, n_head=4,
-                  bos_token_id=1, eos_token_id=2)),
-    "falcon_new": ("FalconConfig", "FalconForCausalLM", 6,
-                   FALCON | dict(new_decoder_architecture=True, num_kv_heads=2)),
-    "falcon_new_1ln": ("FalconConfig", "FalconForCausalLM", 7,
-                       FALCON | dict(new_decoder_architecture=True, num_kv_heads=2,
-                                     num_ln_in_parallel_attn=1, bias=True)),
-    "falcon_mq": ("FalconConfig", "FalconForCausalLM", 8,
-                  FALCON | dict(multi_query=True, parallel_attn=True)),
-    "falcon_seq": ("FalconConfig", "FalconForCausalLM", 9,
-                   FALCON | dict(multi_query=False, parallel_attn=False, bias=True,
-                                 tie_word_embeddings=False)),
+    "qwen3": (
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        1,
+        LLAMA_LIKE | dict(head_dim=24, attention_bias=True),
+    ),
+    "mistral": ("MistralConfig", "MistralForCausalLM", 2, LLAMA_LIKE | dict(sliding_window=WINDOW)),
+    "granite": (
+        "GraniteConfig",
+        "GraniteForCausalLM",
+        3,
+        LLAMA_LIKE | GRANITE | dict(tie_word_embeddings=True),
+    ),
+    "granite_untied": (
+        "GraniteConfig",
+        "GraniteForCausalLM",
+        4,
+        LLAMA_LIKE | GRANITE | dict(tie_word_embeddings=False, mlp_bias=True),
+    ),
+    "gpt2": (
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        5,
+        dict(
+            vocab_size=VOCAB,
+            n_positions=128,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
+    "falcon_new": (
+        "FalconConfig",
+        "FalconForCausalLM",
+        6,
+        FALCON | dict(new_decoder_architecture=True, num_kv_heads=2),
+    ),
+    "falcon_new_1ln": (
+        "FalconConfig",
+        "FalconForCausalLM",
+        7,
+        FALCON
+        | dict(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=1, bias=True),
+    ),
+    "falcon_mq": (
+        "FalconConfig",
+        "FalconForCausalLM",
+        8,
+        FALCON | dict(multi_query=True, parallel_attn=True),
+    ),
+    "falcon_seq": (
+        "FalconConfig",
+        "FalconForCausalLM",
+        9,
+        FALCON | dict(multi_query=False, parallel_attn=False, bias=True, tie_word_embeddings=False),
+    ),
 }
 
 
-def build(path, config_cls: str, model_cls: str, seed: int, kwargs: dict,
-          std: float = 0.25) -> TinyModel:
+def build(
+    path, config_cls: str, model_cls: str, seed: int, kwargs: dict, std: float = 0.25
+) -> TinyModel:
     import torch
     import transformers
 
@@ -109,7 +165,8 @@ def check_prompt_logprobs(case, out) -> None:
         got = plp[p][ids[p]].logprob
         assert abs(got - ref[p - 1, ids[p]]) < TOL, (
             f"prompt of {len(ids)}, position {p}: {got:.6f} vs transformers "
-            f"{ref[p - 1, ids[p]]:.6f}")
+            f"{ref[p - 1, ids[p]]:.6f}"
+        )
 
 
 def check_greedy(case, out, max_tokens: int) -> None:
@@ -119,8 +176,14 @@ def check_greedy(case, out, max_tokens: int) -> None:
 
 def test_prompt_logprobs(case, backend):
     """Chunked prefill (16 tokens a step, blocks of 4), several prompts in one batch."""
-    llm = LLM(str(case.path), backend=backend, verbose=False, block_size=4,
-              max_num_batched_tokens=16, max_num_seqs=4)
+    llm = LLM(
+        str(case.path),
+        backend=backend,
+        verbose=False,
+        block_size=4,
+        max_num_batched_tokens=16,
+        max_num_seqs=4,
+    )
     batch = prompts(10, [2, 7, 33, 21])
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0, ignore_eos=True)
     for out in llm.generate(batch, params, use_tqdm=False):
@@ -129,11 +192,20 @@ def test_prompt_logprobs(case, backend):
 
 def test_greedy_preemption(case, backend):
     """12 usable blocks of 4 for 4 requests that need ~23 together: some must be preempted."""
-    llm = LLM(str(case.path), backend=backend, verbose=False, block_size=4, num_kv_blocks=13,
-              max_model_len=48, max_num_seqs=4, max_num_batched_tokens=32)
+    llm = LLM(
+        str(case.path),
+        backend=backend,
+        verbose=False,
+        block_size=4,
+        num_kv_blocks=13,
+        max_model_len=48,
+        max_num_seqs=4,
+        max_num_batched_tokens=32,
+    )
     batch = prompts(40, [9, 14, 20, 3])
-    outs = llm.generate(batch, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
-                        use_tqdm=False)
+    outs = llm.generate(
+        batch, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False
+    )
     assert llm.engine.scheduler.num_preemptions > 0, "the tiny KV pool forced no preemption"
     for out in outs:
         check_greedy(case, out, 12)
@@ -141,6 +213,7 @@ def test_greedy_preemption(case, backend):
 
 
 # ---- features that must be live, and config spellings -----------------------------------------
+
 
 def test_sliding_window_is_exercised(tiny):
     """Without the window transformers' logits differ past it: the Mistral parity is not vacuous."""
@@ -166,21 +239,27 @@ def _variant(src, dst, edit) -> str:
 
 def _first_logprobs(path: str, backend: str, ids: list[int]) -> np.ndarray:
     llm = LLM(path, backend=backend, verbose=False, block_size=4, max_num_batched_tokens=32)
-    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0),
-                       use_tqdm=False)[0]
+    out = llm.generate(
+        [ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False
+    )[0]
     return np.array([out.prompt_logprobs[p][ids[p]].logprob for p in range(1, len(ids))])
 
 
-@pytest.mark.parametrize("name,model_type", [("falcon_new", "RefinedWeb"),
-                                             ("falcon_mq", "RefinedWebModel")])
+@pytest.mark.parametrize(
+    "name,model_type", [("falcon_new", "RefinedWeb"), ("falcon_mq", "RefinedWebModel")]
+)
 def test_refinedweb_config_names(tiny, backend, tmp_path, name, model_type):
     """The original Falcon configs: RWForCausalLM, n_embed/n_head/n_head_kv/n_layer spellings."""
     case = tiny(name)
 
     def to_refinedweb(c):
-        c.update(architectures=["RWForCausalLM"], model_type=model_type, n_embed=c.pop(
-            "hidden_size"), n_head=c.pop("num_attention_heads"), n_layer=c.pop(
-            "num_hidden_layers"))
+        c.update(
+            architectures=["RWForCausalLM"],
+            model_type=model_type,
+            n_embed=c.pop("hidden_size"),
+            n_head=c.pop("num_attention_heads"),
+            n_layer=c.pop("num_hidden_layers"),
+        )
         if c.pop("new_decoder_architecture"):
             c["n_head_kv"] = c.pop("num_kv_heads")
 
@@ -190,12 +269,23 @@ def test_refinedweb_config_names(tiny, backend, tmp_path, name, model_type):
     assert np.abs(got - ref[np.arange(len(ids) - 1), ids[1:]]).max() < TOL
 
 
-@pytest.mark.parametrize("name,edit,feature", [
-    ("falcon_mq", {"alibi": True}, "alibi"),
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1,
-               "layer_types": None}, "sliding_window"),
-    ("gpt2", {"activation_function": "swish"}, "activation_function"),
-])
+@pytest.mark.parametrize(
+    "name,edit,feature",
+    [
+        ("falcon_mq", {"alibi": True}, "alibi"),
+        (
+            "qwen2",
+            {
+                "use_sliding_window": True,
+                "sliding_window": 8,
+                "max_window_layers": 1,
+                "layer_types": None,
+            },
+            "sliding_window",
+        ),
+        ("gpt2", {"activation_function": "swish"}, "activation_function"),
+    ],
+)
 def test_unsupported_features_fail_at_load(tiny, backend, tmp_path, name, edit, feature):
     path = _variant(tiny(name).path, tmp_path / "v", lambda c: c.update(edit))
     with pytest.raises(UnsupportedFeatureError, match=feature):
@@ -220,6 +310,7 @@ def test_erf_matches_math_erf(backend):
 
 
 # ---- GGUF: the llama.cpp layout of each architecture, written as its convert script does ------
+
 
 def _write_gguf(case, arch: str, path) -> str:
     """What convert_hf_to_gguf.py writes for these archs (float32, no tokenizer)."""
@@ -269,21 +360,28 @@ def _write_gguf(case, arch: str, path) -> str:
             name = name.replace(".ln_attn.", ".input_layernorm.")
         if ".query_key_value." in name:  # llama.cpp's "jploski" layout: [all Q | K | V]
             g = value.reshape(kv, heads // kv + 2, -1, *value.shape[1:])
-            value = np.concatenate([g[:, :-2].reshape(-1, *value.shape[1:]),
-                                    g[:, -2].reshape(-1, *value.shape[1:]),
-                                    g[:, -1].reshape(-1, *value.shape[1:])])
+            value = np.concatenate(
+                [
+                    g[:, :-2].reshape(-1, *value.shape[1:]),
+                    g[:, -2].reshape(-1, *value.shape[1:]),
+                    g[:, -1].reshape(-1, *value.shape[1:]),
+                ]
+            )
         stem, kind = name.rsplit(".", 1)
         if stem in to_gguf:
             gguf_name = f"{to_gguf[stem]}.{kind}"
         else:
             i, rest = stem.removeprefix(spec.layer_prefix.split("{")[0]).split(".", 1)
             gguf_name = f"blk.{i}.{layer_gguf[rest]}.{kind}"
-        assert gguf_name.rsplit(".", 1)[0].replace(f"blk.{gguf_name.split('.')[1]}.",
-                                                    "blk.{bid}.") in known, gguf_name
+        assert (
+            gguf_name.rsplit(".", 1)[0].replace(f"blk.{gguf_name.split('.')[1]}.", "blk.{bid}.")
+            in known
+        ), gguf_name
         if spec.permute_qk and (".q_proj." in name or ".k_proj." in name):
             heads = cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads
-            value = value.reshape(heads, 2, -1, *value.shape[1:]).swapaxes(1, 2).reshape(
-                value.shape)
+            value = (
+                value.reshape(heads, 2, -1, *value.shape[1:]).swapaxes(1, 2).reshape(value.shape)
+            )
         if value.ndim == 2 and name.endswith(spec.transposed):
             value = value.T
         w.add_tensor(gguf_name, np.ascontiguousarray(value, dtype=np.float32))
@@ -294,10 +392,18 @@ def _write_gguf(case, arch: str, path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("name,arch", [("qwen2", "qwen2"), ("qwen3", "qwen3"),
-                                       ("granite", "granite"), ("gpt2", "gpt2"),
-                                       ("falcon_new", "falcon"), ("falcon_new_1ln", "falcon"),
-                                       ("falcon_mq", "falcon")])
+@pytest.mark.parametrize(
+    "name,arch",
+    [
+        ("qwen2", "qwen2"),
+        ("qwen3", "qwen3"),
+        ("granite", "granite"),
+        ("gpt2", "gpt2"),
+        ("falcon_new", "falcon"),
+        ("falcon_new_1ln", "falcon"),
+        ("falcon_mq", "falcon"),
+    ],
+)
 def test_gguf_matches_transformers(tiny, backend, tmp_path, name, arch):
     pytest.importorskip("gguf")
     case = tiny(name)

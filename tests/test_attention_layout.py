@@ -42,8 +42,9 @@ def random_step(rng, num_decode: int, chunks: list[tuple[int, int]]):
         slots = [table[p // BS] * BS + p % BS for p in range(start, ctx)]
         return ScheduledSeq(None, start, [0] * n, slots, table, ctx, True)
 
-    decode = sorted((seq(int(c) - 1, 1) for c in rng.integers(1, 30, num_decode)),
-                    key=lambda s: s.context_len)
+    decode = sorted(
+        (seq(int(c) - 1, 1) for c in rng.integers(1, 30, num_decode)), key=lambda s: s.context_len
+    )
     return decode, [seq(start, n) for start, n in chunks]
 
 
@@ -90,10 +91,16 @@ def test_exact_and_tiled_parts_match_naive_attention(backend, step, window):
 
     def attend(parts, prefill_row: int, padded_rows: int) -> np.ndarray:
         q = np.zeros((padded_rows, HEADS, D), dtype=np.float32)
-        q[:len(decode)] = q_host[:len(decode)]
-        q[prefill_row:prefill_row + rows - len(decode)] = q_host[len(decode):]
-        out = paged_attention(b.xp, b.asarray(q, dtype=b.dtype), k_pool, v_pool,
-                              AttentionMetadata(None, parts), D ** -0.5)
+        q[: len(decode)] = q_host[: len(decode)]
+        q[prefill_row : prefill_row + rows - len(decode)] = q_host[len(decode) :]
+        out = paged_attention(
+            b.xp,
+            b.asarray(q, dtype=b.dtype),
+            k_pool,
+            v_pool,
+            AttentionMetadata(None, parts),
+            D**-0.5,
+        )
         return b.to_host(out)
 
     # exact: one part per decode sequence and per chunk, nothing padded
@@ -128,13 +135,18 @@ def test_exact_and_tiled_parts_match_naive_attention(backend, step, window):
         assert np.all(got[padding] == 0), f"{where}: padding rows are not zeros"
 
 
-def test_tiny_llama_through_small_tiles_matches_transformers(tiny_llama, backend,
-                                                             check_logprobs):
+def test_tiny_llama_through_small_tiles_matches_transformers(tiny_llama, backend, check_logprobs):
     """Tiles of 3 queries x 4 keys (blocks of 4, 16 tokens a step, prefix-cache hits): every
     query merges several items, and prompt logprobs and greedy tokens equal transformers'."""
     case = tiny_llama("gqa", seed=0)
-    llm = LLM(str(case.path), backend=backend, verbose=False, block_size=4,
-              max_num_batched_tokens=16, max_num_seqs=4)
+    llm = LLM(
+        str(case.path),
+        backend=backend,
+        verbose=False,
+        block_size=4,
+        max_num_batched_tokens=16,
+        max_num_seqs=4,
+    )
     runner = llm.engine.runner
     runner.tiled, runner.query_tile, runner.key_tile = True, 3, 4
     rng = np.random.default_rng(7)
@@ -146,13 +158,20 @@ def test_tiny_llama_through_small_tiles_matches_transformers(tiny_llama, backend
         ids = out.prompt_token_ids
         ref = case.log_softmax(ids)
         for p in range(1, len(ids)):
-            check_logprobs(out.prompt_logprobs[p], ref[p - 1], 3, ids[p],
-                           f"prompt of {len(ids)}, position {p}", 1e-4)
+            check_logprobs(
+                out.prompt_logprobs[p],
+                ref[p - 1],
+                3,
+                ids[p],
+                f"prompt of {len(ids)}, position {p}",
+                1e-4,
+            )
     # then prompts that start from the cached blocks of the first batch
     hits = llm.engine.scheduler.block_manager.prefix_cache_hits
     batch += [shared + rng.integers(3, 160, n).tolist() for n in (2, 11)]
-    outs += llm.generate(batch[-2:], SamplingParams(temperature=0, max_tokens=8,
-                                                    ignore_eos=True), use_tqdm=False)
+    outs += llm.generate(
+        batch[-2:], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False
+    )
     assert llm.engine.scheduler.block_manager.prefix_cache_hits > hits
     for out, prompt in zip(outs, batch, strict=True):
         want, _ = case.greedy(prompt, 8)

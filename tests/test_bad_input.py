@@ -31,8 +31,9 @@ def want(tiny) -> list[int]:
 
 @pytest.fixture(scope="module")
 def llm(tiny, backend):
-    return LLM(str(tiny.path), backend=backend, verbose=False, max_model_len=MAX_MODEL_LEN,
-               block_size=8)
+    return LLM(
+        str(tiny.path), backend=backend, verbose=False, max_model_len=MAX_MODEL_LEN, block_size=8
+    )
 
 
 def copy_model(src: Path, dst: Path, tokenizer: bool = True) -> Path:
@@ -69,6 +70,7 @@ def message(exc_info) -> str:
 
 
 # ---- bad prompts ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("prompt", ["", []], ids=["empty-text", "empty-ids"])
 def test_empty_prompt(llm, want, prompt):
@@ -148,9 +150,18 @@ def test_batch_with_one_bad_prompt_runs_nothing(llm, want, vocab):
 
 # ---- bad sampling parameters ---------------------------------------------------------------
 
+
 def test_invalid_sampling_params_rejected_before_anything_runs(llm, want):
-    for kw in (dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-3), dict(min_p=2.0),
-               dict(n=0), dict(max_tokens=0), dict(logprobs=21), dict(stop="")):
+    for kw in (
+        dict(temperature=-1.0),
+        dict(top_p=0.0),
+        dict(top_k=-3),
+        dict(min_p=2.0),
+        dict(n=0),
+        dict(max_tokens=0),
+        dict(logprobs=21),
+        dict(stop=""),
+    ):
         with pytest.raises(ValueError) as e:
             llm.generate([GOOD], SamplingParams(**kw), use_tqdm=False)
         name = next(iter(kw))
@@ -166,8 +177,10 @@ def test_sampling_params_of_the_wrong_type(llm, want):
     assert_still_serves(llm, want)
 
 
-@pytest.mark.parametrize("field,value", [("n", 0), ("temperature", -1.0), ("top_k", -5),
-                                         ("logprobs", 100), ("max_tokens", 0)])
+@pytest.mark.parametrize(
+    "field,value",
+    [("n", 0), ("temperature", -1.0), ("top_k", -5), ("logprobs", 100), ("max_tokens", 0)],
+)
 def test_sampling_params_made_invalid_after_construction(llm, want, field, value):
     """A SamplingParams is a mutable dataclass; the engine must validate what it receives."""
     p = greedy()
@@ -193,6 +206,7 @@ def test_stop_token_id_outside_the_vocabulary(llm, want, vocab):
 
 
 # ---- bad models, backends and paths ----------------------------------------------------------
+
 
 def test_unknown_backend_lists_the_known_ones(tiny, llm, want):
     with pytest.raises(ValueError) as e:
@@ -235,7 +249,7 @@ def test_truncated_safetensors(tiny, tmp_path, backend, llm, want, keep):
     d = copy_model(tiny.path, tmp_path / "trunc")
     f = d / "model.safetensors"
     data = f.read_bytes()
-    f.write_bytes(data[:keep if isinstance(keep, int) else int(len(data) * keep)])
+    f.write_bytes(data[: keep if isinstance(keep, int) else int(len(data) * keep)])
     with pytest.raises(ValueError) as e:
         LLM(str(d), backend=backend, verbose=False)
     msg = message(e)
@@ -283,6 +297,7 @@ def test_non_gguf_file(tmp_path, llm, want):
 
 # ---- a model without a tokenizer ---------------------------------------------------------
 
+
 def test_text_prompt_to_a_model_without_tokenizer(no_tokenizer_dir, backend, want):
     llm = LLM(str(no_tokenizer_dir), backend=backend, verbose=False, max_model_len=MAX_MODEL_LEN)
     assert llm.get_tokenizer() is None
@@ -306,8 +321,12 @@ def test_chat_with_bad_messages(llm, want):
 
 # ---- typed, bounded inputs (one LLM, the hostile-but-realistic caller) ------------------------
 
-@pytest.mark.parametrize("prompt", [b"hello", None, 7.5, {"ids": [1]}, [3, 4, b"x"]],
-                         ids=["bytes", "None", "float", "dict", "list-with-bytes"])
+
+@pytest.mark.parametrize(
+    "prompt",
+    [b"hello", None, 7.5, {"ids": [1]}, [3, 4, b"x"]],
+    ids=["bytes", "None", "float", "dict", "list-with-bytes"],
+)
 def test_a_prompt_must_be_text_or_token_ids(llm, want, prompt):
     from nanovllm.errors import InvalidRequestError
 
@@ -327,14 +346,24 @@ def test_text_that_is_not_utf8_encodable_is_an_invalid_request(llm, want):
     assert_still_serves(llm, want)
 
 
-@pytest.mark.parametrize("kw,field_name", [
-    (dict(temperature="0.5"), "temperature"), (dict(top_p=None), "top_p"),
-    (dict(n=10**6), "n"), (dict(n=4097), "n"), (dict(seed=2**70), "seed"),
-    (dict(seed=-2**64), "seed"), (dict(seed="1"), "seed"), (dict(max_tokens=2.0), "max_tokens"),
-    (dict(ignore_eos="yes"), "ignore_eos"), (dict(stop=5), "stop"),
-    (dict(stop_token_ids=7), "stop_token_ids"), (dict(min_p=float("nan")), "min_p"),
-    (dict(presence_penalty="1"), "presence_penalty"),
-])
+@pytest.mark.parametrize(
+    "kw,field_name",
+    [
+        (dict(temperature="0.5"), "temperature"),
+        (dict(top_p=None), "top_p"),
+        (dict(n=10**6), "n"),
+        (dict(n=4097), "n"),
+        (dict(seed=2**70), "seed"),
+        (dict(seed=-(2**64)), "seed"),
+        (dict(seed="1"), "seed"),
+        (dict(max_tokens=2.0), "max_tokens"),
+        (dict(ignore_eos="yes"), "ignore_eos"),
+        (dict(stop=5), "stop"),
+        (dict(stop_token_ids=7), "stop_token_ids"),
+        (dict(min_p=float("nan")), "min_p"),
+        (dict(presence_penalty="1"), "presence_penalty"),
+    ],
+)
 def test_every_sampling_field_is_type_checked(llm, want, kw, field_name):
     with pytest.raises(ValueError) as e:
         SamplingParams(**kw)
@@ -344,30 +373,33 @@ def test_every_sampling_field_is_type_checked(llm, want, kw, field_name):
 
 def test_seed_bounds_are_the_signed_64_bit_range():
     assert SamplingParams(seed=2**63 - 1).seed == 2**63 - 1
-    assert SamplingParams(seed=-2**63).seed == -2**63
+    assert SamplingParams(seed=-(2**63)).seed == -(2**63)
 
 
 def test_a_field_changed_after_construction_is_honoured(llm, want):
     text = llm.generate([GOOD], greedy(8), use_tqdm=False)[0].outputs[0].text
-    stop = text[len(text) // 2:len(text) // 2 + 2]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
     assert stop.strip() and text.find(stop) > 0
     params = greedy(8)
     params.stop = [stop]  # set after construction: add_request re-derives it
     out = llm.generate([GOOD], params, use_tqdm=False)[0].outputs[0]
-    assert out.finish_reason == "stop" and out.text == text[:text.find(stop)]
+    assert out.finish_reason == "stop" and out.text == text[: text.find(stop)]
     params.n = 0
     with pytest.raises(ValueError, match="SamplingParams.n="):
         llm.generate([GOOD], params, use_tqdm=False)
     assert_still_serves(llm, want)
 
 
-@pytest.mark.parametrize("messages,words", [
-    ([{"content": "hi"}], "messages[0] has no str 'role'"),
-    ([{"role": "user", "content": 5}], "messages[0]['content'] must be a str"),
-    (["hello"], "a conversation must be a list of message dicts, not str"),
-    ([[{"role": "user", "content": "hi"}, 3]], "messages[1] must be a dict"),
-    ([{"role": "user", "content": "hi"}, {"role": None, "content": "x"}], "messages[1]"),
-])
+@pytest.mark.parametrize(
+    "messages,words",
+    [
+        ([{"content": "hi"}], "messages[0] has no str 'role'"),
+        ([{"role": "user", "content": 5}], "messages[0]['content'] must be a str"),
+        (["hello"], "a conversation must be a list of message dicts, not str"),
+        ([[{"role": "user", "content": "hi"}, 3]], "messages[1] must be a dict"),
+        ([{"role": "user", "content": "hi"}, {"role": None, "content": "x"}], "messages[1]"),
+    ],
+)
 def test_chat_messages_are_validated_before_rendering(llm, want, messages, words):
     from nanovllm.errors import InvalidRequestError
 
@@ -377,8 +409,15 @@ def test_chat_messages_are_validated_before_rendering(llm, want, messages, words
     assert_still_serves(llm, want)
 
 
-@pytest.mark.parametrize("kw", [dict(max_num_seqs=0), dict(max_num_batched_tokens=-4),
-                                dict(kv_cache_memory=0), dict(max_model_len=1.5)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(max_num_seqs=0),
+        dict(max_num_batched_tokens=-4),
+        dict(kv_cache_memory=0),
+        dict(max_model_len=1.5),
+    ],
+)
 def test_engine_sizes_are_checked_by_name_before_loading(tiny, kw):
     name = next(iter(kw))
     with pytest.raises(ValueError, match=f"^{name}=.* must be a positive integer"):
@@ -408,23 +447,29 @@ HOSTILE_TEMPLATES = {
     "join": ("{% set s = 'a' * 900000 %}{{ [s, s] | join }}", "join filter"),
     "ljust": ("{{ 'a'.ljust(10**10) }}", "str.ljust"),
     "format": ("{{ '{:>9999999999}'.format(1) }}", "formatted string"),
-    "output": ("{% set s = 'a' * 1000000 %}{% for i in range(99) %}{{ s }}{% endfor %}",
-               "rendered more than"),
-    "slow": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
-             "took more than 2.0s"),
+    "output": (
+        "{% set s = 'a' * 1000000 %}{% for i in range(99) %}{{ s }}{% endfor %}",
+        "rendered more than",
+    ),
+    "slow": (
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        "took more than 2.0s",
+    ),
 }
 
 
 @pytest.mark.parametrize("name", list(HOSTILE_TEMPLATES))
-def test_a_hostile_chat_template_fails_clearly_and_the_llm_goes_on(tiny, tmp_path, backend,
-                                                                   want, name):
+def test_a_hostile_chat_template_fails_clearly_and_the_llm_goes_on(
+    tiny, tmp_path, backend, want, name
+):
     from nanovllm.chat_template import TemplateLimitError
 
     template, words = HOSTILE_TEMPLATES[name]
     path = copy_model(tiny.path, tmp_path / "hostile")
     (path / "chat_template.jinja").write_text(template)  # where transformers 5 saves it
-    hostile = LLM(str(path), backend=backend, verbose=False, max_model_len=MAX_MODEL_LEN,
-                  block_size=8)
+    hostile = LLM(
+        str(path), backend=backend, verbose=False, max_model_len=MAX_MODEL_LEN, block_size=8
+    )
     with pytest.raises(TemplateLimitError) as e:
         hostile.chat([{"role": "user", "content": "hi"}], greedy(), use_tqdm=False)
     assert words in message(e) and "pass another" in message(e)
@@ -438,6 +483,7 @@ def test_a_normal_template_renders_as_before_under_the_bounds(llm):
 
 # ---- model files whose sizes or values cannot be right: fail fast, by name ---------------------
 
+
 def with_config(tiny, tmp_path, **changes) -> Path:
     d = copy_model(tiny.path, tmp_path / "changed")
     config = json.loads((d / "config.json").read_text())
@@ -446,18 +492,22 @@ def with_config(tiny, tmp_path, **changes) -> Path:
     return d
 
 
-@pytest.mark.parametrize("changes,words", [
-    (dict(num_hidden_layers=10**9), "num_hidden_layers=1000000000 is out of range"),
-    (dict(num_hidden_layers=64), "num_hidden_layers=64, but the checkpoint holds only"),
-    (dict(num_hidden_layers="2"), "num_hidden_layers='2' is a str"),
-    (dict(num_attention_heads=0), "num_attention_heads=0 is out of range"),
-    (dict(num_key_value_heads=3), "not a multiple of the 3 key/value heads"),
-    (dict(hidden_size=65, head_dim=None), "hidden_size=65 is not a multiple"),
-    (dict(max_position_embeddings=10**12), "max_position_embeddings=1000000000000 is out of"),
-    (dict(vocab_size=True), "vocab_size=True is a bool"),
-])
-def test_a_config_with_impossible_sizes_fails_naming_the_field(tiny, tmp_path, backend, llm,
-                                                               want, changes, words):
+@pytest.mark.parametrize(
+    "changes,words",
+    [
+        (dict(num_hidden_layers=10**9), "num_hidden_layers=1000000000 is out of range"),
+        (dict(num_hidden_layers=64), "num_hidden_layers=64, but the checkpoint holds only"),
+        (dict(num_hidden_layers="2"), "num_hidden_layers='2' is a str"),
+        (dict(num_attention_heads=0), "num_attention_heads=0 is out of range"),
+        (dict(num_key_value_heads=3), "not a multiple of the 3 key/value heads"),
+        (dict(hidden_size=65, head_dim=None), "hidden_size=65 is not a multiple"),
+        (dict(max_position_embeddings=10**12), "max_position_embeddings=1000000000000 is out of"),
+        (dict(vocab_size=True), "vocab_size=True is a bool"),
+    ],
+)
+def test_a_config_with_impossible_sizes_fails_naming_the_field(
+    tiny, tmp_path, backend, llm, want, changes, words
+):
     from nanovllm.errors import ConfigError
 
     d = with_config(tiny, tmp_path, **changes)
@@ -499,12 +549,16 @@ def real_gguf_copy(tmp_path) -> Path:
     return f
 
 
-@pytest.mark.parametrize("key,value,words", [
-    ("llama.block_count", 10**9, "num_hidden_layers=1000000000 is out of range"),
-    ("llama.attention.head_count", 0, "num_attention_heads=0 is out of range"),
-])
-def test_gguf_metadata_with_impossible_sizes_fails_naming_the_field(tmp_path, backend, llm,
-                                                                    want, key, value, words):
+@pytest.mark.parametrize(
+    "key,value,words",
+    [
+        ("llama.block_count", 10**9, "num_hidden_layers=1000000000 is out of range"),
+        ("llama.attention.head_count", 0, "num_attention_heads=0 is out of range"),
+    ],
+)
+def test_gguf_metadata_with_impossible_sizes_fails_naming_the_field(
+    tmp_path, backend, llm, want, key, value, words
+):
     import gguf
 
     f = real_gguf_copy(tmp_path)
@@ -542,8 +596,9 @@ def poison(llm: LLM, token: int) -> None:
 
 
 def test_non_finite_logits_fail_that_request_and_the_engine_goes_on(tiny, backend, want):
-    sick = LLM(str(tiny.path), backend=backend, verbose=False, max_model_len=MAX_MODEL_LEN,
-               block_size=8)
+    sick = LLM(
+        str(tiny.path), backend=backend, verbose=False, max_model_len=MAX_MODEL_LEN, block_size=8
+    )
     token = next(t for t in range(5, 100) if t not in want and t not in GOOD)
     poison(sick, token)
     outs = sick.generate([GOOD, [3, token, 5], GOOD], greedy(8), use_tqdm=False)
@@ -566,8 +621,14 @@ def test_a_kv_cache_larger_than_the_machine_fails_with_the_numbers(backend, llm,
         pytest.skip("this system does not report its available memory (/proc/meminfo)")
     # 4096 full-length SmolLM2 sequences: 8192 tokens x 46 KB each, about 1.4 TiB
     with pytest.raises(OutOfMemoryError) as e:
-        LLM(str(DEFAULT_GGUF), backend=backend, verbose=False, max_num_seqs=4096,
-            max_num_batched_tokens=4096, kv_cache_memory=1 << 50)
+        LLM(
+            str(DEFAULT_GGUF),
+            backend=backend,
+            verbose=False,
+            max_num_seqs=4096,
+            max_num_batched_tokens=4096,
+            kv_cache_memory=1 << 50,
+        )
     msg = message(e)
     assert "a KV cache of" in msg and "GiB of memory is available" in msg
     assert "lower kv_cache_memory" in msg
@@ -585,8 +646,9 @@ def test_weights_larger_than_the_machine_fail_before_loading(tiny, tmp_path, bac
         pytest.skip("this system does not report its available memory (/proc/meminfo)")
     d = copy_model(tiny.path, tmp_path / "huge")
     n = (have + (4 << 30)) // 4  # one float32 tensor 4 GiB larger than what is free
-    header = json.dumps({"huge.weight": {"dtype": "F32", "shape": [n],
-                                         "data_offsets": [0, 4 * n]}}).encode()
+    header = json.dumps(
+        {"huge.weight": {"dtype": "F32", "shape": [n], "data_offsets": [0, 4 * n]}}
+    ).encode()
     with open(d / "model.safetensors", "wb") as f:  # sparse: it takes no disk
         f.write(struct.pack("<Q", len(header)) + header)
         f.truncate(8 + len(header) + 4 * n)

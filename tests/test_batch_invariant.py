@@ -34,26 +34,44 @@ def requests() -> tuple[list[list[int]], list[SamplingParams]]:
     lengths = [3, 17, 90, 40, 1, 66, 25, 70]
     prompts = [rng.integers(3, VOCAB, size=n).tolist() for n in lengths]
     prompts[3], prompts[6] = SHARED + prompts[3][:8], SHARED + prompts[6][:20]
-    params = [SamplingParams(temperature=0.9, top_p=0.95, seed=100 + i, max_tokens=10,
-                             ignore_eos=True, logprobs=2,
-                             prompt_logprobs=1 if i in (2, 5) else None)
-              for i in range(len(prompts))]
+    params = [
+        SamplingParams(
+            temperature=0.9,
+            top_p=0.95,
+            seed=100 + i,
+            max_tokens=10,
+            ignore_eos=True,
+            logprobs=2,
+            prompt_logprobs=1 if i in (2, 5) else None,
+        )
+        for i in range(len(prompts))
+    ]
     return prompts, params
 
 
 def results(outs) -> list[tuple]:
     """Per request: its tokens, and (token, logprob, rank) of every sample and prompt entry."""
-    def entries(steps):
-        return [sorted((t, lp.logprob, lp.rank) for t, lp in step.items()) if step else None
-                for step in steps or []]
 
-    return [(o.outputs[0].token_ids, entries(o.outputs[0].logprobs), entries(o.prompt_logprobs))
-            for o in outs]
+    def entries(steps):
+        return [
+            sorted((t, lp.logprob, lp.rank) for t, lp in step.items()) if step else None
+            for step in steps or []
+        ]
+
+    return [
+        (o.outputs[0].token_ids, entries(o.outputs[0].logprobs), entries(o.prompt_logprobs))
+        for o in outs
+    ]
 
 
 def make(model: str, backend: str, **options) -> LLM:
-    settings = dict(batch_invariant=True, block_size=4, max_model_len=112, max_num_seqs=6,
-                    max_num_batched_tokens=40)
+    settings = dict(
+        batch_invariant=True,
+        block_size=4,
+        max_model_len=112,
+        max_num_seqs=6,
+        max_num_batched_tokens=40,
+    )
     return LLM(model, backend=backend, verbose=False, **(settings | options))
 
 
@@ -70,8 +88,9 @@ def test_seeded_requests_are_identical_batched_repeated_alone_and_preempted(mode
     # one at a time, each prompt in a single chunk, nothing cached
     alone = make(model, backend, enable_prefix_caching=False, max_num_batched_tokens=112)
     for i in range(len(prompts)):
-        assert results(alone.generate([prompts[i]], [params[i]], use_tqdm=False)) == [
-            batched[i]], f"request {i} alone differs from the same request batched"
+        assert results(alone.generate([prompts[i]], [params[i]], use_tqdm=False)) == [batched[i]], (
+            f"request {i} alone differs from the same request batched"
+        )
     # a KV pool too small for the batch: sequences are preempted and recomputed
     small = make(model, backend, num_kv_blocks=40, max_num_batched_tokens=24)
     assert results(small.generate(prompts, params, use_tqdm=False)) == batched
@@ -86,8 +105,7 @@ def test_greedy_matches_the_default_mode_tokens(model, backend):
     prompts, _ = requests()
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
     invariant = make(model, backend).generate(prompts, params, use_tqdm=False)
-    default = make(model, backend, batch_invariant=False).generate(prompts, params,
-                                                                   use_tqdm=False)
+    default = make(model, backend, batch_invariant=False).generate(prompts, params, use_tqdm=False)
     for a, b in zip(invariant, default):
         for step, (x, y) in enumerate(zip(a.outputs[0].token_ids, b.outputs[0].token_ids)):
             lp_a, lp_b = a.outputs[0].logprobs[step], b.outputs[0].logprobs[step]

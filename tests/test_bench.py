@@ -9,24 +9,69 @@ from nanovllm.bench import main
 
 def test_bench_reports_each_backend_of_an_interleaved_run(tiny_llama, backend, capsys):
     case = tiny_llama("gqa", seed=0)
-    main(["--model", str(case.path), "--backend", f"numpy,{backend}", "--repeats", "2",
-          "--num-requests", "3", "--input-len", "4", "20", "--output-len", "2", "6",
-          "--decode-tokens", "5", "--prefill-len", "24", "--json"])
+    main(
+        [
+            "--model",
+            str(case.path),
+            "--backend",
+            f"numpy,{backend}",
+            "--repeats",
+            "2",
+            "--num-requests",
+            "3",
+            "--input-len",
+            "4",
+            "20",
+            "--output-len",
+            "2",
+            "6",
+            "--decode-tokens",
+            "5",
+            "--prefill-len",
+            "24",
+            "--json",
+        ]
+    )
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [f["backend"] for f in lines] == ["numpy", backend]
     for figures in lines:
         assert figures["requests"] == 3
-        for key in ("batch1_decode_tok_s", "prefill24_tok_s", "batched_total_tok_s",
-                    "batched_prefill_tok_s", "batched_decode_tok_s"):
+        for key in (
+            "batch1_decode_tok_s",
+            "prefill24_tok_s",
+            "batched_total_tok_s",
+            "batched_prefill_tok_s",
+            "batched_decode_tok_s",
+        ):
             assert figures[key] > 0, (figures["backend"], key)
 
 
-def test_bench_gives_the_cost_of_batch_invariant_beside_the_default(tiny_llama, backend,
-                                                                    capsys):
+def test_bench_gives_the_cost_of_batch_invariant_beside_the_default(tiny_llama, backend, capsys):
     case = tiny_llama("gqa", seed=0)
-    main(["--model", str(case.path), "--backend", backend, "--vs-batch-invariant",
-          "--repeats", "1", "--num-requests", "3", "--input-len", "4", "20", "--output-len", "2",
-          "6", "--decode-tokens", "5", "--prefill-len", "24", "--json"])
+    main(
+        [
+            "--model",
+            str(case.path),
+            "--backend",
+            backend,
+            "--vs-batch-invariant",
+            "--repeats",
+            "1",
+            "--num-requests",
+            "3",
+            "--input-len",
+            "4",
+            "20",
+            "--output-len",
+            "2",
+            "6",
+            "--decode-tokens",
+            "5",
+            "--prefill-len",
+            "24",
+            "--json",
+        ]
+    )
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [f["backend"] for f in lines] == [backend, f"{backend} batch_invariant"]
     assert all(f["batched_total_tok_s"] > 0 for f in lines)
@@ -40,12 +85,37 @@ def test_bench_serve_reports_server_and_offline_figures(tiny_llama, backend, cap
     if backend != "numpy":
         pytest.skip("the server is backend-independent; its tests run in the numpy session")
     case = tiny_llama("gqa", seed=0)
-    assert bench_serve(["--model", str(case.path), "--repeats", "1", "--num-requests", "6",
-                        "--concurrency", "3", "--input-len", "4", "20", "--output-len", "2",
-                        "6", "--json"]) == 0
+    assert (
+        bench_serve(
+            [
+                "--model",
+                str(case.path),
+                "--repeats",
+                "1",
+                "--num-requests",
+                "6",
+                "--concurrency",
+                "3",
+                "--input-len",
+                "4",
+                "20",
+                "--output-len",
+                "2",
+                "6",
+                "--json",
+            ]
+        )
+        == 0
+    )
     figures = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert figures["requests"] == 6 and figures["concurrency"] == 3
-    for key in ("offline_total_tok_s", "server_total_tok_s", "server_output_tok_s",
-                "server_ttft_median_s", "server_itl_p99_s", "ratio_total_tok_s"):
+    for key in (
+        "offline_total_tok_s",
+        "server_total_tok_s",
+        "server_output_tok_s",
+        "server_ttft_median_s",
+        "server_itl_p99_s",
+        "ratio_total_tok_s",
+    ):
         assert figures[key] > 0, key
     assert figures["blas"]

@@ -128,8 +128,9 @@ def test_resolve_default_and_local_paths(tmp_path, monkeypatch):
         resolve_model("notes.txt")
 
 
-@pytest.mark.parametrize("path", ["./missing", "/no/such/dir", "~/no-such-model",
-                                  "missing.gguf", "a/b/c", "../x"])
+@pytest.mark.parametrize(
+    "path", ["./missing", "/no/such/dir", "~/no-such-model", "missing.gguf", "a/b/c", "../x"]
+)
 def test_missing_local_path(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ModelNotFoundError, match="does not exist") as info:

@@ -55,7 +55,7 @@ def reference_output(prompt: list[int], index: int, max_tokens: int, stop: bool)
         tokens.append(reference_next(tokens, index))
         if stop and tokens[-1] == STOP:
             break
-    return tokens[len(prompt):]
+    return tokens[len(prompt) :]
 
 
 class FakeModel:
@@ -67,7 +67,7 @@ class FakeModel:
     def run(self, batch: Batch) -> list[int | None]:
         bs, blocks, out = self.bs, self.sched.block_manager.blocks, []
         for s in batch.seqs:
-            assert s.token_ids == s.seq.token_ids[s.start:s.context_len]
+            assert s.token_ids == s.seq.token_ids[s.start : s.context_len]
             assert len(s.block_table) == cdiv(s.context_len, bs)
             assert s.sample == (s.context_len == s.seq.num_tokens)
             prev = 0
@@ -75,8 +75,9 @@ class FakeModel:
                 p = s.start - 1
                 prev = self.kv[s.block_table[p // bs] * bs + p % bs]
                 assert prev is not None
-            for pos, (tok, slot) in enumerate(zip(s.token_ids, s.slot_mapping, strict=True),
-                                              start=s.start):
+            for pos, (tok, slot) in enumerate(
+                zip(s.token_ids, s.slot_mapping, strict=True), start=s.start
+            ):
                 assert slot == s.block_table[pos // bs] * bs + pos % bs
                 block = blocks[slot // bs]
                 # never write the null block, a shared block, or a sealed (cached) block
@@ -117,8 +118,9 @@ def check_invariants(sched: Scheduler, batch: Batch | None = None) -> None:
         assert len(batch.seqs) <= cfg.max_num_seqs
         assert batch.num_tokens <= cfg.max_num_batched_tokens
         assert len(scheduled) == len(batch.seqs)
-        assert all(len(s.token_ids) >= 1 and s.seq.status is SequenceStatus.RUNNING
-                   for s in batch.seqs)
+        assert all(
+            len(s.token_ids) >= 1 and s.seq.status is SequenceStatus.RUNNING for s in batch.seqs
+        )
         for seq in sched.running:  # a running decode is never left out of a step
             assert seq in scheduled or seq.num_tokens - seq.num_computed_tokens > 1
         for seq in batch.preempted:
@@ -190,23 +192,31 @@ def workloads(draw):
     min_blocks = cdiv(MAX_LEN, bs) + 1
     num_seqs = draw(st.integers(1, 5))
     slots = draw(st.sampled_from([0, 0, 0, 1, 3]))
-    cfg = dict(max_model_len=MAX_LEN, block_size=bs, max_num_seqs=num_seqs,
-               max_num_batched_tokens=draw(st.integers(num_seqs, 3 * MAX_LEN // 2)),
-               num_kv_blocks=draw(st.integers(min_blocks, min_blocks + 3)),
-               num_state_slots=slots,
-               enable_prefix_caching=not slots and draw(st.booleans()))
+    cfg = dict(
+        max_model_len=MAX_LEN,
+        block_size=bs,
+        max_num_seqs=num_seqs,
+        max_num_batched_tokens=draw(st.integers(num_seqs, 3 * MAX_LEN // 2)),
+        num_kv_blocks=draw(st.integers(min_blocks, min_blocks + 3)),
+        num_state_slots=slots,
+        enable_prefix_caching=not slots and draw(st.booleans()),
+    )
     prefixes = draw(st.lists(tokens, min_size=1, max_size=3))
     reqs = []
     for i in range(draw(st.integers(2, 8))):
-        prompt = (draw(st.sampled_from(prefixes)) + draw(tokens))[:MAX_LEN - 1] or [1]
-        reqs.append(Req(
-            str(i), prompt,
-            max_tokens=draw(st.integers(1, min(20, MAX_LEN - len(prompt)))),
-            n=draw(st.sampled_from([1, 1, 2, 3])),
-            arrival=draw(st.integers(0, 8)),
-            abort_at=draw(st.integers(0, 30)) if draw(st.integers(0, 3)) == 0 else None,
-            use_prefix_cache=draw(st.booleans() | st.just(True)),
-            stop=draw(st.booleans())))
+        prompt = (draw(st.sampled_from(prefixes)) + draw(tokens))[: MAX_LEN - 1] or [1]
+        reqs.append(
+            Req(
+                str(i),
+                prompt,
+                max_tokens=draw(st.integers(1, min(20, MAX_LEN - len(prompt)))),
+                n=draw(st.sampled_from([1, 1, 2, 3])),
+                arrival=draw(st.integers(0, 8)),
+                abort_at=draw(st.integers(0, 30)) if draw(st.integers(0, 3)) == 0 else None,
+                use_prefix_cache=draw(st.booleans() | st.just(True)),
+                stop=draw(st.booleans()),
+            )
+        )
     return cfg, reqs
 
 
@@ -219,8 +229,7 @@ def test_random_workloads_tiny_pool_matches_huge_pool(workload):
     event(f"preemptions: {min(sched.num_preemptions, 3)}+")
     event(f"prefix-cache hits: {sched.block_manager.prefix_cache_hits > 0}")
     event(f"aborted: {any(reason == 'abort' for reason, _ in tiny.values())}")
-    huge_blocks = 1 + sum(r.n * cdiv(len(r.prompt) + r.max_tokens, cfg["block_size"])
-                          for r in reqs)
+    huge_blocks = 1 + sum(r.n * cdiv(len(r.prompt) + r.max_tokens, cfg["block_size"]) for r in reqs)
     cfg["num_kv_blocks"] = max(cfg["num_kv_blocks"], huge_blocks)
     huge, sched = simulate(EngineConfig(**cfg), reqs)
     assert sched.num_preemptions == 0
@@ -246,13 +255,15 @@ def test_forced_preemption_keeps_outputs():
 
 # ---- scheduling rules ----------------------------------------------------------------------
 
+
 def make(prompt: list[int], seq_id: int = 0, **kw) -> Sequence:
     return Sequence(seq_id, str(seq_id), prompt, **kw)
 
 
 def assert_correct(seq: Sequence) -> None:
-    assert seq.output_token_ids == reference_output(seq.prompt_token_ids, seq.index,
-                                                    seq.num_output_tokens, False)
+    assert seq.output_token_ids == reference_output(
+        seq.prompt_token_ids, seq.index, seq.num_output_tokens, False
+    )
 
 
 def step(sched: Scheduler, model: FakeModel) -> Batch:
@@ -264,8 +275,13 @@ def step(sched: Scheduler, model: FakeModel) -> Batch:
 
 
 def test_decodes_are_not_stalled_by_a_long_prompt():
-    cfg = EngineConfig(max_model_len=4096, block_size=4, num_kv_blocks=1100, max_num_seqs=4,
-                       max_num_batched_tokens=16)
+    cfg = EngineConfig(
+        max_model_len=4096,
+        block_size=4,
+        num_kv_blocks=1100,
+        max_num_seqs=4,
+        max_num_batched_tokens=16,
+    )
     sched = Scheduler(cfg)
     model = FakeModel(sched)
     for i in range(3):
@@ -281,8 +297,14 @@ def test_decodes_are_not_stalled_by_a_long_prompt():
 
 
 def test_self_preemption_goes_to_front_of_queue():
-    cfg = EngineConfig(max_model_len=8, block_size=2, num_kv_blocks=5, max_num_seqs=4,
-                       max_num_batched_tokens=8, enable_prefix_caching=False)
+    cfg = EngineConfig(
+        max_model_len=8,
+        block_size=2,
+        num_kv_blocks=5,
+        max_num_seqs=4,
+        max_num_batched_tokens=8,
+        enable_prefix_caching=False,
+    )
     sched = Scheduler(cfg)
     model = FakeModel(sched)
     a, b, c = make([1, 2, 3], 0), make([4, 5, 6, 7], 1), make([1], 2)
@@ -297,8 +319,9 @@ def test_self_preemption_goes_to_front_of_queue():
 
 
 def test_preempted_sequence_hits_its_own_cached_blocks():
-    cfg = EngineConfig(max_model_len=16, block_size=4, num_kv_blocks=7, max_num_seqs=2,
-                       max_num_batched_tokens=32)
+    cfg = EngineConfig(
+        max_model_len=16, block_size=4, num_kv_blocks=7, max_num_seqs=2, max_num_batched_tokens=32
+    )
     sched = Scheduler(cfg)
     model = FakeModel(sched)
     a, b = make([1] * 12, 0), make([2] * 12, 1)
@@ -316,6 +339,7 @@ def test_preempted_sequence_hits_its_own_cached_blocks():
 
 
 # ---- prefix caching ------------------------------------------------------------------------
+
 
 def run_prefill(sched: Scheduler, model: FakeModel, seq: Sequence) -> Batch:
     sched.add(seq)
@@ -389,8 +413,9 @@ def test_constant_hash_never_reuses_different_tokens(monkeypatch):
 
 
 def test_hash_ignoring_parent_never_reuses_a_block_with_another_prefix(monkeypatch):
-    monkeypatch.setattr(block_manager_module, "hash_block_tokens",
-                        lambda parent, ids: repr(list(ids)).encode())
+    monkeypatch.setattr(
+        block_manager_module, "hash_block_tokens", lambda parent, ids: repr(list(ids)).encode()
+    )
     cfg = EngineConfig(max_model_len=64, block_size=4, num_kv_blocks=32)
     sched = Scheduler(cfg)
     model = FakeModel(sched)
@@ -441,9 +466,16 @@ def test_eviction_takes_unsealed_then_least_recently_freed_blocks():
 
 # ---- state slots, siblings, abort ----------------------------------------------------------
 
+
 def test_state_slots_limit_admission_and_return_on_finish_and_abort():
-    cfg = EngineConfig(max_model_len=32, block_size=4, num_kv_blocks=40, max_num_seqs=4,
-                       enable_prefix_caching=False, num_state_slots=2)
+    cfg = EngineConfig(
+        max_model_len=32,
+        block_size=4,
+        num_kv_blocks=40,
+        max_num_seqs=4,
+        enable_prefix_caching=False,
+        num_state_slots=2,
+    )
     sched = Scheduler(cfg)
     model = FakeModel(sched)
     seqs = [make([1, 2, 3], i) for i in range(3)]
@@ -461,8 +493,9 @@ def test_state_slots_limit_admission_and_return_on_finish_and_abort():
 
 @pytest.mark.parametrize("caching", [True, False])
 def test_siblings_share_the_prompt_blocks(caching):
-    cfg = EngineConfig(max_model_len=32, block_size=4, num_kv_blocks=40,
-                       enable_prefix_caching=caching)
+    cfg = EngineConfig(
+        max_model_len=32, block_size=4, num_kv_blocks=40, enable_prefix_caching=caching
+    )
     sched = Scheduler(cfg)
     model = FakeModel(sched)
     prompt = list(range(1, 11))
@@ -482,8 +515,9 @@ def test_siblings_share_the_prompt_blocks(caching):
 
 
 def test_siblings_go_on_when_sibling_zero_finishes_early():
-    cfg = EngineConfig(max_model_len=32, block_size=4, num_kv_blocks=40,
-                       enable_prefix_caching=False)
+    cfg = EngineConfig(
+        max_model_len=32, block_size=4, num_kv_blocks=40, enable_prefix_caching=False
+    )
     sched = Scheduler(cfg)
     model = FakeModel(sched)
     sibs = [Sequence(i, "r", list(range(1, 11)), index=i) for i in range(2)]
@@ -546,14 +580,22 @@ def test_sequence_basics():
 
 # ---- configuration -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kw, words", [
-    (dict(block_size=0), ["block_size=0", "block_size=1 or more"]),
-    (dict(block_size=-4), ["block_size=-4", "block_size=1 or more"]),
-    (dict(max_model_len=100, block_size=16, num_kv_blocks=7),
-     ["num_kv_blocks=7", "max_model_len=100", "at least 8"]),
-    (dict(max_num_seqs=8, max_num_batched_tokens=4),
-     ["max_num_batched_tokens=4", "max_num_seqs=8", "at least 8"]),
-])
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(block_size=0), ["block_size=0", "block_size=1 or more"]),
+        (dict(block_size=-4), ["block_size=-4", "block_size=1 or more"]),
+        (
+            dict(max_model_len=100, block_size=16, num_kv_blocks=7),
+            ["num_kv_blocks=7", "max_model_len=100", "at least 8"],
+        ),
+        (
+            dict(max_num_seqs=8, max_num_batched_tokens=4),
+            ["max_num_batched_tokens=4", "max_num_seqs=8", "at least 8"],
+        ),
+    ],
+)
 def test_bad_config_raises_with_value_and_fix(kw, words):
     with pytest.raises(ValueError) as info:
         EngineConfig(**kw)
@@ -586,8 +628,7 @@ def test_every_engine_module_imports_without_array_libraries():
             importlib.import_module("nanovllm.engine." + m.name)
         print("ok")
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 
@@ -595,9 +636,17 @@ def test_every_engine_module_imports_without_array_libraries():
 def test_kv_pool_sizing_rule():
     """The pool takes what the memory budget holds, capped at every sequence at full length,
     and max_model_len defaults to what the model and the pool allow."""
+
     def size(**kw):
-        args = dict(per_block=1000, block_size=16, model_max_len=2048, max_model_len=None,
-                    max_num_seqs=4, num_kv_blocks=None, kv_cache_memory=None)
+        args = dict(
+            per_block=1000,
+            block_size=16,
+            model_max_len=2048,
+            max_model_len=None,
+            max_num_seqs=4,
+            num_kv_blocks=None,
+            kv_cache_memory=None,
+        )
         return size_kv_cache(**{**args, **kw})
 
     assert size() == (4 * 128 + 1, 2048)  # 1 GiB holds more than 4 full sequences need

@@ -22,25 +22,64 @@ from nanovllm.errors import UnsupportedFeatureError
 
 TOL = 1e-4
 VOCAB = 160
-BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=48, shared_intermediate_size=80,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-            rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, mamba_n_heads=8,
-            mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=8,
-            embedding_multiplier=3.0, residual_multiplier=0.6, attention_multiplier=0.2,
-            logits_scaling=2.5)
+BASE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=48,
+    shared_intermediate_size=80,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+    mamba_n_heads=8,
+    mamba_d_state=16,
+    mamba_d_conv=4,
+    mamba_expand=2,
+    mamba_chunk_size=8,
+    embedding_multiplier=3.0,
+    residual_multiplier=0.6,
+    attention_multiplier=0.2,
+    logits_scaling=2.5,
+)
 
 # name -> (seed, GraniteMoeHybridConfig overrides)
 CASES = {
-    "moe_rope": (0, dict(num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"],
-                         mamba_n_groups=2, num_local_experts=4, num_experts_per_tok=2,
-                         position_embedding_type="rope")),
-    "dense_nope": (1, dict(num_hidden_layers=4,
-                           layer_types=["mamba", "mamba", "attention", "mamba"],
-                           mamba_n_groups=1, num_local_experts=0, position_embedding_type=None,
-                           tie_word_embeddings=True, mamba_conv_bias=False,
-                           mamba_proj_bias=True, time_step_limit=[0.05, 0.7])),
-    "attention_only": (2, dict(num_hidden_layers=2, layer_types=["attention", "attention"],
-                               num_local_experts=0, position_embedding_type="rope")),
+    "moe_rope": (
+        0,
+        dict(
+            num_hidden_layers=3,
+            layer_types=["mamba", "attention", "mamba"],
+            mamba_n_groups=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            position_embedding_type="rope",
+        ),
+    ),
+    "dense_nope": (
+        1,
+        dict(
+            num_hidden_layers=4,
+            layer_types=["mamba", "mamba", "attention", "mamba"],
+            mamba_n_groups=1,
+            num_local_experts=0,
+            position_embedding_type=None,
+            tie_word_embeddings=True,
+            mamba_conv_bias=False,
+            mamba_proj_bias=True,
+            time_step_limit=[0.05, 0.7],
+        ),
+    ),
+    "attention_only": (
+        2,
+        dict(
+            num_hidden_layers=2,
+            layer_types=["attention", "attention"],
+            num_local_experts=0,
+            position_embedding_type="rope",
+        ),
+    ),
 }
 HYBRID = ["moe_rope", "dense_nope"]
 
@@ -101,8 +140,9 @@ def make_llm(case, backend, **kwargs) -> LLM:
 
 
 def greedy(llm, batch, max_tokens: int) -> list[list[int]]:
-    outs = llm.generate(batch, SamplingParams(temperature=0, max_tokens=max_tokens,
-                                              ignore_eos=True), use_tqdm=False)
+    outs = llm.generate(
+        batch, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False
+    )
     return [o.outputs[0].token_ids for o in outs]
 
 
@@ -116,8 +156,9 @@ def test_prompt_logprobs(case, backend, check_logprobs):
         assert len(plp) == len(ids) and plp[0] is None
         ref = case.log_softmax(ids)
         for p in range(1, len(ids)):
-            check_logprobs(plp[p], ref[p - 1], 2, ids[p], f"prompt of {len(ids)}, position {p}",
-                           TOL)
+            check_logprobs(
+                plp[p], ref[p - 1], 2, ids[p], f"prompt of {len(ids)}, position {p}", TOL
+            )
 
 
 def test_greedy_batched(case, backend):
@@ -163,8 +204,11 @@ def test_engine_config(case, backend):
 def test_batch_invariant_is_refused_for_mamba_layers(hybrid, backend):
     """The chunked scan sums in an order set by the chunking: the mode is refused, by name,
     before the weights load."""
-    with pytest.raises(ValueError, match=r"batch_invariant=True is not supported for models "
-                                         r"with Mamba layers.*pass batch_invariant=False"):
+    with pytest.raises(
+        ValueError,
+        match=r"batch_invariant=True is not supported for models "
+        r"with Mamba layers.*pass batch_invariant=False",
+    ):
         make_llm(hybrid, backend, batch_invariant=True)
 
 
@@ -188,20 +232,30 @@ def test_older_config_spellings(tiny_hybrid, backend, tmp_path):
         c["time_step_limit"] = [0.0, 1e30]
 
     ids = prompts(60, [15])[0]
-    llm = LLM(_variant(case.path, tmp_path / "old", old), backend=backend, verbose=False,
-              block_size=4, max_num_batched_tokens=16, max_num_seqs=2)
-    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0),
-                       use_tqdm=False)[0]
+    llm = LLM(
+        _variant(case.path, tmp_path / "old", old),
+        backend=backend,
+        verbose=False,
+        block_size=4,
+        max_num_batched_tokens=16,
+        max_num_seqs=2,
+    )
+    out = llm.generate(
+        [ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False
+    )[0]
     got = np.array([out.prompt_logprobs[p][ids[p]].logprob for p in range(1, len(ids))])
     ref = case.log_softmax(ids)
     assert np.abs(got - ref[np.arange(len(ids) - 1), ids[1:]]).max() < TOL
 
 
-@pytest.mark.parametrize("edit,feature", [
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"position_embedding_type": "alibi"}, "position_embedding_type"),
-    ({"layer_types": ["mamba", "cross_attention", "mamba"]}, "layer_types"),
-])
+@pytest.mark.parametrize(
+    "edit,feature",
+    [
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"position_embedding_type": "alibi"}, "position_embedding_type"),
+        ({"layer_types": ["mamba", "cross_attention", "mamba"]}, "layer_types"),
+    ],
+)
 def test_unsupported_features_fail_at_load(tiny_hybrid, backend, tmp_path, edit, feature):
     path = _variant(tiny_hybrid("moe_rope").path, tmp_path / "v", lambda c: c.update(edit))
     with pytest.raises(UnsupportedFeatureError, match=feature):

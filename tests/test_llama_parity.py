@@ -21,11 +21,20 @@ CASES = {
     "gqa": dict(seed=0),
     "mha": dict(seed=1, num_key_value_heads=4),
     "mqa_tied": dict(seed=2, num_key_value_heads=1, tie_word_embeddings=True),
-    "llama3_rope": dict(seed=3, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
-    "linear_rope": dict(seed=4, rope_parameters={
-        "rope_type": "linear", "rope_theta": 500.0, "factor": 4.0}),
+    "llama3_rope": dict(
+        seed=3,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
+    "linear_rope": dict(
+        seed=4, rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 4.0}
+    ),
     "bias_tied": dict(seed=5, attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
     "head_dim": dict(seed=6, head_dim=24, num_attention_heads=4, num_key_value_heads=2),
 }
@@ -73,8 +82,9 @@ def test_prompt_logprobs(case, backend, check_logprobs):
     llm = make_llm(case, backend, block_size=4, max_num_batched_tokens=16, max_num_seqs=4)
     batch = prompts(10, [1, 2, 7, 16, 33, 21])
     ks = [5, 5, 0, 5, 3, 20]
-    params = [SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=k, ignore_eos=True)
-              for k in ks]
+    params = [
+        SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=k, ignore_eos=True) for k in ks
+    ]
     outs = llm.generate(batch, params, use_tqdm=False)
     for out, k, prompt in zip(outs, ks, batch, strict=True):
         assert out.prompt_token_ids == prompt
@@ -84,8 +94,11 @@ def test_prompt_logprobs(case, backend, check_logprobs):
 def test_greedy_default_engine(case, backend, check_logprobs):
     llm = make_llm(case, backend)
     batch = prompts(20, [1, 6, 19, 40])
-    outs = llm.generate(batch, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
-                                              logprobs=3), use_tqdm=False)
+    outs = llm.generate(
+        batch,
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3),
+        use_tqdm=False,
+    )
     for out in outs:
         check_greedy(case, out, 12, check_logprobs, k=3)
 
@@ -102,7 +115,8 @@ def test_greedy_chunked_prefix_cache(case, backend):
     hits = bm.prefix_cache_hits
     second = llm.generate([b, c, a, other], params, use_tqdm=False)
     assert bm.prefix_cache_hits - hits >= 6, (  # b and c reuse a's first 3 blocks at least
-        f"prefix cache hits went {hits} -> {bm.prefix_cache_hits}")
+        f"prefix cache hits went {hits} -> {bm.prefix_cache_hits}"
+    )
     # within one call too: d follows e's sealed blocks while e still runs
     shared2, tail_d, tail_e = prompts(31, [17, 5, 8])
     hits = bm.prefix_cache_hits
@@ -115,13 +129,21 @@ def test_greedy_chunked_prefix_cache(case, backend):
 @pytest.mark.parametrize("prefix_caching", [True, False], ids=["cache", "nocache"])
 def test_greedy_preemption(case, backend, check_logprobs, prefix_caching):
     """12 usable blocks of 4 for 4 requests that need ~29 together: some must be preempted."""
-    llm = make_llm(case, backend, block_size=4, num_kv_blocks=13, max_model_len=48,
-                   max_num_seqs=4, max_num_batched_tokens=32,
-                   enable_prefix_caching=prefix_caching)
+    llm = make_llm(
+        case,
+        backend,
+        block_size=4,
+        num_kv_blocks=13,
+        max_model_len=48,
+        max_num_seqs=4,
+        max_num_batched_tokens=32,
+        enable_prefix_caching=prefix_caching,
+    )
     batch = prompts(40, [9, 14, 20, 25, 3])
     params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True) for _ in batch]
-    params[2] = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
-                               prompt_logprobs=2, logprobs=2)
+    params[2] = SamplingParams(
+        temperature=0, max_tokens=12, ignore_eos=True, prompt_logprobs=2, logprobs=2
+    )
     outs = llm.generate(batch, params, use_tqdm=False)
     assert llm.engine.scheduler.num_preemptions > 0, "the tiny KV pool forced no preemption"
     for i, out in enumerate(outs):
@@ -136,8 +158,9 @@ def test_greedy_n_samples_share_the_prompt(case, backend):
     llm = make_llm(case, backend, block_size=4, max_num_batched_tokens=16, max_num_seqs=4)
     bm = llm.engine.scheduler.block_manager
     batch = prompts(60, [18, 5])
-    outs = llm.generate(batch, SamplingParams(n=3, temperature=0, max_tokens=8, ignore_eos=True),
-                        use_tqdm=False)
+    outs = llm.generate(
+        batch, SamplingParams(n=3, temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False
+    )
     assert bm.prefix_cache_hits >= 2 * (17 // 4), "siblings did not reuse the prompt's blocks"
     for out in outs:
         want, _ = case.greedy(out.prompt_token_ids, 8)
@@ -154,10 +177,12 @@ def test_rope_scaling_is_exercised(tiny_llama):
     for name in ("llama3_rope", "linear_rope"):
         scaled = tiny_llama(name, **CASES[name])
         base_cfg = scaled.model.config.to_dict()
-        base_cfg["rope_parameters"] = {"rope_type": "default",
-                                       "rope_theta": base_cfg["rope_parameters"]["rope_theta"]}
+        base_cfg["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": base_cfg["rope_parameters"]["rope_theta"],
+        }
         plain = LlamaForCausalLM(LlamaConfig(**base_cfg)).float().eval()
         plain.load_state_dict(scaled.model.state_dict())
         with torch.no_grad():
-            diff = (plain(torch.tensor([ids])).logits - scaled.model(torch.tensor([ids])).logits)
+            diff = plain(torch.tensor([ids])).logits - scaled.model(torch.tensor([ids])).logits
         assert diff.abs().max().item() > 1e-2, name

@@ -30,7 +30,7 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                up = package.split(".")[:len(package.split(".")) - node.level + 1]
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(up + ([node.module] if node.module else []))
             targets.add(base)
             targets |= {f"{base}.{a.name}" for a in node.names}
@@ -55,7 +55,7 @@ def test_the_import_graph_has_no_cycle():
         path.append(u)
         for v in sorted(graph[u]):
             if state.get(v) == 1:
-                cycles.append(" -> ".join(path[path.index(v):] + [v]))
+                cycles.append(" -> ".join(path[path.index(v) :] + [v]))
             elif v not in state:
                 visit(v)
         path.pop()

@@ -16,14 +16,22 @@ import pytest
 from nanovllm import LLM, SamplingParams
 
 PROMPT = [7, 30, 55, 80, 101]
-OTHER_PROMPTS = [[3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [99],
-                 [140, 141, 142]]
+OTHER_PROMPTS = [
+    [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20],
+    [99],
+    [140, 141, 142],
+]
 
 
 @pytest.fixture(scope="module")
 def llm(tiny, backend):
-    return LLM(str(tiny.path), backend=backend, verbose=False, max_num_seqs=128,
-               max_num_batched_tokens=1024)
+    return LLM(
+        str(tiny.path),
+        backend=backend,
+        verbose=False,
+        max_num_seqs=128,
+        max_num_batched_tokens=1024,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -46,6 +54,7 @@ def tokens(llm: LLM, prompt: list[int], **kw) -> list[int]:
 
 # ---- greedy and seeds ------------------------------------------------------------------------
 
+
 def test_temperature_zero_is_greedy_argmax_of_transformers(llm, tiny):
     for prompt in [PROMPT, *OTHER_PROMPTS]:
         assert tokens(llm, prompt, temperature=0.0, max_tokens=12) == tiny.greedy(prompt, 12)[0]
@@ -53,8 +62,7 @@ def test_temperature_zero_is_greedy_argmax_of_transformers(llm, tiny):
 
 def test_temperature_zero_ignores_seed_and_filters(llm, tiny):
     want = tiny.greedy(PROMPT, 8)[0]
-    assert tokens(llm, PROMPT, temperature=0.0, seed=5, top_k=3, top_p=0.5,
-                  max_tokens=8) == want
+    assert tokens(llm, PROMPT, temperature=0.0, seed=5, top_k=3, top_p=0.5, max_tokens=8) == want
 
 
 def test_seeded_sampling_is_reproducible(llm):
@@ -67,13 +75,19 @@ def test_seeded_sampling_does_not_depend_on_the_batch(llm):
     alone = tokens(llm, PROMPT, temperature=0.9, seed=42, max_tokens=16)
     noise = SamplingParams(temperature=1.0, max_tokens=20)  # unseeded: draws from the LLM's rng
     batch = [[1, 2, 3], PROMPT, *OTHER_PROMPTS]
-    params = [noise, SamplingParams(temperature=0.9, seed=42, max_tokens=16),
-              *[SamplingParams(temperature=1.0, max_tokens=m) for m in (3, 30, 7)]]
+    params = [
+        noise,
+        SamplingParams(temperature=0.9, seed=42, max_tokens=16),
+        *[SamplingParams(temperature=1.0, max_tokens=m) for m in (3, 30, 7)],
+    ]
     outs = generate(llm, batch, params)
     assert outs[1].outputs[0].token_ids == alone
     # and queued behind other running requests rather than first in the batch
-    outs = generate(llm, [*OTHER_PROMPTS, PROMPT],
-                    [noise] * 3 + [SamplingParams(temperature=0.9, seed=42, max_tokens=16)])
+    outs = generate(
+        llm,
+        [*OTHER_PROMPTS, PROMPT],
+        [noise] * 3 + [SamplingParams(temperature=0.9, seed=42, max_tokens=16)],
+    )
     assert outs[-1].outputs[0].token_ids == alone
 
 
@@ -138,8 +152,12 @@ def test_greedy_n_samples_are_identical(llm, tiny):
 
 # ---- filters that collapse to greedy ----------------------------------------------------------
 
-@pytest.mark.parametrize("filt", [dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0)],
-                         ids=["top_k=1", "top_p=1e-6", "min_p=1"])
+
+@pytest.mark.parametrize(
+    "filt",
+    [dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0)],
+    ids=["top_k=1", "top_p=1e-6", "min_p=1"],
+)
 def test_filter_that_keeps_one_token_equals_greedy(llm, tiny, filt):
     for seed in (1, 2):
         got = tokens(llm, PROMPT, temperature=1.0, seed=seed, max_tokens=12, **filt)
@@ -147,6 +165,7 @@ def test_filter_that_keeps_one_token_equals_greedy(llm, tiny, filt):
 
 
 # ---- the sampled distribution --------------------------------------------------------------
+
 
 def expected_probs(logits: np.ndarray, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     """vLLM's order: temperature, min-p, then top-k and top-p on the sorted probabilities."""
@@ -219,21 +238,23 @@ def test_unseeded_draws_vary(llm):
 
 # ---- penalties ----------------------------------------------------------------------------
 
+
 def penalised_greedy(tiny, prompt, steps, presence=0.0, frequency=0.0, repetition=1.0):
     """vLLM's formulas on transformers' logits: repetition over prompt + output tokens,
     frequency and presence over output tokens; then the argmax."""
     ids = list(prompt)
     for _ in range(steps):
         logits = raw_logits(tiny, ids)  # raw: the repetition penalty depends on the sign
-        out = ids[len(prompt):]
+        out = ids[len(prompt) :]
         seen = np.zeros(len(logits), bool)
         seen[ids] = True
-        logits = np.where(seen, np.where(logits > 0, logits / repetition, logits * repetition),
-                          logits)
+        logits = np.where(
+            seen, np.where(logits > 0, logits / repetition, logits * repetition), logits
+        )
         counts = np.bincount(np.array(out, dtype=np.int64), minlength=len(logits))
         logits = logits - frequency * counts - presence * (counts > 0)
         ids.append(int(np.argmax(logits)))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def raw_logits(tiny, ids) -> np.ndarray:
@@ -257,8 +278,11 @@ PENALTIES = {
 @pytest.mark.parametrize("case", list(PENALTIES))
 def test_penalties_match_the_vllm_formula(llm, tiny, case):
     kw = PENALTIES[case]
-    ref = {"presence_penalty": "presence", "frequency_penalty": "frequency",
-           "repetition_penalty": "repetition"}
+    ref = {
+        "presence_penalty": "presence",
+        "frequency_penalty": "frequency",
+        "repetition_penalty": "repetition",
+    }
     prompt = [40, 41, 40, 41, 40]
     want = penalised_greedy(tiny, prompt, 14, **{ref[k]: v for k, v in kw.items()})
     assert tokens(llm, prompt, temperature=0.0, max_tokens=14, ignore_eos=True, **kw) == want
@@ -268,8 +292,11 @@ def test_penalties_change_greedy_in_the_right_direction(llm, tiny):
     prompt = [40, 41, 40, 41, 40]
     plain = tokens(llm, prompt, temperature=0.0, max_tokens=24, ignore_eos=True)
     assert len(set(plain)) < len(plain), "the unpenalised greedy output should repeat"
-    for kw in (dict(presence_penalty=2.0), dict(frequency_penalty=2.0),
-               dict(repetition_penalty=3.0)):
+    for kw in (
+        dict(presence_penalty=2.0),
+        dict(frequency_penalty=2.0),
+        dict(repetition_penalty=3.0),
+    ):
         pen = tokens(llm, prompt, temperature=0.0, max_tokens=24, ignore_eos=True, **kw)
         assert len(set(pen)) > len(set(plain)), kw
     for kw in (dict(presence_penalty=-2.0), dict(frequency_penalty=-2.0)):
@@ -279,8 +306,9 @@ def test_penalties_change_greedy_in_the_right_direction(llm, tiny):
 
 def test_huge_repetition_penalty_never_repeats_a_token(llm, tiny):
     prompt = [40, 41, 40, 41, 40, 60, 61]
-    got = tokens(llm, prompt, temperature=0.0, max_tokens=30, ignore_eos=True,
-                 repetition_penalty=100.0)
+    got = tokens(
+        llm, prompt, temperature=0.0, max_tokens=30, ignore_eos=True, repetition_penalty=100.0
+    )
     assert len(got) == 30
     assert len(set(got)) == len(got), got
     assert not set(got) & set(prompt)
@@ -290,15 +318,23 @@ def test_huge_repetition_penalty_never_repeats_a_token(llm, tiny):
 def test_penalties_apply_when_sampling(llm):
     # with repetition 100 every token already present is all but excluded, sampled or not
     prompt = [40, 41, 40, 41, 40, 60, 61]
-    got = tokens(llm, prompt, temperature=1.0, seed=9, max_tokens=25, ignore_eos=True,
-                 repetition_penalty=100.0)
+    got = tokens(
+        llm,
+        prompt,
+        temperature=1.0,
+        seed=9,
+        max_tokens=25,
+        ignore_eos=True,
+        repetition_penalty=100.0,
+    )
     assert len(set(got)) == len(got) and not set(got) & set(prompt)
 
 
 def test_logit_bias_is_added_to_the_logits_before_sampling(llm, tiny):
     plain = tokens(llm, PROMPT, temperature=0.0, max_tokens=6, ignore_eos=True)
-    forced = tokens(llm, PROMPT, temperature=0.0, max_tokens=6, ignore_eos=True,
-                    logit_bias={17: 100.0})
+    forced = tokens(
+        llm, PROMPT, temperature=0.0, max_tokens=6, ignore_eos=True, logit_bias={17: 100.0}
+    )
     assert forced == [17] * 6 and plain != forced
     # a -100 bias on the greedy choice makes the runner-up the greedy choice
     row = tiny.log_softmax(PROMPT)[-1]
@@ -306,8 +342,9 @@ def test_logit_bias_is_added_to_the_logits_before_sampling(llm, tiny):
     got = tokens(llm, PROMPT, temperature=0.0, max_tokens=1, logit_bias={first: -100.0})
     assert got == [second]
     # sampling sees it too
-    got = tokens(llm, PROMPT, temperature=1.0, seed=3, max_tokens=5, ignore_eos=True,
-                 logit_bias={23: 100.0})
+    got = tokens(
+        llm, PROMPT, temperature=1.0, seed=3, max_tokens=5, ignore_eos=True, logit_bias={23: 100.0}
+    )
     assert got == [23] * 5
 
 
@@ -334,12 +371,17 @@ def test_stop_string_ends_and_is_cut_from_text(llm, include, pick_stop):
     full = greedy_text(llm)
     stop = pick_stop(full.text)
     cut = full.text.find(stop)
-    c = generate(llm, TEXT, SamplingParams(temperature=0.0, max_tokens=30, stop=stop,
-                                           include_stop_str_in_output=include))[0].outputs[0]
+    c = generate(
+        llm,
+        TEXT,
+        SamplingParams(
+            temperature=0.0, max_tokens=30, stop=stop, include_stop_str_in_output=include
+        ),
+    )[0].outputs[0]
     assert c.finish_reason == "stop" and c.stop_reason == stop
-    assert c.text == full.text[:cut + (len(stop) if include else 0)]
+    assert c.text == full.text[: cut + (len(stop) if include else 0)]
     # the tokens run up to the one that completed the stop string
-    assert full.token_ids[:len(c.token_ids)] == c.token_ids
+    assert full.token_ids[: len(c.token_ids)] == c.token_ids
     assert len(c.token_ids) < len(full.token_ids)
 
 
@@ -348,19 +390,21 @@ def test_first_of_several_stop_strings(llm, pick_stop):
     late, early = pick_stop(full.text[20:]), full.text[4:6]
     if full.text.find(late) < full.text.find(early) + 2:
         pytest.fail("pick other stop strings")
-    c = generate(llm, TEXT, SamplingParams(temperature=0.0, max_tokens=30,
-                                           stop=[late, "#nope#", early]))[0].outputs[0]
-    assert c.stop_reason == early and c.text == full.text[:full.text.find(early)]
+    c = generate(
+        llm, TEXT, SamplingParams(temperature=0.0, max_tokens=30, stop=[late, "#nope#", early])
+    )[0].outputs[0]
+    assert c.stop_reason == early and c.text == full.text[: full.text.find(early)]
 
 
 def test_stop_token_id_ends_with_the_id(llm):
     full = greedy_text(llm, 12)
     stop_id = full.token_ids[5]
     first = full.token_ids.index(stop_id)
-    c = generate(llm, TEXT, SamplingParams(temperature=0.0, max_tokens=12,
-                                           stop_token_ids=[stop_id, 3]))[0].outputs[0]
+    c = generate(
+        llm, TEXT, SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[stop_id, 3])
+    )[0].outputs[0]
     assert c.finish_reason == "stop" and c.stop_reason == stop_id
-    assert c.token_ids == full.token_ids[:first + 1]
+    assert c.token_ids == full.token_ids[: first + 1]
 
 
 def test_max_tokens_ends_with_length(llm):
@@ -372,8 +416,9 @@ def test_max_tokens_ends_with_length(llm):
 def test_max_tokens_none_runs_to_max_model_len(tiny, backend):
     llm = LLM(str(tiny.path), backend=backend, verbose=False, max_model_len=32)
     prompt = list(range(3, 13))
-    c = generate(llm, [prompt], SamplingParams(temperature=0.0, max_tokens=None,
-                                               ignore_eos=True))[0].outputs[0]
+    c = generate(llm, [prompt], SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True))[
+        0
+    ].outputs[0]
     assert len(prompt) + len(c.token_ids) == 32 and c.finish_reason == "length"
     assert c.token_ids == tiny.greedy(prompt, 22)[0]
 
@@ -389,12 +434,14 @@ def test_min_tokens_defers_a_stop_token_id(llm, tiny):
     j = first_new_token(want, 1)
     stop_id = want[j]
     early = tokens(llm, prompt, temperature=0.0, max_tokens=12, stop_token_ids=[stop_id])
-    assert early == want[:j + 1]
-    got = generate(llm, [prompt], SamplingParams(temperature=0.0, max_tokens=12,
-                                                 min_tokens=j + 3,
-                                                 stop_token_ids=[stop_id]))[0].outputs[0]
+    assert early == want[: j + 1]
+    got = generate(
+        llm,
+        [prompt],
+        SamplingParams(temperature=0.0, max_tokens=12, min_tokens=j + 3, stop_token_ids=[stop_id]),
+    )[0].outputs[0]
     assert got.token_ids[:j] == want[:j]
-    assert stop_id not in got.token_ids[:j + 3]
+    assert stop_id not in got.token_ids[: j + 3]
     assert len(got.token_ids) >= j + 3
     if got.finish_reason == "stop":
         assert got.token_ids[-1] == stop_id and got.stop_reason == stop_id
@@ -421,14 +468,16 @@ def test_eos_ends_with_stop_and_no_stop_reason(eos_model, backend):
     j = want.index(eos)
     llm = LLM(str(d), backend=backend, verbose=False)
     c = generate(llm, [prompt], SamplingParams(temperature=0.0, max_tokens=10))[0].outputs[0]
-    assert c.token_ids == want[:j + 1] and c.finish_reason == "stop" and c.stop_reason is None
-    ig = generate(llm, [prompt], SamplingParams(temperature=0.0, max_tokens=10,
-                                                ignore_eos=True))[0].outputs[0]
+    assert c.token_ids == want[: j + 1] and c.finish_reason == "stop" and c.stop_reason is None
+    ig = generate(llm, [prompt], SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))[
+        0
+    ].outputs[0]
     assert ig.token_ids == want and ig.finish_reason == "length"
-    mt = generate(llm, [prompt], SamplingParams(temperature=0.0, max_tokens=10,
-                                                min_tokens=j + 3))[0].outputs[0]
+    mt = generate(llm, [prompt], SamplingParams(temperature=0.0, max_tokens=10, min_tokens=j + 3))[
+        0
+    ].outputs[0]
     assert mt.token_ids[:j] == want[:j]
-    assert eos not in mt.token_ids[:j + 3] and len(mt.token_ids) >= j + 3
+    assert eos not in mt.token_ids[: j + 3] and len(mt.token_ids) >= j + 3
 
 
 # ---- SamplingParams validation ------------------------------------------------------------
@@ -465,11 +514,12 @@ INVALID = [
 ]
 
 
-@pytest.mark.parametrize("kw,field_name,allowed", INVALID,
-                         ids=[",".join(f"{k}={v!r}" for k, v in kw.items())
-                              for kw, _, _ in INVALID])
-def test_invalid_sampling_params_raise_value_error_naming_field_and_range(kw, field_name,
-                                                                          allowed):
+@pytest.mark.parametrize(
+    "kw,field_name,allowed",
+    INVALID,
+    ids=[",".join(f"{k}={v!r}" for k, v in kw.items()) for kw, _, _ in INVALID],
+)
+def test_invalid_sampling_params_raise_value_error_naming_field_and_range(kw, field_name, allowed):
     with pytest.raises(ValueError) as info:
         SamplingParams(**kw)
     msg = str(info.value)
@@ -478,8 +528,21 @@ def test_invalid_sampling_params_raise_value_error_naming_field_and_range(kw, fi
 
 
 def test_valid_edge_sampling_params_accepted():
-    p = SamplingParams(temperature=0.0, top_p=1.0, top_k=-1, min_p=1.0, n=1, max_tokens=1,
-                       logprobs=20, prompt_logprobs=0, stop="x", presence_penalty=-2.0,
-                       frequency_penalty=2.0, repetition_penalty=100.0, min_tokens=1, seed=0)
+    p = SamplingParams(
+        temperature=0.0,
+        top_p=1.0,
+        top_k=-1,
+        min_p=1.0,
+        n=1,
+        max_tokens=1,
+        logprobs=20,
+        prompt_logprobs=0,
+        stop="x",
+        presence_penalty=-2.0,
+        frequency_penalty=2.0,
+        repetition_penalty=100.0,
+        min_tokens=1,
+        seed=0,
+    )
     assert p.top_k == 0 and p.stop_strings == ["x"] and p.greedy
     assert SamplingParams(max_tokens=None, min_tokens=50).max_tokens is None

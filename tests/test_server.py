@@ -26,8 +26,12 @@ KEY = "test-key"
 MAX_MODEL_LEN = 2048
 KV_MEMORY = 256 << 20
 # greedy continuations whose top-2 logit gaps stay above 0.07 (tests/test_smollm2.py)
-PROMPTS = ["The capital of France is", "Water boils at a temperature of",
-           "import numpy as np\n\n", "My favourite fruit is"]
+PROMPTS = [
+    "The capital of France is",
+    "Water boils at a temperature of",
+    "import numpy as np\n\n",
+    "My favourite fruit is",
+]
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -39,18 +43,30 @@ def numpy_session(backend):
 
 @pytest.fixture(scope="module")
 def server(default_gguf, tmp_path_factory):
-    srv = start_server(["--model", str(default_gguf), "--served-model-name", "smol",
-                        "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory",
-                        str(KV_MEMORY), "--no-access-log"],
-                       tmp_path_factory.mktemp("server") / "server.log", api_key=KEY)
+    srv = start_server(
+        [
+            "--model",
+            str(default_gguf),
+            "--served-model-name",
+            "smol",
+            "--max-model-len",
+            str(MAX_MODEL_LEN),
+            "--kv-cache-memory",
+            str(KV_MEMORY),
+            "--no-access-log",
+        ],
+        tmp_path_factory.mktemp("server") / "server.log",
+        api_key=KEY,
+    )
     yield srv
     assert srv.stop() == 0, srv.output()
 
 
 @pytest.fixture(scope="module")
 def offline(default_gguf):
-    return LLM(str(default_gguf), max_model_len=MAX_MODEL_LEN, kv_cache_memory=KV_MEMORY,
-               verbose=False)
+    return LLM(
+        str(default_gguf), max_model_len=MAX_MODEL_LEN, kv_cache_memory=KV_MEMORY, verbose=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +98,10 @@ def wait_drained(server, timeout: float = 20.0) -> None:
     """Nothing running or waiting and no KV block held, within `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
-        state = {n: gauge(server, n) for n in ("num_requests_running", "num_requests_waiting",
-                                                "kv_cache_usage_perc")}
+        state = {
+            n: gauge(server, n)
+            for n in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
+        }
         if not any(state.values()):
             return
         assert time.monotonic() < deadline, f"not drained after {timeout}s: {state}"
@@ -94,21 +112,37 @@ def post(server, path: str, body, key: str | None = KEY, **kw) -> httpx.Response
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     if isinstance(body, (dict, list)):
         return httpx.post(f"{server.url}{path}", json=body, headers=headers, timeout=60, **kw)
-    return httpx.post(f"{server.url}{path}", content=body, timeout=60,
-                      headers={**headers, "Content-Type": "application/json"}, **kw)
+    return httpx.post(
+        f"{server.url}{path}",
+        content=body,
+        timeout=60,
+        headers={**headers, "Content-Type": "application/json"},
+        **kw,
+    )
 
 
 # ---- endpoints -------------------------------------------------------------------------------
+
 
 def test_health_version_and_metrics_answer_without_a_key(server):
     assert httpx.get(f"{server.url}/health").status_code == 200
     assert httpx.get(f"{server.url}/version").json()["version"]
     text = httpx.get(f"{server.url}/metrics").text
-    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
-                 "prompt_tokens_total", "generation_tokens_total", "request_success_total",
-                 "num_preemptions_total", "prefix_cache_queries_total", "prefix_cache_hits_total",
-                 "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket",
-                 "e2e_request_latency_seconds_bucket", "request_queue_time_seconds_bucket"):
+    for name in (
+        "num_requests_running",
+        "num_requests_waiting",
+        "kv_cache_usage_perc",
+        "prompt_tokens_total",
+        "generation_tokens_total",
+        "request_success_total",
+        "num_preemptions_total",
+        "prefix_cache_queries_total",
+        "prefix_cache_hits_total",
+        "time_to_first_token_seconds_bucket",
+        "inter_token_latency_seconds_bucket",
+        "e2e_request_latency_seconds_bucket",
+        "request_queue_time_seconds_bucket",
+    ):
         assert f"nanovllm:{name}{{" in text, name
     assert 'model_name="smol"' in text and 'engine="0"' in text
 
@@ -121,8 +155,7 @@ def test_models_lists_the_served_model(client):
 
 def test_chat_about_france_answers_paris(client):
     # the README's example as a new user types it: the default model answers greedily
-    reply = client.chat.completions.create(model=client.models.list().data[0].id,
-                                           messages=FRANCE)
+    reply = client.chat.completions.create(model=client.models.list().data[0].id, messages=FRANCE)
     assert "Paris" in reply.choices[0].message.content
     assert reply.choices[0].finish_reason == "stop"
     assert reply.choices[0].message.role == "assistant"
@@ -132,8 +165,7 @@ def test_chat_about_france_answers_paris(client):
 def test_completion_equals_offline_greedy(client, offline):
     for prompt in PROMPTS:
         want = greedy(offline, prompt, 16)
-        got = client.completions.create(model="smol", prompt=prompt, max_tokens=16,
-                                        temperature=0)
+        got = client.completions.create(model="smol", prompt=prompt, max_tokens=16, temperature=0)
         assert got.choices[0].text == want.text
         assert got.choices[0].finish_reason == want.finish_reason
         assert got.usage.completion_tokens == len(want.token_ids)
@@ -142,16 +174,17 @@ def test_completion_equals_offline_greedy(client, offline):
 
 
 def test_default_max_tokens_is_16(client):
-    got = client.completions.create(model="smol", prompt=PROMPTS[0], temperature=0,
-                                    extra_body={"ignore_eos": True})
+    got = client.completions.create(
+        model="smol", prompt=PROMPTS[0], temperature=0, extra_body={"ignore_eos": True}
+    )
     assert got.usage.completion_tokens == 16 and got.choices[0].finish_reason == "length"
 
 
 def test_chat_equals_offline_chat(client, offline):
-    want = offline.chat(FRANCE, SamplingParams(temperature=0, max_tokens=24),
-                        use_tqdm=False)[0]
-    got = client.chat.completions.create(model="smol", messages=FRANCE, temperature=0,
-                                         max_tokens=24)
+    want = offline.chat(FRANCE, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0]
+    got = client.chat.completions.create(
+        model="smol", messages=FRANCE, temperature=0, max_tokens=24
+    )
     assert got.choices[0].message.content == want.outputs[0].text
     assert got.usage.prompt_tokens == len(want.prompt_token_ids)
 
@@ -160,21 +193,29 @@ def test_token_id_prompts_and_a_batch_of_prompts(client, offline):
     ids = offline.tokenizer.encode(PROMPTS[1])
     by_ids = client.completions.create(model="smol", prompt=ids, max_tokens=8, temperature=0)
     assert by_ids.choices[0].text == greedy(offline, PROMPTS[1], 8).text
-    batch = client.completions.create(model="smol", prompt=PROMPTS[:3], max_tokens=8,
-                                      temperature=0, n=2)
+    batch = client.completions.create(
+        model="smol", prompt=PROMPTS[:3], max_tokens=8, temperature=0, n=2
+    )
     assert [c.index for c in batch.choices] == list(range(6))
     for c in batch.choices:  # choice i * n + j is sample j of prompt i
         assert c.text == greedy(offline, PROMPTS[c.index // 2], 8).text
-    two = client.completions.create(model="smol", prompt=[ids, ids[:3]], max_tokens=4,
-                                    temperature=0)
+    two = client.completions.create(
+        model="smol", prompt=[ids, ids[:3]], max_tokens=4, temperature=0
+    )
     assert two.usage.prompt_tokens == len(ids) + 3
 
 
 def test_n_samples_with_a_seed_are_reproducible(client):
     def run():
-        return client.completions.create(model="smol", prompt=PROMPTS[3], max_tokens=12, n=3,
-                                         temperature=1.0, seed=1234,
-                                         extra_body={"ignore_eos": True})
+        return client.completions.create(
+            model="smol",
+            prompt=PROMPTS[3],
+            max_tokens=12,
+            n=3,
+            temperature=1.0,
+            seed=1234,
+            extra_body={"ignore_eos": True},
+        )
 
     first, again = run(), run()
     texts = [c.text for c in first.choices]
@@ -186,11 +227,13 @@ def test_n_samples_with_a_seed_are_reproducible(client):
 
 # ---- streaming ---------------------------------------------------------------------------------
 
+
 def test_completion_stream_joins_to_the_non_streamed_text(client):
     kw = dict(model="smol", prompt=PROMPTS[0], max_tokens=20, temperature=0)
     full = client.completions.create(**kw)
-    chunks = list(client.completions.create(**kw, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
     finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(finishing) == 1 and finishing[0] is chunks[-2]
@@ -202,8 +245,9 @@ def test_completion_stream_joins_to_the_non_streamed_text(client):
 def test_chat_stream_starts_with_the_role_and_joins_to_the_message(client):
     kw = dict(model="smol", messages=FRANCE, max_tokens=24, temperature=0, n=2)
     full = client.chat.completions.create(**kw)
-    chunks = list(client.chat.completions.create(**kw, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    )
     assert {c.choices[0].delta.role for c in chunks[:1]} == {"assistant"}
     for i in range(2):
         deltas = [ch for c in chunks for ch in c.choices if ch.index == i]
@@ -216,22 +260,28 @@ def test_chat_stream_starts_with_the_role_and_joins_to_the_message(client):
 
 def test_stream_never_sends_text_a_stop_string_cuts(client, offline):
     text = greedy(offline, PROMPTS[2], 24).text
-    stop = text[len(text) // 2: len(text) // 2 + 4]
+    stop = text[len(text) // 2 : len(text) // 2 + 4]
     assert stop.strip() and text.find(stop) > 0
     kw = dict(model="smol", prompt=PROMPTS[2], max_tokens=24, temperature=0, stop=[stop])
     full = client.completions.create(**kw)
     streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True))
-    assert full.choices[0].text == text[:text.find(stop)] == streamed
+    assert full.choices[0].text == text[: text.find(stop)] == streamed
     assert full.choices[0].finish_reason == "stop"
     assert full.choices[0].model_extra["stop_reason"] == stop
 
 
 # ---- logprobs, echo, logit bias, vLLM's extra fields ---------------------------------------
 
+
 def test_completion_logprobs_match_offline(client, offline):
     want = greedy(offline, PROMPTS[0], 6, logprobs=3)
-    got = client.completions.create(model="smol", prompt=PROMPTS[0], max_tokens=6,
-                                    temperature=0, logprobs=3).choices[0].logprobs
+    got = (
+        client.completions.create(
+            model="smol", prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=3
+        )
+        .choices[0]
+        .logprobs
+    )
     assert len(got.tokens) == len(got.token_logprobs) == len(got.top_logprobs) == 6
     for j, (token, entries) in enumerate(zip(want.token_ids, want.logprobs)):
         assert got.tokens[j] == entries[token].decoded_token
@@ -243,8 +293,9 @@ def test_completion_logprobs_match_offline(client, offline):
 
 
 def test_chat_logprobs_and_top_logprobs(client):
-    got = client.chat.completions.create(model="smol", messages=FRANCE, max_tokens=5,
-                                         temperature=0, logprobs=True, top_logprobs=2)
+    got = client.chat.completions.create(
+        model="smol", messages=FRANCE, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2
+    )
     content = got.choices[0].logprobs.content
     assert len(content) == got.usage.completion_tokens == 5
     assert "".join(e.token for e in content) == got.choices[0].message.content
@@ -254,8 +305,9 @@ def test_chat_logprobs_and_top_logprobs(client):
 
 
 def test_echo_returns_prompt_then_completion(client, offline):
-    got = client.completions.create(model="smol", prompt=PROMPTS[0], max_tokens=4,
-                                    temperature=0, echo=True, logprobs=1)
+    got = client.completions.create(
+        model="smol", prompt=PROMPTS[0], max_tokens=4, temperature=0, echo=True, logprobs=1
+    )
     c = got.choices[0]
     assert c.text == PROMPTS[0] + greedy(offline, PROMPTS[0], 4).text
     n_prompt = got.usage.prompt_tokens
@@ -265,18 +317,30 @@ def test_echo_returns_prompt_then_completion(client, offline):
 
 def test_logit_bias_forces_a_token(client, offline):
     token = offline.tokenizer.encode(" banana")[0]
-    got = client.completions.create(model="smol", prompt=PROMPTS[0], max_tokens=3,
-                                    temperature=0, logit_bias={str(token): 100})
+    got = client.completions.create(
+        model="smol", prompt=PROMPTS[0], max_tokens=3, temperature=0, logit_bias={str(token): 100}
+    )
     assert got.choices[0].text == offline.tokenizer.decode([token] * 3)
 
 
 def test_vllm_extra_sampling_fields(client, offline):
     eos = offline.tokenizer.eos_token_id
     got = client.completions.create(
-        model="smol", prompt=PROMPTS[0], max_tokens=12, temperature=0,
-        extra_body={"ignore_eos": True, "min_tokens": 12, "top_k": 1, "min_p": 0.0,
-                    "repetition_penalty": 1.0, "stop_token_ids": [eos],
-                    "skip_special_tokens": True, "prompt_logprobs": 1})
+        model="smol",
+        prompt=PROMPTS[0],
+        max_tokens=12,
+        temperature=0,
+        extra_body={
+            "ignore_eos": True,
+            "min_tokens": 12,
+            "top_k": 1,
+            "min_p": 0.0,
+            "repetition_penalty": 1.0,
+            "stop_token_ids": [eos],
+            "skip_special_tokens": True,
+            "prompt_logprobs": 1,
+        },
+    )
     c = got.choices[0]
     assert got.usage.completion_tokens == 12 and c.finish_reason == "length"
     assert c.text == greedy(offline, PROMPTS[0], 12, ignore_eos=True).text
@@ -285,8 +349,13 @@ def test_vllm_extra_sampling_fields(client, offline):
     first = offline.tokenizer.encode(PROMPTS[0])[1]
     assert str(first) in plp[1]
     stop_id = offline.tokenizer.encode(greedy(offline, PROMPTS[0], 3).text)[1]
-    cut = client.completions.create(model="smol", prompt=PROMPTS[0], max_tokens=12,
-                                    temperature=0, extra_body={"stop_token_ids": [stop_id]})
+    cut = client.completions.create(
+        model="smol",
+        prompt=PROMPTS[0],
+        max_tokens=12,
+        temperature=0,
+        extra_body={"stop_token_ids": [stop_id]},
+    )
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].model_extra["stop_reason"] == stop_id
 
@@ -308,24 +377,37 @@ BAD = [
     ("/v1/completions", {"prompt": "hi", "temperature": -0.5}, 400, "temperature", "greedy"),
     ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n", ">= 1"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs", "[0, 20]"),
-    ("/v1/chat/completions", {"messages": FRANCE, "logprobs": True, "top_logprobs": 21}, 400,
-     "logprobs", "[0, 20]"),
-    ("/v1/chat/completions", {"messages": FRANCE, "top_logprobs": 2}, 400, "top_logprobs",
-     "logprobs=true"),
+    (
+        "/v1/chat/completions",
+        {"messages": FRANCE, "logprobs": True, "top_logprobs": 21},
+        400,
+        "logprobs",
+        "[0, 20]",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": FRANCE, "top_logprobs": 2},
+        400,
+        "top_logprobs",
+        "logprobs=true",
+    ),
     ("/v1/completions", {"prompt": ""}, 400, "prompt", "empty"),
     ("/v1/completions", {"prompt": []}, 400, "prompt", "empty"),
     ("/v1/completions", {"prompt": [1, 2, 999999]}, 400, "prompt", "outside the vocabulary"),
-    ("/v1/completions", {"prompt": "hi", "max_tokens": MAX_MODEL_LEN}, 400, "max_tokens",
-     "too many"),
-    ("/v1/completions", {"prompt": "hi", "seed": 2 ** 70}, 400, "seed", "integer"),
+    (
+        "/v1/completions",
+        {"prompt": "hi", "max_tokens": MAX_MODEL_LEN},
+        400,
+        "max_tokens",
+        "too many",
+    ),
+    ("/v1/completions", {"prompt": "hi", "seed": 2**70}, 400, "seed", "integer"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"x": 1}}, 400, None, "logit_bias"),
-    ("/v1/completions", {"prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens",
-     "valid integer"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens", "valid integer"),
     ("/v1/completions", {"prompt": "hi", "temperature": "0.5"}, 400, "temperature", "number"),
     ("/v1/completions", {"max_tokens": 3}, 400, "prompt", "Field required"),
     ("/v1/completions", b'{"prompt": "hi",', 400, None, "not valid JSON"),
-    ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, 400, "messages",
-     "Field required"),
+    ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, 400, "messages", "Field required"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages", "valid list"),
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model", "does not exist"),
     ("/tokenize", {"prompt": "hi", "messages": FRANCE}, 400, "prompt", "exactly one"),
@@ -333,10 +415,12 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("path,body,status,param,words", BAD,
-                         ids=[f"{p}:{words}" for p, _, _, _, words in BAD])
-def test_bad_input_gets_openai_error_and_server_goes_on(server, client, offline, path, body,
-                                                        status, param, words):
+@pytest.mark.parametrize(
+    "path,body,status,param,words", BAD, ids=[f"{p}:{words}" for p, _, _, _, words in BAD]
+)
+def test_bad_input_gets_openai_error_and_server_goes_on(
+    server, client, offline, path, body, status, param, words
+):
     r = post(server, path, body)
     assert r.status_code == status, r.text
     error = r.json()["error"]
@@ -344,14 +428,14 @@ def test_bad_input_gets_openai_error_and_server_goes_on(server, client, offline,
     assert words in error["message"], error
     if param is not None:
         assert error["param"] == param, error
-    good = client.completions.create(model="smol", prompt=PROMPTS[0], max_tokens=4,
-                                     temperature=0)
+    good = client.completions.create(model="smol", prompt=PROMPTS[0], max_tokens=4, temperature=0)
     assert good.choices[0].text == greedy(offline, PROMPTS[0], 4).text
 
 
 def test_too_long_request_says_by_how_much(server):
-    error = post(server, "/v1/completions", {"prompt": "hi", "max_tokens": MAX_MODEL_LEN + 5}
-                 ).json()["error"]
+    error = post(
+        server, "/v1/completions", {"prompt": "hi", "max_tokens": MAX_MODEL_LEN + 5}
+    ).json()["error"]
     assert f"maximum context length is {MAX_MODEL_LEN}" in error["message"]
     assert "6 too many" in error["message"]  # "hi" is one token
 
@@ -366,9 +450,12 @@ def test_openai_client_raises_its_error_types(client):
 
 @pytest.mark.parametrize("key", [None, "wrong-key"])
 def test_a_missing_or_wrong_key_is_401_on_every_guarded_route(server, key):
-    for path, body in [("/v1/completions", {"prompt": "hi"}),
-                       ("/v1/chat/completions", {"messages": FRANCE}),
-                       ("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1]})]:
+    for path, body in [
+        ("/v1/completions", {"prompt": "hi"}),
+        ("/v1/chat/completions", {"messages": FRANCE}),
+        ("/tokenize", {"prompt": "hi"}),
+        ("/detokenize", {"tokens": [1]}),
+    ]:
         r = post(server, path, body, key=key)
         assert r.status_code == 401, (path, r.text)
         assert r.json()["error"]["code"] == "invalid_api_key"
@@ -386,12 +473,14 @@ def test_unknown_route_is_404_in_openai_shape(server):
 
 # ---- disconnects and load --------------------------------------------------------------------
 
+
 def test_a_stream_closed_mid_way_aborts_its_request(server):
     before = metrics(server)
     body = {"prompt": PROMPTS[0], "max_tokens": 1000, "stream": True, "ignore_eos": True}
     events = []
-    with httpx.stream("POST", f"{server.url}/v1/completions", json=body,
-                      headers=server.headers(), timeout=60) as r:
+    with httpx.stream(
+        "POST", f"{server.url}/v1/completions", json=body, headers=server.headers(), timeout=60
+    ) as r:
         for line in r.iter_lines():
             if line.startswith("data:"):
                 events.append(line)
@@ -409,8 +498,12 @@ def test_a_stream_closed_mid_way_aborts_its_request(server):
 def test_a_non_streamed_request_whose_client_leaves_is_aborted(server):
     body = {"prompt": PROMPTS[1], "max_tokens": 1500, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/v1/completions", json=body, headers=server.headers(),
-                   timeout=httpx.Timeout(60, read=1.0))
+        httpx.post(
+            f"{server.url}/v1/completions",
+            json=body,
+            headers=server.headers(),
+            timeout=httpx.Timeout(60, read=1.0),
+        )
     wait_drained(server)
 
 
@@ -421,8 +514,13 @@ def test_64_concurrent_streams_some_cancelled_the_rest_exact(server, offline):
     async def one(i: int):
         prompt = PROMPTS[i % len(PROMPTS)]
         stream = await aclient.completions.create(
-            model="smol", prompt=prompt, max_tokens=16, temperature=0, stream=True,
-            stream_options={"include_usage": True})
+            model="smol",
+            prompt=prompt,
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         text, finish, usage = "", [], None
         async for chunk in stream:
             if chunk.choices:
@@ -451,8 +549,13 @@ def test_64_concurrent_streams_some_cancelled_the_rest_exact(server, offline):
 
 def test_metrics_count_tokens_and_requests(server, client):
     before = metrics(server)
-    got = client.completions.create(model="smol", prompt=PROMPTS[0], max_tokens=5,
-                                    temperature=0, extra_body={"ignore_eos": True})
+    got = client.completions.create(
+        model="smol",
+        prompt=PROMPTS[0],
+        max_tokens=5,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     after = metrics(server)
 
     def delta(prefix: str) -> float:
@@ -461,7 +564,7 @@ def test_metrics_count_tokens_and_requests(server, client):
 
     assert delta("prompt_tokens_total") == got.usage.prompt_tokens
     assert delta("generation_tokens_total") == 5
-    assert delta("request_success_total{engine=\"0\",finished_reason=\"length\"") == 1
+    assert delta('request_success_total{engine="0",finished_reason="length"') == 1
     assert delta("e2e_request_latency_seconds_count") == 1
     assert delta("time_to_first_token_seconds_count") == 1
     assert delta("inter_token_latency_seconds_count") == 4
@@ -475,9 +578,12 @@ def test_metrics_count_tokens_and_requests(server, client):
 
 
 def test_raw_curl_style_request_and_sse_framing(server):
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", headers=server.headers(),
-                      json={"messages": FRANCE, "max_tokens": 3, "stream": True,
-                            "temperature": 0}) as r:
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/chat/completions",
+        headers=server.headers(),
+        json={"messages": FRANCE, "max_tokens": 3, "stream": True, "temperature": 0},
+    ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         raw = r.read().decode()
     events = [e for e in raw.split("\n\n") if e]

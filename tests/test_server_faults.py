@@ -62,8 +62,9 @@ class InProcessServer:
             self.state.attach(llm, max_waiting)
             self.faults = Faults(llm.engine.runner)
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(build_app(self.state), port=self.port,
-                                                    log_level="warning"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(build_app(self.state), port=self.port, log_level="warning")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         while not self.server.started:
@@ -74,8 +75,7 @@ class InProcessServer:
         return f"http://127.0.0.1:{self.port}"
 
     def complete(self, **body) -> httpx.Response:
-        return httpx.post(f"{self.url}/v1/completions", json={"prompt": PROMPT, **body},
-                          timeout=30)
+        return httpx.post(f"{self.url}/v1/completions", json={"prompt": PROMPT, **body}, timeout=30)
 
     def close(self) -> None:
         self.server.should_exit = True
@@ -142,9 +142,12 @@ def test_an_error_mid_stream_is_a_final_sse_error_event(serve):
     srv = serve()
     srv.faults.delay = 0.02
     events = []
-    with httpx.stream("POST", f"{srv.url}/v1/completions", timeout=30,
-                      json={"prompt": PROMPT, "max_tokens": 60, "ignore_eos": True,
-                            "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        f"{srv.url}/v1/completions",
+        timeout=30,
+        json={"prompt": PROMPT, "max_tokens": 60, "ignore_eos": True, "stream": True},
+    ) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if line.startswith("data: "):
@@ -175,18 +178,24 @@ def test_past_max_waiting_requests_is_503_with_retry_after(serve):
 
     async def fire():
         async with httpx.AsyncClient(timeout=60) as c:
-            return await asyncio.gather(*(
-                c.post(f"{srv.url}/v1/completions",
-                       json={"prompt": PROMPT, "max_tokens": 10, "ignore_eos": True})
-                for _ in range(12)))
+            return await asyncio.gather(
+                *(
+                    c.post(
+                        f"{srv.url}/v1/completions",
+                        json={"prompt": PROMPT, "max_tokens": 10, "ignore_eos": True},
+                    )
+                    for _ in range(12)
+                )
+            )
 
     replies = asyncio.run(fire())
     refused = [r for r in replies if r.status_code == 503]
     served = [r for r in replies if r.status_code == 200]
     assert len(refused) + len(served) == 12 and refused and served
     for r in refused:
-        assert r.headers["retry-after"] and "--max-waiting-requests=2" in r.json()["error"][
-            "message"]
+        assert (
+            r.headers["retry-after"] and "--max-waiting-requests=2" in r.json()["error"]["message"]
+        )
     for r in served:
         assert r.json()["usage"]["completion_tokens"] == 10
     assert srv.complete(max_tokens=3).status_code == 200
@@ -200,9 +209,12 @@ def test_a_waiting_request_whose_client_leaves_frees_its_place(serve):
     srv = serve(max_waiting=1, max_num_seqs=1, max_num_batched_tokens=64)
     srv.faults.delay = 0.05
     quick = httpx.Timeout(30, read=0.5)
-    with httpx.stream("POST", f"{srv.url}/v1/completions", timeout=30,
-                      json={"prompt": PROMPT, "max_tokens": 100, "ignore_eos": True,
-                            "stream": True}) as running:
+    with httpx.stream(
+        "POST",
+        f"{srv.url}/v1/completions",
+        timeout=30,
+        json={"prompt": PROMPT, "max_tokens": 100, "ignore_eos": True, "stream": True},
+    ) as running:
         lines = running.iter_lines()  # kept open: closing it would disconnect
         assert next_event(lines)
         for _ in range(3):  # each waits behind the running one, then its client leaves
@@ -224,30 +236,61 @@ def test_while_the_model_loads_health_and_routes_answer_503(serve):
 
 def test_a_model_that_cannot_load_exits_2_naming_it(tmp_path):
     missing = tmp_path / "nope.gguf"
-    result = subprocess.run([sys.executable, "-m", "nanovllm", "serve", "--model", str(missing),
-                             "--port", str(free_port())], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nanovllm",
+            "serve",
+            "--model",
+            str(missing),
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     assert "nanovllm: error:" in result.stderr and str(missing) in result.stderr
 
 
 def test_bad_serve_options_exit_2():
-    for args in (["--port", "70000"], ["--max-waiting-requests", "-1"],
-                 ["--override-generation-config", "{\"temprature\": 1}"]):
-        result = subprocess.run([sys.executable, "-m", "nanovllm", "serve", *args],
-                                capture_output=True, text=True, timeout=60)
+    for args in (
+        ["--port", "70000"],
+        ["--max-waiting-requests", "-1"],
+        ["--override-generation-config", '{"temprature": 1}'],
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "nanovllm", "serve", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 2, (args, result.stderr)
         assert args[0] in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_a_signal_aborts_what_runs_and_exits_0_within_seconds(default_gguf, tmp_path, sig):
-    srv = start_server(["--model", str(default_gguf), "--max-model-len", "4096",
-                        "--kv-cache-memory", str(256 << 20)], tmp_path / "server.log")
+    srv = start_server(
+        [
+            "--model",
+            str(default_gguf),
+            "--max-model-len",
+            "4096",
+            "--kv-cache-memory",
+            str(256 << 20),
+        ],
+        tmp_path / "server.log",
+    )
     events, sent_at = [], None
-    with httpx.stream("POST", f"{srv.url}/v1/completions", timeout=30,
-                      json={"prompt": "Once upon a time", "max_tokens": 3000,
-                            "ignore_eos": True, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        f"{srv.url}/v1/completions",
+        timeout=30,
+        json={"prompt": "Once upon a time", "max_tokens": 3000, "ignore_eos": True, "stream": True},
+    ) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 events.append(line[6:])

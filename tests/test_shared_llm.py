@@ -14,15 +14,24 @@ from hypothesis import strategies as st
 
 from nanovllm import LLM, SamplingParams
 
-PROMPTS = [[7, 30, 55, 80, 101], [3, 4, 5, 6, 7, 8, 9], [99], [140, 141, 142], [20, 21, 22],
-           [60, 61, 62, 63], [11, 12], [90, 80, 70, 60, 50, 40]]
+PROMPTS = [
+    [7, 30, 55, 80, 101],
+    [3, 4, 5, 6, 7, 8, 9],
+    [99],
+    [140, 141, 142],
+    [20, 21, 22],
+    [60, 61, 62, 63],
+    [11, 12],
+    [90, 80, 70, 60, 50, 40],
+]
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 def llm(tiny, backend):
-    return LLM(str(tiny.path), backend=backend, verbose=False, max_num_seqs=4,
-               max_num_batched_tokens=64)
+    return LLM(
+        str(tiny.path), backend=backend, verbose=False, max_num_seqs=4, max_num_batched_tokens=64
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -92,26 +101,42 @@ def test_a_stream_dropped_half_way_leaves_the_others_whole(llm, tiny):
 
 @pytest.fixture(scope="module")
 def invariant_llm(tiny, backend):
-    return LLM(str(tiny.path), backend=backend, verbose=False, max_num_seqs=4,
-               max_num_batched_tokens=64, batch_invariant=True)
+    return LLM(
+        str(tiny.path),
+        backend=backend,
+        verbose=False,
+        max_num_seqs=4,
+        max_num_batched_tokens=64,
+        batch_invariant=True,
+    )
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(st.lists(st.integers(3, 150), min_size=1, max_size=9),
-                          st.integers(1, 8), st.sampled_from([None, 0, 1]), st.booleans()),
-                min_size=2, max_size=8))
-def test_threads_with_random_requests_and_aborts_each_get_what_they_get_alone(invariant_llm,
-                                                                             requests):
+@given(
+    st.lists(
+        st.tuples(
+            st.lists(st.integers(3, 150), min_size=1, max_size=9),
+            st.integers(1, 8),
+            st.sampled_from([None, 0, 1]),
+            st.booleans(),
+        ),
+        min_size=2,
+        max_size=8,
+    )
+)
+def test_threads_with_random_requests_and_aborts_each_get_what_they_get_alone(
+    invariant_llm, requests
+):
     """batch_invariant=True: each thread's result equals the same request run alone afterwards,
     bit for bit, whatever ran beside it (greedy, or sampling with a seed)."""
     llm = invariant_llm
 
     def params(max_tokens, seed):
         if seed is None:
-            return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
-                                  logprobs=1)
-        return SamplingParams(temperature=1.0, seed=seed, max_tokens=max_tokens,
-                              ignore_eos=True, logprobs=1)
+            return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=1)
+        return SamplingParams(
+            temperature=1.0, seed=seed, max_tokens=max_tokens, ignore_eos=True, logprobs=1
+        )
 
     def result(out):
         steps = out.outputs[0].logprobs

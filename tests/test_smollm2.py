@@ -57,7 +57,8 @@ def hf_model(gguf):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("gguf")
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     return model.eval()
 
 
@@ -111,8 +112,9 @@ def test_prompt_logprobs(llm, hf_model, hf_tokenizer, check_logprobs):
         ref = hf_log_softmax(hf_model, ids)
         assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
         for p in range(1, len(ids)):
-            check_logprobs(out.prompt_logprobs[p], ref[p - 1], 5, ids[p],
-                           f"{text!r} position {p}", TOL)
+            check_logprobs(
+                out.prompt_logprobs[p], ref[p - 1], 5, ids[p], f"{text!r} position {p}", TOL
+            )
 
 
 def test_greedy_matches_transformers(llm, hf_model):
@@ -123,11 +125,12 @@ def test_greedy_matches_transformers(llm, hf_model):
         got = out.outputs[0].token_ids
         if got != want:
             i = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
-            detail = (f"first difference at step {i}: ours {got[i]}, transformers {want[i]} "
-                      f"(transformers' top-2 logit gap there {gaps[i]:.2e})")
+            detail = (
+                f"first difference at step {i}: ours {got[i]}, transformers {want[i]} "
+                f"(transformers' top-2 logit gap there {gaps[i]:.2e})"
+            )
             assert gaps[i] < 2 * TOL, f"{text!r}: {got} != {want}; {detail}"
-            pytest.fail(f"{text!r}: a near-tie within tolerance; choose another prompt. "
-                        f"{detail}")
+            pytest.fail(f"{text!r}: a near-tie within tolerance; choose another prompt. {detail}")
 
 
 def test_chat_knows_paris(llm):

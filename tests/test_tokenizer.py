@@ -14,14 +14,28 @@ from nanovllm.tokenizer import IncrementalDetokenizer, Tokenizer
 transformers = pytest.importorskip("transformers")
 
 CORPUS = [
-    "The capital of France is Paris.", "Hello world, hello there!", "the cat sat on the mat",
-    "Größe, café, naïve façade", "東京は日本の首都です。", "Emoji time 😀🎉 done", "x = 1 + 2 * 3",
-    "You are a helpful assistant.", "What is the answer? It is 42.",
+    "The capital of France is Paris.",
+    "Hello world, hello there!",
+    "the cat sat on the mat",
+    "Größe, café, naïve façade",
+    "東京は日本の首都です。",
+    "Emoji time 😀🎉 done",
+    "x = 1 + 2 * 3",
+    "You are a helpful assistant.",
+    "What is the answer? It is 42.",
 ]
 TEXTS = [
-    "Hello world", " leading space", "The capital of France is", "café naïve Größe",
-    "東京は首都", "emoji 😀 and 🎉!", "mixed 日本 😀 é", "", "  two  spaces\nnewline\t tab",
-    "<|im_start|>user\nhi<|im_end|>", "<s>literal bos</s>",
+    "Hello world",
+    " leading space",
+    "The capital of France is",
+    "café naïve Größe",
+    "東京は首都",
+    "emoji 😀 and 🎉!",
+    "mixed 日本 😀 é",
+    "",
+    "  two  spaces\nnewline\t tab",
+    "<|im_start|>user\nhi<|im_end|>",
+    "<s>literal bos</s>",
 ]
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
@@ -51,8 +65,11 @@ LLAMA3 = """{{- bos_token }}
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello!"}],
     [{"role": "system", "content": "You are terse. "}, {"role": "user", "content": "2+2?"}],
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! 😀"},
-     {"role": "user", "content": "東京は?"}],
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! 😀"},
+        {"role": "user", "content": "東京は?"},
+    ],
 ]
 
 
@@ -60,8 +77,11 @@ def train_byte_level(special_tokens: list[str], vocab_size: int = 400) -> HFToke
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS * 3, trainer)
     return tok
 
@@ -70,22 +90,31 @@ def train_sentencepiece_like() -> HFTokenizer:
     """A Llama-2-style tokenizer: Metaspace pieces, byte fallback for unknown characters."""
     tok = HFTokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.train_from_iterator(CORPUS[:4] + CORPUS[6:], trainers.BpeTrainer(
-        vocab_size=250, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.train_from_iterator(
+        CORPUS[:4] + CORPUS[6:],
+        trainers.BpeTrainer(vocab_size=250, special_tokens=["<unk>", "<s>", "</s>"]),
+    )
     data = json.loads(tok.to_str())
     trained = data["model"]["vocab"]
     vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"])}
     vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
     for piece in sorted(trained, key=trained.get):
         vocab.setdefault(piece, len(vocab))
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
-              for m in data["model"]["merges"]]
-    out = HFTokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True,
-                                 fuse_unk=True))
-    out.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
-                                           normalizers.Replace(" ", "▁")])
-    out.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    merges = [
+        tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in data["model"]["merges"]
+    ]
+    out = HFTokenizer(
+        models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    )
+    out.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    out.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
     return out
 
 
@@ -104,23 +133,40 @@ def edit_config(path: Path, **changes) -> None:
 @pytest.fixture(scope="module")
 def chatml_dir(tmp_path_factory) -> Path:
     tok = train_byte_level(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    return save(tok, tmp_path_factory.mktemp("chatml"), bos_token="<|endoftext|>",
-                eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHATML)
+    return save(
+        tok,
+        tmp_path_factory.mktemp("chatml"),
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHATML,
+    )
 
 
 @pytest.fixture(scope="module")
 def llama3_dir(tmp_path_factory) -> Path:
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                "<|end_header_id|>", "<|eot_id|>"]
-    path = save(train_byte_level(specials), tmp_path_factory.mktemp("llama3"),
-                bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>", chat_template=LLAMA3)
+    specials = [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    ]
+    path = save(
+        train_byte_level(specials),
+        tmp_path_factory.mktemp("llama3"),
+        bos_token="<|begin_of_text|>",
+        eos_token="<|end_of_text|>",
+        chat_template=LLAMA3,
+    )
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 4]}))
     return path
 
 
 def llama2_post_processor() -> processors.TemplateProcessing:
-    return processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                         special_tokens=[("<s>", 1)])
+    return processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +174,9 @@ def spm_dir(tmp_path_factory) -> Path:
     """Llama-2-like: tokenizer.json's post-processor adds BOS."""
     tok = train_sentencepiece_like()
     tok.post_processor = llama2_post_processor()
-    return save(tok, tmp_path_factory.mktemp("spm"), bos_token="<s>", eos_token="</s>",
-                unk_token="<unk>")
+    return save(
+        tok, tmp_path_factory.mktemp("spm"), bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def both(path: Path) -> tuple[Tokenizer, object]:
@@ -148,7 +195,8 @@ def test_encode_decode_match_transformers(name, request):
             assert ours.encode(text, add_special_tokens=special) == ids, (text, special)
             for skip in (True, False):
                 assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(
-                    ids, skip_special_tokens=skip), (text, skip)
+                    ids, skip_special_tokens=skip
+                ), (text, skip)
 
 
 def test_bos_from_post_processor(spm_dir):
@@ -173,14 +221,16 @@ def test_config_add_bos_token_ignored_with_tokenizer_json(spm_dir, tmp_path):
 
 def test_direct_construction_prepends_bos_once():
     tok = train_sentencepiece_like()
-    plain = Tokenizer(tok, bos_token_id=1, eos_token_ids=[2], add_bos_token=True,
-                      chat_template=None)
+    plain = Tokenizer(
+        tok, bos_token_id=1, eos_token_ids=[2], add_bos_token=True, chat_template=None
+    )
     assert plain.encode("hello")[0] == 1 and plain.encode("hello")[1] != 1
     assert plain.encode("hello", add_special_tokens=False) == plain.encode("hello")[1:]
     tok = train_sentencepiece_like()
     tok.post_processor = llama2_post_processor()
-    already = Tokenizer(tok, bos_token_id=1, eos_token_ids=[2], add_bos_token=True,
-                        chat_template=None)
+    already = Tokenizer(
+        tok, bos_token_id=1, eos_token_ids=[2], add_bos_token=True, chat_template=None
+    )
     assert already.encode("hello") == plain.encode("hello")
     assert already.bos_token == "<s>" and already.eos_token == "</s>"
 
@@ -190,22 +240,33 @@ def test_direct_construction_prepends_bos_once():
 def test_chat_template_matches_transformers(name, add_generation_prompt, request):
     ours, theirs = both(request.getfixturevalue(name))
     for messages in CONVERSATIONS:
-        expected = theirs.apply_chat_template(messages, tokenize=False,
-                                              add_generation_prompt=add_generation_prompt)
+        expected = theirs.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
         text = ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         assert text == expected
-        ids = theirs.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                         return_dict=False)
+        ids = theirs.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, return_dict=False
+        )
         assert ours.encode(text, add_special_tokens=False) == list(ids)
 
 
 def test_chat_template_kwargs_tools_and_raise_exception(llama3_dir):
     ours, theirs = both(llama3_dir)
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Wetter ☀",
-                                               "parameters": {"type": "object"}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Wetter ☀",
+                "parameters": {"type": "object"},
+            },
+        }
+    ]
     messages = CONVERSATIONS[0]
     assert ours.apply_chat_template(messages, tools=tools) == theirs.apply_chat_template(
-        messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        messages, tools=tools, tokenize=False, add_generation_prompt=True
+    )
     assert ours.apply_chat_template(messages).startswith("<|begin_of_text|>")
     bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
     with pytest.raises(Exception, match="must alternate"):
@@ -220,18 +281,28 @@ FEATURES = """{%- set ns = namespace(n=0) %}
 
 
 def test_chat_template_jinja_features(tmp_path):
-    path = save(train_byte_level(["<|endoftext|>"]), tmp_path, eos_token="<|endoftext|>",
-                pad_token="<|endoftext|>", chat_template=FEATURES)
+    path = save(
+        train_byte_level(["<|endoftext|>"]),
+        tmp_path,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        chat_template=FEATURES,
+    )
     ours, theirs = both(path)
     for kwargs in ({}, {"flag": "on"}):
         text = ours.apply_chat_template(CONVERSATIONS[2], **kwargs)
-        assert text == theirs.apply_chat_template(CONVERSATIONS[2], tokenize=False,
-                                                  add_generation_prompt=True, **kwargs)
+        assert text == theirs.apply_chat_template(
+            CONVERSATIONS[2], tokenize=False, add_generation_prompt=True, **kwargs
+        )
         assert "A: Hello! 😀" in text and "東京" not in text
     with pytest.raises(Exception, match="not allowed"):
-        Tokenizer(ours.tokenizer, bos_token_id=None, eos_token_ids=[], add_bos_token=False,
-                  chat_template="{% set ns = namespace(_x=1) %}").apply_chat_template(
-            CONVERSATIONS[0])
+        Tokenizer(
+            ours.tokenizer,
+            bos_token_id=None,
+            eos_token_ids=[],
+            add_bos_token=False,
+            chat_template="{% set ns = namespace(_x=1) %}",
+        ).apply_chat_template(CONVERSATIONS[0])
 
 
 def test_special_tokens_and_eos_ids(llama3_dir, chatml_dir):
@@ -246,28 +317,38 @@ def test_special_tokens_and_eos_ids(llama3_dir, chatml_dir):
 
 def test_chat_template_sources(chatml_dir, tmp_path):
     assert (chatml_dir / "chat_template.jinja").is_file()
-    path = save(train_byte_level(["<|im_start|>", "<|im_end|>"]), tmp_path / "legacy",
-                eos_token="<|im_end|>")
+    path = save(
+        train_byte_level(["<|im_start|>", "<|im_end|>"]),
+        tmp_path / "legacy",
+        eos_token="<|im_end|>",
+    )
     assert not (path / "chat_template.jinja").exists()
     with pytest.raises(ValueError, match="no chat template"):
         Tokenizer.from_dir(path).apply_chat_template(CONVERSATIONS[0])
 
     (path / "chat_template.json").write_text(json.dumps({"chat_template": "json:{{ eos_token }}"}))
     assert Tokenizer.from_dir(path).apply_chat_template(CONVERSATIONS[0]) == "json:<|im_end|>"
-    edit_config(path, chat_template=[{"name": "default", "template": "config"},
-                                     {"name": "tool_use", "template": "tools"}])
+    edit_config(
+        path,
+        chat_template=[
+            {"name": "default", "template": "config"},
+            {"name": "tool_use", "template": "tools"},
+        ],
+    )
     assert Tokenizer.from_dir(path).apply_chat_template(CONVERSATIONS[0]) == "config"
     (path / "chat_template.jinja").write_text(CHATML)
     ours, theirs = both(path)
     assert ours.apply_chat_template(CONVERSATIONS[2]) == theirs.apply_chat_template(
-        CONVERSATIONS[2], tokenize=False, add_generation_prompt=True)
+        CONVERSATIONS[2], tokenize=False, add_generation_prompt=True
+    )
 
 
 def test_vocab_and_merges_only(tmp_path):
     source = train_byte_level(["<|endoftext|>"])
     source.model.save(str(tmp_path))
-    gpt2 = transformers.GPT2Tokenizer(vocab=str(tmp_path / "vocab.json"),
-                                      merges=str(tmp_path / "merges.txt"))
+    gpt2 = transformers.GPT2Tokenizer(
+        vocab=str(tmp_path / "vocab.json"), merges=str(tmp_path / "merges.txt")
+    )
     path = tmp_path / "gpt2"
     gpt2.save_pretrained(path)
     (path / "tokenizer.json").unlink()
@@ -293,8 +374,13 @@ def test_no_tokenizer(tmp_path):
     assert Tokenizer.from_dir(tmp_path / "missing") is None
 
 
-STREAM_TEXTS = ["emoji 😀🎉 and 🦙!", "東京は日本の首都です", "café naïve Größe façade",
-                "mix 日本 😀 é x", "The capital of France is Paris. 🇫🇷"]
+STREAM_TEXTS = [
+    "emoji 😀🎉 and 🦙!",
+    "東京は日本の首都です",
+    "café naïve Größe façade",
+    "mix 日本 😀 é x",
+    "The capital of France is Paris. 🇫🇷",
+]
 
 
 @pytest.mark.parametrize("name", ["chatml_dir", "spm_dir"])
@@ -309,7 +395,7 @@ def test_incremental_detokenizer(name, request):
             deltas = [detok.push(i) for i in ids]
             assert all("\ufffd" not in d for d in deltas), deltas
             full = tok.decode((prompt or []) + ids)
-            expected = full[len(tok.decode(prompt)):] if prompt else full
+            expected = full[len(tok.decode(prompt)) :] if prompt else full
             assert "".join(deltas) == detok.text == expected, (text, deltas)
     assert split_chars > 0  # some tokens really are partial UTF-8 characters
 
@@ -334,7 +420,7 @@ def test_spm_leading_space_stream(spm_dir):
     ids = tok.encode("The cat sat on the mat", add_special_tokens=True)
     assert ids[: len(prompt)] == prompt
     detok = IncrementalDetokenizer(tok, prompt)
-    for i in ids[len(prompt):]:
+    for i in ids[len(prompt) :]:
         detok.push(i)
     assert detok.text == " sat on the mat"
 
@@ -348,21 +434,28 @@ def test_smollm2_tokenizer_from_default_gguf(tmp_path):
     if not gguf.is_file():
         pytest.skip(f"{gguf} is not cached")
     transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(
-        tmp_path)
+        tmp_path
+    )
     ours, theirs = both(tmp_path)
-    assert (ours.bos_token, ours.eos_token, ours.add_bos_token) == ("<|im_start|>", "<|im_end|>",
-                                                                   False)
+    assert (ours.bos_token, ours.eos_token, ours.add_bos_token) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        False,
+    )
     for messages in CONVERSATIONS:
         text = ours.apply_chat_template(messages)
-        assert text == theirs.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=True)
+        assert text == theirs.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
         default_system = "You are a helpful AI assistant named SmolLM" in text
         assert default_system is (messages[0]["role"] != "system")
         assert ours.encode(text, add_special_tokens=False) == theirs.encode(
-            text, add_special_tokens=False)
+            text, add_special_tokens=False
+        )
     for text in TEXTS + STREAM_TEXTS:
         ids = theirs.encode(text)
         assert ours.encode(text) == ids and ours.decode(ids) == theirs.decode(
-            ids, skip_special_tokens=True)
+            ids, skip_special_tokens=True
+        )
         detok = IncrementalDetokenizer(ours)
         assert "".join(detok.push(i) for i in ids) == ours.decode(ids)

@@ -26,9 +26,17 @@ needs_real_gguf = pytest.mark.skipif(not REAL_GGUF.is_file(), reason=f"{REAL_GGU
 
 
 def tiny_llama(**overrides) -> tuple[transformers.LlamaConfig, dict[str, np.ndarray]]:
-    settings = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                    tie_word_embeddings=False, rope_theta=10000.0)
+    settings = dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+    )
     config = transformers.LlamaConfig(**(settings | overrides))
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
@@ -153,10 +161,15 @@ def test_hf_dir_unsupported_dtype(saved_dir):
 # ---------------------------------------------------------------- GGUF files written here
 
 HF_TO_GGUF_LAYER = {
-    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
 }
 HF_TO_GGUF = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
@@ -164,7 +177,7 @@ HF_TO_GGUF = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "
 def gguf_name(hf: str) -> str:
     stem, kind = hf.rsplit(".", 1)
     if stem.startswith("model.layers."):
-        layer, rest = stem[len("model.layers."):].split(".", 1)
+        layer, rest = stem[len("model.layers.") :].split(".", 1)
         return f"blk.{layer}.{HF_TO_GGUF_LAYER[rest]}.{kind}"
     return f"{HF_TO_GGUF[stem]}.{kind}"
 
@@ -175,8 +188,9 @@ def interleave(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_llama_gguf(path: Path, config, weights: dict[str, np.ndarray], arch: str = "llama",
-                     metadata=None) -> Path:
+def write_llama_gguf(
+    path: Path, config, weights: dict[str, np.ndarray], arch: str = "llama", metadata=None
+) -> Path:
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
@@ -217,9 +231,19 @@ def test_gguf_round_trip_undoes_llama_permutation(tmp_path, overrides):
     assert tensors.keys() == expected.keys()
     for name, value in expected.items():
         np.testing.assert_array_equal(tensors[name], value, err_msg=name)
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "max_position_embeddings", "vocab_size",
-                "tie_word_embeddings", "attention_bias", "mlp_bias"):
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "vocab_size",
+        "tie_word_embeddings",
+        "attention_bias",
+        "mlp_bias",
+    ):
         assert config[key] == getattr(hf_config, key), key
     assert config["rms_norm_eps"] == pytest.approx(hf_config.rms_norm_eps, rel=1e-6)
     assert config["rope_theta"] == hf_config.rope_parameters["rope_theta"]
@@ -230,16 +254,23 @@ def test_gguf_round_trip_undoes_llama_permutation(tmp_path, overrides):
 def test_gguf_unsupported_architecture(tmp_path):
     hf_config, model = tiny_llama()
     file = write_llama_gguf(tmp_path / "x.gguf", hf_config, {}, arch="bloom")
-    with pytest.raises(WeightsError, match=r"architecture 'bloom' is not supported; supported: "
-                                           r".*llama"):
+    with pytest.raises(
+        WeightsError,
+        match=r"architecture 'bloom' is not supported; supported: "
+        r".*llama",
+    ):
         load_gguf(file)
 
 
 def test_gguf_unknown_tensor(tmp_path):
     hf_config, model = tiny_llama()
     extra = np.zeros(4, np.float32)
-    file = write_llama_gguf(tmp_path / "x.gguf", hf_config, state_dict(model),
-                            metadata=lambda w: w.add_tensor("blk.1.ffn_xx.weight", extra))
+    file = write_llama_gguf(
+        tmp_path / "x.gguf",
+        hf_config,
+        state_dict(model),
+        metadata=lambda w: w.add_tensor("blk.1.ffn_xx.weight", extra),
+    )
     with pytest.raises(WeightsError, match="blk.1.ffn_xx.weight"):
         load_gguf(file)
 
@@ -287,39 +318,62 @@ def rope_metadata(**keys):
                 writer.add_float32(full, value)
             else:
                 writer.add_uint32(full, value)
+
     return add
 
 
-@pytest.mark.parametrize("keys, expected", [
-    ({"type": "none"}, None),
-    ({"type": "linear", "factor": 4.0}, {"rope_type": "linear", "factor": 4.0}),
-    ({"type": "yarn", "factor": 8.0, "original_context_length": 4096, "yarn_beta_fast": 32.0},
-     {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096,
-      "beta_fast": 32.0}),
-])
+@pytest.mark.parametrize(
+    "keys, expected",
+    [
+        ({"type": "none"}, None),
+        ({"type": "linear", "factor": 4.0}, {"rope_type": "linear", "factor": 4.0}),
+        (
+            {
+                "type": "yarn",
+                "factor": 8.0,
+                "original_context_length": 4096,
+                "yarn_beta_fast": 32.0,
+            },
+            {
+                "rope_type": "yarn",
+                "factor": 8.0,
+                "original_max_position_embeddings": 4096,
+                "beta_fast": 32.0,
+            },
+        ),
+    ],
+)
 def test_gguf_rope_scaling(tmp_path, keys, expected):
     hf_config, model = tiny_llama()
-    file = write_llama_gguf(tmp_path / "x.gguf", hf_config, state_dict(model),
-                            metadata=rope_metadata(**keys))
+    file = write_llama_gguf(
+        tmp_path / "x.gguf", hf_config, state_dict(model), metadata=rope_metadata(**keys)
+    )
     config, _, _ = load_gguf(file)
     assert config["rope_scaling"] == expected
 
 
-@pytest.mark.parametrize("keys, named", [
-    ({"type": "longrope"}, "llama.rope.scaling.type"),
-    ({"type": "yarn", "factor": 4.0, "yarn_log_multiplier": 0.1},
-     "llama.rope.scaling.yarn_log_multiplier"),
-])
+@pytest.mark.parametrize(
+    "keys, named",
+    [
+        ({"type": "longrope"}, "llama.rope.scaling.type"),
+        (
+            {"type": "yarn", "factor": 4.0, "yarn_log_multiplier": 0.1},
+            "llama.rope.scaling.yarn_log_multiplier",
+        ),
+    ],
+)
 def test_gguf_rope_scaling_unsupported(tmp_path, keys, named):
     hf_config, model = tiny_llama()
-    file = write_llama_gguf(tmp_path / "x.gguf", hf_config, state_dict(model),
-                            metadata=rope_metadata(**keys))
+    file = write_llama_gguf(
+        tmp_path / "x.gguf", hf_config, state_dict(model), metadata=rope_metadata(**keys)
+    )
     with pytest.raises(WeightsError, match=named):
         load_gguf(file)
 
 
-def llama_cpp_rope_freqs(theta: float, dim: int, factor: float, low: float, high: float,
-                         original: int) -> np.ndarray:
+def llama_cpp_rope_freqs(
+    theta: float, dim: int, factor: float, low: float, high: float, original: int
+) -> np.ndarray:
     """The rope_freqs.weight divisors llama.cpp's convert script writes for llama3 scaling."""
     out = []
     for i in range(0, dim, 2):
@@ -338,16 +392,20 @@ def test_gguf_llama3_rope_freqs(tmp_path):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     theta, dim = 500000.0, 128
-    hf_config, model = tiny_llama(hidden_size=256, num_attention_heads=2, num_key_value_heads=1,
-                                  rope_theta=theta, num_hidden_layers=1)
+    hf_config, model = tiny_llama(
+        hidden_size=256,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        rope_theta=theta,
+        num_hidden_layers=1,
+    )
     scaling = dict(factor=8.0, low=1.0, high=4.0, original=8192)
     freqs = llama_cpp_rope_freqs(theta, dim, **scaling)
 
     def add_freqs(writer):
         writer.add_tensor("rope_freqs.weight", freqs)
 
-    file = write_llama_gguf(tmp_path / "x.gguf", hf_config, state_dict(model),
-                            metadata=add_freqs)
+    file = write_llama_gguf(tmp_path / "x.gguf", hf_config, state_dict(model), metadata=add_freqs)
     config, tensors, _ = load_gguf(file)
     assert "rope_freqs.weight" not in tensors
     got = config["rope_scaling"]
@@ -357,12 +415,23 @@ def test_gguf_llama3_rope_freqs(tmp_path):
 
     def inv_freq(rope: dict) -> np.ndarray:
         params = {"rope_theta": theta} | rope
-        cfg = transformers.LlamaConfig(hidden_size=256, num_attention_heads=2,
-                                       max_position_embeddings=131072, rope_parameters=params)
+        cfg = transformers.LlamaConfig(
+            hidden_size=256,
+            num_attention_heads=2,
+            max_position_embeddings=131072,
+            rope_parameters=params,
+        )
         return ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")[0].numpy()
 
-    reference = inv_freq({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    reference = inv_freq(
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
+    )
     np.testing.assert_allclose(inv_freq(got), reference, rtol=1e-6)
 
 
@@ -394,8 +463,10 @@ def ref_q4_1(b: np.ndarray) -> np.ndarray:
 def scale_min_k4(j: int, s: np.ndarray) -> tuple[int, int]:
     if j < 4:
         return int(s[j] & 63), int(s[j + 4] & 63)
-    return (int((s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4)),
-            int((s[j + 4] >> 4) | ((s[j] >> 6) << 4)))
+    return (
+        int((s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4)),
+        int((s[j + 4] >> 4) | ((s[j] >> 6) << 4)),
+    )
 
 
 def ref_q4_k(b: np.ndarray) -> np.ndarray:
@@ -405,9 +476,9 @@ def ref_q4_k(b: np.ndarray) -> np.ndarray:
         scales, qs = block[4:16], block[16:144].astype(np.int32)
         for j in range(4):
             (s1, m1), (s2, m2) = scale_min_k4(2 * j, scales), scale_min_k4(2 * j + 1, scales)
-            q = qs[32 * j: 32 * j + 32]
-            out[n, 64 * j: 64 * j + 32] = d * s1 * (q & 15) - dmin * m1
-            out[n, 64 * j + 32: 64 * j + 64] = d * s2 * (q >> 4) - dmin * m2
+            q = qs[32 * j : 32 * j + 32]
+            out[n, 64 * j : 64 * j + 32] = d * s1 * (q & 15) - dmin * m1
+            out[n, 64 * j + 32 : 64 * j + 64] = d * s2 * (q >> 4) - dmin * m2
     return out
 
 
@@ -418,11 +489,11 @@ def ref_q5_k(b: np.ndarray) -> np.ndarray:
         scales, qh, qs = block[4:16], block[16:48].astype(np.int32), block[48:176].astype(np.int32)
         for j in range(4):
             (s1, m1), (s2, m2) = scale_min_k4(2 * j, scales), scale_min_k4(2 * j + 1, scales)
-            q = qs[32 * j: 32 * j + 32]
+            q = qs[32 * j : 32 * j + 32]
             low = (q & 15) + 16 * ((qh >> (2 * j)) & 1)
             high = (q >> 4) + 16 * ((qh >> (2 * j + 1)) & 1)
-            out[n, 64 * j: 64 * j + 32] = d * s1 * low - dmin * m1
-            out[n, 64 * j + 32: 64 * j + 64] = d * s2 * high - dmin * m2
+            out[n, 64 * j : 64 * j + 32] = d * s1 * low - dmin * m1
+            out[n, 64 * j + 32 : 64 * j + 64] = d * s2 * high - dmin * m2
     return out
 
 
@@ -433,7 +504,7 @@ def ref_q6_k(b: np.ndarray) -> np.ndarray:
         sc = block[192:208].view(np.int8).astype(np.float32)
         d = block[208:210].copy().view("<f2").astype(np.float32)[0]
         for half in range(2):
-            lo, hi, s, y = ql[64 * half:], qh[32 * half:], sc[8 * half:], out[n, 128 * half:]
+            lo, hi, s, y = ql[64 * half :], qh[32 * half :], sc[8 * half :], out[n, 128 * half :]
             for l in range(32):
                 i = l // 16
                 y[l] = d * s[i] * (((lo[l] & 15) | (((hi[l] >> 0) & 3) << 4)) - 32)
@@ -458,7 +529,7 @@ def random_blocks(qtype: Q, n: int, rng: np.random.Generator) -> np.ndarray:
     _, size, halves, _ = QUANTS[qtype]
     blocks = rng.integers(0, 256, (n, size), dtype=np.uint8)
     for offset in halves:
-        blocks[:, offset: offset + 2] = f16_bytes(rng.uniform(-1, 1, n).astype(np.float16))
+        blocks[:, offset : offset + 2] = f16_bytes(rng.uniform(-1, 1, n).astype(np.float16))
     return blocks
 
 
@@ -479,8 +550,11 @@ def typed_gguf(tmp_path_factory):
     writer.add_tensor("F16", floats.astype(np.float16))
     bf16 = (floats.view(np.uint32) >> 16).astype(np.uint16)
     writer.add_tensor("BF16", bf16.view(np.uint8).reshape(3, 80), raw_dtype=Q.BF16)
-    expected |= {"F32": floats, "F16": floats.astype(np.float16).astype(np.float32),
-                 "BF16": (bf16.astype(np.uint32) << 16).view(np.float32)}
+    expected |= {
+        "F32": floats,
+        "F16": floats.astype(np.float16).astype(np.float32),
+        "BF16": (bf16.astype(np.uint32) << 16).view(np.float32),
+    }
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -523,12 +597,46 @@ def assert_same_tokenizer(ours, theirs, texts: list[str]) -> None:
         assert ours.tokenizer.encode(text).ids == ids, text
         for skip in (False, True):
             assert ours.tokenizer.decode(ids, skip_special_tokens=skip) == theirs.decode(
-                ids, skip_special_tokens=skip), (text, skip)
+                ids, skip_special_tokens=skip
+            ), (text, skip)
 
 
-SP_PIECES = ["▁", "h", "e", "l", "o", "w", "r", "d", "t", "a", "n", "s", "i", "he", "ll", "llo",
-             "hello", "▁hello", "▁w", "or", "▁wor", "ld", "▁world", "▁t", "he", "▁the", "in",
-             "an", "▁an", "st", "▁s", "ing", "th", "▁th"]
+SP_PIECES = [
+    "▁",
+    "h",
+    "e",
+    "l",
+    "o",
+    "w",
+    "r",
+    "d",
+    "t",
+    "a",
+    "n",
+    "s",
+    "i",
+    "he",
+    "ll",
+    "llo",
+    "hello",
+    "▁hello",
+    "▁w",
+    "or",
+    "▁wor",
+    "ld",
+    "▁world",
+    "▁t",
+    "he",
+    "▁the",
+    "in",
+    "an",
+    "▁an",
+    "st",
+    "▁s",
+    "ing",
+    "th",
+    "▁th",
+]
 
 
 def sentencepiece_metadata(writer: gguf.GGUFWriter) -> list[str]:
@@ -546,19 +654,46 @@ def sentencepiece_metadata(writer: gguf.GGUFWriter) -> list[str]:
 
 def test_gguf_sentencepiece_tokenizer_matches_transformers(tmp_path):
     hf_config, model = tiny_llama(vocab_size=3 + 256 + len(dict.fromkeys(SP_PIECES)))
-    file = write_llama_gguf(tmp_path / "sp.gguf", hf_config, state_dict(model),
-                            metadata=sentencepiece_metadata)
+    file = write_llama_gguf(
+        tmp_path / "sp.gguf", hf_config, state_dict(model), metadata=sentencepiece_metadata
+    )
     _, _, ours = load_gguf(file)
     assert ours.add_bos_token and not ours.add_eos_token
     assert (ours.bos_token, ours.eos_token, ours.bos_token_id, ours.eos_token_id) == (
-        "<s>", "</s>", 1, 2)
-    assert_same_tokenizer(ours, auto_tokenizer(file), [
-        "hello world", "the hello in the world", "  two leading spaces", "Hello World!",
-        "héllo wörld 🙂", "<s>hello</s> world", "tab\tand\nnewline"])
+        "<s>",
+        "</s>",
+        1,
+        2,
+    )
+    assert_same_tokenizer(
+        ours,
+        auto_tokenizer(file),
+        [
+            "hello world",
+            "the hello in the world",
+            "  two leading spaces",
+            "Hello World!",
+            "héllo wörld 🙂",
+            "<s>hello</s> world",
+            "tab\tand\nnewline",
+        ],
+    )
 
 
-BL_MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "l l",
-             "he ll", "hell o"]
+BL_MERGES = [
+    "Ġ t",
+    "h e",
+    "Ġt he",
+    "i n",
+    "Ġ w",
+    "o r",
+    "Ġw or",
+    "l d",
+    "Ġwor ld",
+    "l l",
+    "he ll",
+    "hell o",
+]
 
 
 def byte_level_metadata(writer: gguf.GGUFWriter, pre: str = "smollm", merges=BL_MERGES) -> None:
@@ -580,25 +715,41 @@ def byte_level_metadata(writer: gguf.GGUFWriter, pre: str = "smollm", merges=BL_
 
 def test_gguf_byte_level_tokenizer_matches_transformers(tmp_path):
     hf_config, model = tiny_llama(vocab_size=3 + 256 + len(BL_MERGES) + 1)
-    file = write_llama_gguf(tmp_path / "bl.gguf", hf_config, state_dict(model),
-                            metadata=byte_level_metadata)
+    file = write_llama_gguf(
+        tmp_path / "bl.gguf", hf_config, state_dict(model), metadata=byte_level_metadata
+    )
     _, _, ours = load_gguf(file)
     assert not ours.add_bos_token and ours.chat_template == "{{ messages }}"
-    assert_same_tokenizer(ours, auto_tokenizer(file), [
-        "the world", "hello the world", "héllo wörld 🙂", "<|im_start|>user\nhi<|im_end|>",
-        "x <think> y", "12 123 a1", "  spaces\n\n\ttabs"])
+    assert_same_tokenizer(
+        ours,
+        auto_tokenizer(file),
+        [
+            "the world",
+            "hello the world",
+            "héllo wörld 🙂",
+            "<|im_start|>user\nhi<|im_end|>",
+            "x <think> y",
+            "12 123 a1",
+            "  spaces\n\n\ttabs",
+        ],
+    )
 
 
-@pytest.mark.parametrize("pre, expected", [("smollm", ["1", "2", "Ġ", "1", "2"]),
-                                           ("gpt2", ["12", "Ġ12"])])
+@pytest.mark.parametrize(
+    "pre, expected", [("smollm", ["1", "2", "Ġ", "1", "2"]), ("gpt2", ["12", "Ġ12"])]
+)
 def test_gguf_byte_level_digits(tmp_path, pre, expected):
     """SmolLM/StarCoder vocabularies split digits one by one, as llama.cpp and their own
     tokenizer.json do (transformers' GGUF converter does not, which only matters for a
     vocabulary that has digit merges; SmolLM2's has none)."""
     merges = ["1 2", "Ġ 12", "Ġ 1"]
     hf_config, model = tiny_llama(vocab_size=3 + 256 + len(merges) + 1)
-    file = write_llama_gguf(tmp_path / "d.gguf", hf_config, state_dict(model),
-                            metadata=lambda w: byte_level_metadata(w, pre, merges))
+    file = write_llama_gguf(
+        tmp_path / "d.gguf",
+        hf_config,
+        state_dict(model),
+        metadata=lambda w: byte_level_metadata(w, pre, merges),
+    )
     _, _, ours = load_gguf(file)
     assert ours.tokenizer.encode("12 12").tokens == expected
 
@@ -614,7 +765,8 @@ def real_gguf():
 @pytest.fixture(scope="module")
 def real_transformers():
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(REAL_GGUF.parent), gguf_file=REAL_GGUF.name, dtype=torch.float32)
+        str(REAL_GGUF.parent), gguf_file=REAL_GGUF.name, dtype=torch.float32
+    )
     return model.config, {k: v.numpy() for k, v in model.state_dict().items()}
 
 
@@ -635,31 +787,59 @@ def test_real_gguf_tensors_match_transformers(real_gguf, real_transformers):
 def test_real_gguf_config_matches_transformers(real_gguf, real_transformers):
     config, _, _ = real_gguf
     hf_config, _ = real_transformers
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "max_position_embeddings", "vocab_size",
-                "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
-                "attention_bias", "mlp_bias", "rms_norm_eps", "hidden_act"):
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "vocab_size",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "attention_bias",
+        "mlp_bias",
+        "rms_norm_eps",
+        "hidden_act",
+    ):
         assert config[key] == getattr(hf_config, key), key
     assert config["rope_theta"] == hf_config.rope_parameters["rope_theta"] == 100000.0
     assert config["rope_scaling"] is None
     assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (
-        576, 30, 49152)
+        576,
+        30,
+        49152,
+    )
 
 
 @needs_real_gguf
 @pytest.mark.slow
 def test_real_gguf_tokenizer_matches_transformers(real_gguf):
     _, _, ours = real_gguf
-    theirs = transformers.AutoTokenizer.from_pretrained(str(REAL_GGUF.parent),
-                                                        gguf_file=REAL_GGUF.name)
+    theirs = transformers.AutoTokenizer.from_pretrained(
+        str(REAL_GGUF.parent), gguf_file=REAL_GGUF.name
+    )
     assert ours.chat_template == theirs.chat_template and "<|im_start|>" in ours.chat_template
     assert (ours.bos_token, ours.eos_token) == (theirs.bos_token, theirs.eos_token)
     assert (ours.bos_token_id, ours.eos_token_id) == (1, 2)
     assert not ours.add_bos_token and not ours.add_eos_token
-    assert_same_tokenizer(ours, theirs, [
-        "The capital of France is", "héllo wörld 🙂", "<|im_start|>user\nhi<|im_end|>",
-        "In 2024, 3.14159 people ate 1,000,000 apples.", "  leading\n\n\ttabs  and   spaces ",
-        "def f(x):\n    return x**2  # comment", "日本語のテキスト", "<|endoftext|><empty_output>"])
+    assert_same_tokenizer(
+        ours,
+        theirs,
+        [
+            "The capital of France is",
+            "héllo wörld 🙂",
+            "<|im_start|>user\nhi<|im_end|>",
+            "In 2024, 3.14159 people ate 1,000,000 apples.",
+            "  leading\n\n\ttabs  and   spaces ",
+            "def f(x):\n    return x**2  # comment",
+            "日本語のテキスト",
+            "<|endoftext|><empty_output>",
+        ],
+    )
     assert ours.tokenizer.decode([1, 4093, 198, 6004, 2], skip_special_tokens=True) == "user\nhi"
 
 
@@ -688,10 +868,17 @@ def test_real_gguf_truncated_in_tensor_data(tmp_path):
 def test_real_gguf_peak_memory_near_twice_the_weights(real_gguf):
     weights = sum(v.nbytes for v in real_gguf[1].values())
     # VmHWM belongs to the child's own address space (ru_maxrss would inherit this process's)
-    script = (f"from nanovllm.weights import load_gguf; load_gguf({str(REAL_GGUF)!r}); "
-              "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         check=True, cwd=Path(__file__).parent.parent)
+    script = (
+        f"from nanovllm.weights import load_gguf; load_gguf({str(REAL_GGUF)!r}); "
+        "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parent.parent,
+    )
     peak = int(out.stdout.split()[-1]) * 1024
     assert peak < 2 * weights, (peak, weights)
 

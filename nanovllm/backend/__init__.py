@@ -26,9 +26,10 @@ def get_backend(name: str = "numpy", device: str | None = None, dtype: str = "fl
     try:
         importlib.import_module(library)
     except ImportError as exc:
-        raise BackendError(f"backend {key!r} needs the {library!r} package, which is not "
-                           f"installed ({exc}); install it with: pip install 'nanovllm[{extra}]'"
-                           ) from exc
+        raise BackendError(
+            f"backend {key!r} needs the {library!r} package, which is not "
+            f"installed ({exc}); install it with: pip install 'nanovllm[{extra}]'"
+        ) from exc
     mod = importlib.import_module(f"{__name__}.{module}")
     return mod.make(device, str(dtype))
 

@@ -63,13 +63,17 @@ class JaxBackend(Backend):
 
 def make(device: str | None, dtype: str) -> Backend:
     if dtype not in DTYPES:
-        raise BackendError(f"dtype={dtype!r} is not supported by the jax backend; choose one "
-                           f"of {', '.join(DTYPES)}")
+        raise BackendError(
+            f"dtype={dtype!r} is not supported by the jax backend; choose one "
+            f"of {', '.join(DTYPES)}"
+        )
     platform = {"gpu": "gpu", "cuda": "gpu"}.get((device or "").split(":")[0], device)
     try:
         devices = jax.devices(platform) if platform else jax.devices()
     except RuntimeError as exc:
-        raise BackendError(f"device={device!r}: jax has no such device here ({exc}); pass "
-                           "device='cpu', or install jax[cuda] on a GPU machine") from exc
+        raise BackendError(
+            f"device={device!r}: jax has no such device here ({exc}); pass "
+            "device='cpu', or install jax[cuda] on a GPU machine"
+        ) from exc
     index = int(device.split(":")[1]) if device and ":" in device else 0
     return JaxBackend("jax", jnp, devices[index], DTYPES[dtype], jnp.int32)

@@ -30,8 +30,10 @@ def make(device: str | None, dtype: str) -> Backend:
 
     xp.set_array_api_strict_flags(api_version="2024.12")
     if dtype != "float32":
-        raise BackendError(f"dtype={dtype!r}: the array_api_strict backend is a float32 "
-                           "checker; pass dtype='float32'")
+        raise BackendError(
+            f"dtype={dtype!r}: the array_api_strict backend is a float32 "
+            "checker; pass dtype='float32'"
+        )
     dev = xp.Device("CPU_DEVICE") if device in (None, "cpu") else None
     if dev is None:
         raise BackendError(f"device={device!r}: array_api_strict runs on 'cpu' only")

@@ -34,17 +34,22 @@ class TorchBackend(Backend):
 
 def make(device: str | None, dtype: str) -> Backend:
     if dtype not in DTYPES:
-        raise BackendError(f"dtype={dtype!r} is not supported by the torch backend; "
-                           f"choose one of {', '.join(DTYPES)}")
+        raise BackendError(
+            f"dtype={dtype!r} is not supported by the torch backend; "
+            f"choose one of {', '.join(DTYPES)}"
+        )
     if device is None:  # like jax: the GPU when there is one
         device = "cuda" if torch.cuda.is_available() else "cpu"
     name = "cuda" if device == "gpu" else device
     try:
         dev = torch.device(name)
     except RuntimeError as exc:
-        raise BackendError(f"device={device!r} is not a torch device ({exc}); pass 'cpu', "
-                           "'cuda' or 'cuda:N'") from exc
+        raise BackendError(
+            f"device={device!r} is not a torch device ({exc}); pass 'cpu', 'cuda' or 'cuda:N'"
+        ) from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BackendError(f"device={device!r}: torch sees no CUDA device here; pass "
-                           "device='cpu' or install a CUDA build of torch on a GPU machine")
+        raise BackendError(
+            f"device={device!r}: torch sees no CUDA device here; pass "
+            "device='cpu' or install a CUDA build of torch on a GPU machine"
+        )
     return TorchBackend("torch", xp, dev, DTYPES[dtype], torch.int64)

@@ -47,8 +47,9 @@ class BlockManager:
         hashes, bs = seq.block_hashes, self.block_size
         while len(hashes) <= i:
             j = len(hashes)
-            hashes.append(hash_block_tokens(hashes[-1] if j else b"",
-                                            seq.token_ids[j * bs:(j + 1) * bs]))
+            hashes.append(
+                hash_block_tokens(hashes[-1] if j else b"", seq.token_ids[j * bs : (j + 1) * bs])
+            )
         return hashes[i]
 
     def cached_prefix(self, seq: Sequence) -> list[int]:
@@ -59,7 +60,7 @@ class BlockManager:
             if block_id is None:
                 break
             block = self.blocks[block_id]
-            ids = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            ids = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             if block.parent != parent or block.token_ids != ids:  # a hash collision
                 break
             hits.append(block_id)
@@ -118,7 +119,7 @@ class BlockManager:
         for i in range(first, num_full):
             block = self.blocks[table[i]]
             block.hash = self._block_hash(seq, i)
-            block.token_ids = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            block.token_ids = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             block.parent = self.blocks[table[i - 1]].serial if i else 0
             block.serial = next(self._serials)
             self.hash_to_block.setdefault(block.hash, block.block_id)

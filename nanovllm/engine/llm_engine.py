@@ -29,8 +29,14 @@ class Request:
     pending: set[int] = field(default_factory=set)  # indices of unfinished samples
 
     def output(self) -> RequestOutput:
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
-                             self.prompt_logprobs, self.completions, finished=not self.pending)
+        return RequestOutput(
+            self.request_id,
+            self.prompt,
+            self.prompt_token_ids,
+            self.prompt_logprobs,
+            self.completions,
+            finished=not self.pending,
+        )
 
 
 class LLMEngine:
@@ -49,23 +55,28 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise InvalidRequestError(
                     "this model has no tokenizer, so text prompts cannot be encoded; pass token "
-                    "ids instead (a list of ints), or use a model directory with tokenizer.json")
+                    "ids instead (a list of ints), or use a model directory with tokenizer.json"
+                )
             try:
                 prompt.encode("utf-8")
             except UnicodeEncodeError as e:
                 raise InvalidRequestError(
-                    f"the prompt holds {prompt[e.start:e.end]!r} at index {e.start}, which is not "
-                    "text (a lone surrogate) and cannot be encoded as UTF-8; remove it or "
-                    "decode your input with errors='replace'") from None
+                    f"the prompt holds {prompt[e.start : e.end]!r} at index {e.start}, which is "
+                    "not text (a lone surrogate) and cannot be encoded as UTF-8; remove it or "
+                    "decode your input with errors='replace'"
+                ) from None
             return prompt, self.tokenizer.encode(prompt)
         if not isinstance(prompt, list | tuple) or any(
-                not isinstance(t, int) or isinstance(t, bool) for t in prompt):
+            not isinstance(t, int) or isinstance(t, bool) for t in prompt
+        ):
             kind = type(prompt).__name__
             if isinstance(prompt, list | tuple):
                 odd = next(t for t in prompt if not isinstance(t, int) or isinstance(t, bool))
                 kind += f" holding {odd!r}"
-            raise InvalidRequestError(f"a prompt must be a str or a list of int token ids, not "
-                                      f"{kind}; decode bytes to str first")
+            raise InvalidRequestError(
+                f"a prompt must be a str or a list of int token ids, not "
+                f"{kind}; decode bytes to str first"
+            )
         return None, list(prompt)
 
     def validate_prompt(self, ids: list[int]) -> None:
@@ -75,42 +86,72 @@ class LLMEngine:
         if len(ids) >= limit:
             raise InvalidRequestError(
                 f"the prompt has {len(ids)} tokens, but max_model_len={limit} leaves room for at "
-                f"most {limit - 1} prompt tokens; shorten the prompt or raise max_model_len")
+                f"most {limit - 1} prompt tokens; shorten the prompt or raise max_model_len"
+            )
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary "
-                                      f"[0, {vocab}); pass ids below {vocab}")
+            raise InvalidRequestError(
+                f"token id {bad[0]} is outside the vocabulary [0, {vocab}); pass ids below {vocab}"
+            )
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"expected SamplingParams, got {type(params).__name__}")
         params.validate()  # again: the dataclass may have been changed since it was built
         vocab = self.model.vocab_size
-        for name, ids in (("stop_token_ids", params.stop_token_ids or ()),
-                          ("logit_bias", params.logit_bias or ())):
+        for name, ids in (
+            ("stop_token_ids", params.stop_token_ids or ()),
+            ("logit_bias", params.logit_bias or ()),
+        ):
             bad = [t for t in ids if t >= vocab]
             if bad:
-                raise InvalidRequestError(f"{name} holds {bad[0]}, outside the vocabulary "
-                                          f"[0, {vocab}); pass ids below {vocab}")
+                raise InvalidRequestError(
+                    f"{name} holds {bad[0]}, outside the vocabulary "
+                    f"[0, {vocab}); pass ids below {vocab}"
+                )
         text, ids = self.encode_prompt(prompt)
         self.validate_prompt(ids)
         rid = str(next(self._ids)) if request_id is None else str(request_id)
         if rid in self.requests:
             raise InvalidRequestError(f"request id {rid!r} is already in use")
-        seqs = [Sequence(next(self._seq_ids), rid, ids, params, index=i,
-                         use_prefix_cache=params.prompt_logprobs is None)
-                for i in range(params.n)]
+        seqs = [
+            Sequence(
+                next(self._seq_ids),
+                rid,
+                ids,
+                params,
+                index=i,
+                use_prefix_cache=params.prompt_logprobs is None,
+            )
+            for i in range(params.n)
+        ]
         detok = []
         if self.tokenizer is not None:
             from ..tokenizer import IncrementalDetokenizer
-            detok = [IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
-                     for _ in seqs]
-        req = Request(rid, text, ids, params, seqs,
-                      [CompletionOutput(i, "", [], logprobs=[] if params.logprobs is not None
-                                        else None) for i in range(params.n)], detok,
-                      pending=set(range(params.n)))
+
+            detok = [
+                IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+                for _ in seqs
+            ]
+        req = Request(
+            rid,
+            text,
+            ids,
+            params,
+            seqs,
+            [
+                CompletionOutput(i, "", [], logprobs=[] if params.logprobs is not None else None)
+                for i in range(params.n)
+            ],
+            detok,
+            pending=set(range(params.n)),
+        )
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
         self.requests[rid] = req
@@ -161,8 +202,10 @@ class LLMEngine:
 
     def _logprob_dict(self, entries: dict[int, tuple[float, int]]) -> dict[int, Logprob]:
         tok = self.tokenizer
-        return {t: Logprob(lp, rank, tok.token_text(t) if tok else None)
-                for t, (lp, rank) in entries.items()}
+        return {
+            t: Logprob(lp, rank, tok.token_text(t) if tok else None)
+            for t, (lp, rank) in entries.items()
+        }
 
     def _add_prompt_logprobs(self, req: Request, start: int, rows) -> None:
         # rows[j] is for prompt position start + 1 + j; positions already recorded (the same
@@ -194,12 +237,13 @@ class LLMEngine:
             delta = req.detokenizers[seq.index].push(token)
             out.text += delta
             if delta and p.stop_strings and len(out.token_ids) >= p.min_tokens:
-                hit = find_stop(out.text, len(delta), p.stop_strings,
-                                p.include_stop_str_in_output)
+                hit = find_stop(out.text, len(delta), p.stop_strings, p.include_stop_str_in_output)
                 if hit is not None:
                     (out.text, stop_reason), reason = hit, "stop"
-        if reason is None and (len(out.token_ids) >= (p.max_tokens or 1 << 62)
-                               or seq.num_tokens >= self.config.max_model_len):
+        if reason is None and (
+            len(out.token_ids) >= (p.max_tokens or 1 << 62)
+            or seq.num_tokens >= self.config.max_model_len
+        ):
             reason = "length"
         if reason is not None:
             out.finish_reason, out.stop_reason = reason, stop_reason
@@ -217,5 +261,5 @@ def find_stop(text: str, new: int, stops: list[str], include: bool) -> tuple[str
     for stop in stops:
         i = text.find(stop, max(0, len(text) - new - len(stop) + 1))
         if i != -1:
-            return text[:i + len(stop) if include else i], stop
+            return text[: i + len(stop) if include else i], stop
     return None

@@ -93,8 +93,9 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted for an earlier one
                 continue
-            n = self._reserve(seq, min(seq.num_tokens - seq.num_computed_tokens, budget),
-                              scheduled, batch)
+            n = self._reserve(
+                seq, min(seq.num_tokens - seq.num_computed_tokens, budget), scheduled, batch
+            )
             if n:
                 self._emit(batch, seq, n)
                 scheduled.add(seq)
@@ -106,8 +107,9 @@ class Scheduler:
     def _reserve(self, seq: Sequence, n: int, scheduled: set[Sequence], batch: Batch) -> int:
         """Get blocks for up to n more tokens of a running seq, preempting if none are left."""
         while True:
-            room = ((len(seq.block_table) + self.block_manager.num_free_blocks) * self.block_size
-                    - seq.num_computed_tokens)
+            room = (
+                len(seq.block_table) + self.block_manager.num_free_blocks
+            ) * self.block_size - seq.num_computed_tokens
             if room > 0:
                 n = min(n, room)
                 self.block_manager.append(seq, seq.num_computed_tokens + n)
@@ -156,24 +158,31 @@ class Scheduler:
 
     def _held_back(self, seq: Sequence) -> bool:
         leader = self.leaders.get(seq.request_id)
-        return (self._sharing_siblings(seq) and leader is not None
-                and leader.num_output_tokens == 0)
+        return self._sharing_siblings(seq) and leader is not None and leader.num_output_tokens == 0
 
     def _may_use_cache(self, seq: Sequence) -> bool:
-        return (seq.use_prefix_cache and self.config.enable_prefix_caching
-                or self._sharing_siblings(seq))
+        return (
+            seq.use_prefix_cache
+            and self.config.enable_prefix_caching
+            or self._sharing_siblings(seq)
+        )
 
     def _emit(self, batch: Batch, seq: Sequence, n: int) -> None:
         bs, table, start = self.block_size, seq.block_table, seq.num_computed_tokens
         end = start + n
         slots = [table[p // bs] * bs + p % bs for p in range(start, end)]
-        batch.seqs.append(ScheduledSeq(seq, start, seq.token_ids[start:end], slots, list(table),
-                                       end, end == seq.num_tokens))
+        batch.seqs.append(
+            ScheduledSeq(
+                seq, start, seq.token_ids[start:end], slots, list(table), end, end == seq.num_tokens
+            )
+        )
 
     def postprocess(self, batch: Batch, sampled: list[int | None]) -> None:
         if len(sampled) != len(batch.seqs):
-            raise ValueError(f"got {len(sampled)} sampled tokens for a batch of "
-                             f"{len(batch.seqs)} sequences; pass one entry per ScheduledSeq")
+            raise ValueError(
+                f"got {len(sampled)} sampled tokens for a batch of "
+                f"{len(batch.seqs)} sequences; pass one entry per ScheduledSeq"
+            )
         for s, token in zip(batch.seqs, sampled, strict=True):
             if s.sample and token is None and s.seq.status is SequenceStatus.RUNNING:
                 raise ValueError(f"sequence {s.seq.seq_id} was to be sampled but got None")

@@ -35,8 +35,9 @@ class Sequence:
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
-            raise ValueError(f"request {self.request_id!r} has an empty prompt; pass at least "
-                             "one token")
+            raise ValueError(
+                f"request {self.request_id!r} has an empty prompt; pass at least one token"
+            )
         self.prompt_token_ids = list(self.prompt_token_ids)
         self.token_ids = list(self.prompt_token_ids)
 
@@ -50,7 +51,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[len(self.prompt_token_ids):]
+        return self.token_ids[len(self.prompt_token_ids) :]
 
     @property
     def num_output_tokens(self) -> int:

@@ -27,9 +27,15 @@ from .activation import softmax
 class AttentionPart:
     """Rows [first_row, first_row + num_rows) of the step: num_seqs items of query_len queries
     over context_len keys each."""
+
     # sizes, not arrays: a jitting backend compiles once per value of these
-    static_fields: ClassVar[tuple[str, ...]] = ("num_seqs", "query_len", "context_len",
-                                                "first_row", "num_rows")
+    static_fields: ClassVar[tuple[str, ...]] = (
+        "num_seqs",
+        "query_len",
+        "context_len",
+        "first_row",
+        "num_rows",
+    )
     context_slots: Any  # [S, K] pool slots of each item's keys (padded with null slots)
     mask: Any  # [S, 1, 1, Q, K] bool: may query q attend to key k
     num_seqs: int  # S
@@ -52,8 +58,10 @@ class AttentionMetadata:
 def write_kv(backend, k_pool, v_pool, k, v, slot_mapping):
     """k, v [T, KV, D] of the step's tokens -> the pools [num_slots, KV, D], row t at slot
     slot_mapping[t]."""
-    return (backend.scatter_rows(k_pool, slot_mapping, k),
-            backend.scatter_rows(v_pool, slot_mapping, v))
+    return (
+        backend.scatter_rows(k_pool, slot_mapping, k),
+        backend.scatter_rows(v_pool, slot_mapping, v),
+    )
 
 
 def _attend_part(xp, q, k_pool, v_pool, part: AttentionPart, scale: float):
@@ -89,8 +97,9 @@ def _attend_part(xp, q, k_pool, v_pool, part: AttentionPart, scale: float):
     m = xp.max(scores, axis=-1, keepdims=True)  # [S, KV, G, Q, 1]: -inf where no key is seen
     p = xp.exp(scores - xp.where(m == -xp.inf, 0.0, m))  # [S, KV, G, Q, K]
     total = rows(xp.sum(p, axis=-1))  # [S*Q, H]
-    out = rows(xp.reshape(xp.reshape(p, (S, KV, G * Q, K)) @ v,
-                          (S, KV, G, Q, D)))  # [S*Q, H, D], unnormalized
+    out = rows(
+        xp.reshape(xp.reshape(p, (S, KV, G * Q, K)) @ v, (S, KV, G, Q, D))
+    )  # [S*Q, H, D], unnormalized
     m = rows(m[..., 0])  # [S*Q, H]
     # row S*Q: an empty partial, for combine entries past a row's items
     m = xp.concat([m, xp.full_like(m[:1, ...], -xp.inf)], axis=0)  # [S*Q + 1, H]
@@ -102,8 +111,7 @@ def _attend_part(xp, q, k_pool, v_pool, part: AttentionPart, scale: float):
     top = xp.max(m, axis=1, keepdims=True)  # [R, 1, H]
     weight = xp.exp(m - xp.where(top == -xp.inf, 0.0, top))  # [R, B, H]
     totals = weight * xp.reshape(xp.take(total, index, axis=0), (R, B, H))  # [R, B, H]
-    outs = weight[..., None] * xp.reshape(xp.take(out, index, axis=0),
-                                          (R, B, H, D))  # [R, B, H, D]
+    outs = weight[..., None] * xp.reshape(xp.take(out, index, axis=0), (R, B, H, D))  # [R, B, H, D]
     # merged one key tile at a time, in key order: the same sums whatever the batch
     total, out = totals[:, 0, ...], outs[:, 0, ...]  # [R, H], [R, H, D]
     for j in range(1, B):
@@ -117,7 +125,7 @@ def paged_attention(xp, q, k_pool, v_pool, meta: AttentionMetadata, scale: float
     [num_slots, KV, D] -> [T, H*D]."""
     outs = []
     for part in meta.parts:
-        part_q = q[part.first_row:part.first_row + part.num_rows, ...]  # [num_rows, H, D]
+        part_q = q[part.first_row : part.first_row + part.num_rows, ...]  # [num_rows, H, D]
         if part.query_index is not None:  # tiles: the rows that form each item's queries
             part_q = xp.take(part_q, part.query_index, axis=0)  # [S*Q, H, D]
         outs.append(_attend_part(xp, part_q, k_pool, v_pool, part, scale))  # [num_rows, H*D]

@@ -29,6 +29,7 @@ class StateMetadata:
     sequence of the padded prefill part (padding sequences: the scratch slot, length 0).
     `reset` is True where a sequence starts at position 0, so its slot's old state is ignored.
     """
+
     static_fields: ClassVar[tuple[str, ...]] = ("num_decode", "prefill_seqs", "prefill_steps")
     num_decode: int = 0  # rows of decode tokens (padding included) before the prefill rows
     decode_slots: Any = None  # [num_decode] int
@@ -83,15 +84,17 @@ def _conv(xp, state, x, weight, bias, lens, device):
     seq = xp.concat([state, x], axis=1)  # [S, K-1+Q, C]
     out = seq[:, 0:Q, :] * weight[0, :]  # [S, Q, C]
     for k in range(1, K):
-        out = out + seq[:, k:k + Q, :] * weight[k, :]
+        out = out + seq[:, k : k + Q, :] * weight[k, :]
     if bias is not None:
         out = out + bias
     if lens is None:
         new_state = seq[:, Q:, :]  # [S, K-1, C]
     else:
-        rows = (xp.arange(S, dtype=lens.dtype, device=device)[:, None] * (K - 1 + Q)
-                + lens[:, None]
-                + xp.arange(K - 1, dtype=lens.dtype, device=device)[None, :])  # [S, K-1]
+        rows = (
+            xp.arange(S, dtype=lens.dtype, device=device)[:, None] * (K - 1 + Q)
+            + lens[:, None]
+            + xp.arange(K - 1, dtype=lens.dtype, device=device)[None, :]
+        )  # [S, K-1]
         flat = xp.reshape(seq, (S * (K - 1 + Q), C))
         new_state = xp.reshape(xp.take(flat, xp.reshape(rows, (-1,)), axis=0), (S, K - 1, C))
     return silu(xp, out), new_state
@@ -122,10 +125,9 @@ def _ssd_chunk(xp, h, x, dt, A, B, C, device):
     xdt = x * dt[..., None]  # [S,H,c,P]
     scores = (C @ xp.matrix_transpose(B)) * decay  # [S,H,c,c]
     y = scores @ xdt + (C @ xp.matrix_transpose(h)) * xp.exp(acum)[..., None]  # [S,H,c,P]
-    last = acum[..., c - 1:c]  # [S,H,1]
+    last = acum[..., c - 1 : c]  # [S,H,1]
     to_end = xp.exp(last - acum)  # [S,H,c]
-    h = (h * xp.exp(last)[..., None]
-         + xp.matrix_transpose(xdt * to_end[..., None]) @ B)  # [S,H,P,N]
+    h = h * xp.exp(last)[..., None] + xp.matrix_transpose(xdt * to_end[..., None]) @ B  # [S,H,P,N]
     return y, h
 
 
@@ -136,8 +138,9 @@ def _mix(xp, layer: dict, spec: Mamba2Spec, conv_state, h, xbc, dt, lens, device
     """
     S, Q = xbc.shape[0], xbc.shape[1]
     H, P, N, G, I = spec.heads, spec.head_dim, spec.d_state, spec.groups, spec.intermediate
-    xbc, conv_state = _conv(xp, conv_state, xbc, layer["conv_w"], layer["conv_b"], lens,
-                            device)  # [S,Q,conv_dim]
+    xbc, conv_state = _conv(
+        xp, conv_state, xbc, layer["conv_w"], layer["conv_b"], lens, device
+    )  # [S,Q,conv_dim]
     dt = softplus(xp, dt + layer["dt_bias"])  # [S,Q,H]
     if spec.dt_min > 0.0 or spec.dt_max < float("inf"):
         dt = xp.clip(dt, spec.dt_min, spec.dt_max)
@@ -145,14 +148,22 @@ def _mix(xp, layer: dict, spec: Mamba2Spec, conv_state, h, xbc, dt, lens, device
         valid = xp.arange(Q, dtype=lens.dtype, device=device)[None, :] < lens[:, None]  # [S,Q]
         dt = xp.where(valid[:, :, None], dt, 0.0)
     x = xp.permute_dims(xp.reshape(xbc[:, :, :I], (S, Q, H, P)), (0, 2, 1, 3))  # [S,H,Q,P]
-    B = _by_head(xp, xp.reshape(xbc[:, :, I:I + G * N], (S, Q, G, N)), H)  # [S,H,Q,N]
-    C = _by_head(xp, xp.reshape(xbc[:, :, I + G * N:], (S, Q, G, N)), H)  # [S,H,Q,N]
+    B = _by_head(xp, xp.reshape(xbc[:, :, I : I + G * N], (S, Q, G, N)), H)  # [S,H,Q,N]
+    C = _by_head(xp, xp.reshape(xbc[:, :, I + G * N :], (S, Q, G, N)), H)  # [S,H,Q,N]
     dt = xp.permute_dims(dt, (0, 2, 1))  # [S,H,Q]
     ys = []
     for lo in range(0, Q, spec.chunk_size):
         hi = min(lo + spec.chunk_size, Q)
-        y, h = _ssd_chunk(xp, h, x[:, :, lo:hi, :], dt[:, :, lo:hi], layer["A"],
-                          B[:, :, lo:hi, :], C[:, :, lo:hi, :], device)  # y [S,H,hi-lo,P]
+        y, h = _ssd_chunk(
+            xp,
+            h,
+            x[:, :, lo:hi, :],
+            dt[:, :, lo:hi],
+            layer["A"],
+            B[:, :, lo:hi, :],
+            C[:, :, lo:hi, :],
+            device,
+        )  # y [S,H,hi-lo,P]
         ys.append(y)
     y = ys[0] if len(ys) == 1 else xp.concat(ys, axis=2)  # [S,H,Q,P]
     y = y + x * xp.reshape(layer["D"], (1, H, 1, 1))  # the D skip
@@ -182,32 +193,44 @@ def mamba2_mixer(backend, layer: dict, spec: Mamba2Spec, x, cache, meta):
     I, conv_dim = spec.intermediate, spec.conv_dim
     proj = linear(x, layer["in_proj"], layer["in_proj_b"])  # [T, I + conv_dim + H]
     gate = proj[:, :I]  # [T, I]
-    xbc = proj[:, I:I + conv_dim]  # [T, conv_dim]
-    dt = proj[:, I + conv_dim:]  # [T, H]
+    xbc = proj[:, I : I + conv_dim]  # [T, conv_dim]
+    dt = proj[:, I + conv_dim :]  # [T, H]
     num_decode = state.num_decode
     ys = []
     if state.decode_slots is not None:  # a decode row is one step of its sequence
         conv, h = _gather_state(xp, conv_pool, ssm_pool, state.decode_slots, state.decode_reset)
-        y, conv, h = _mix(xp, layer, spec, conv, h, xbc[:num_decode, None, :],
-                          dt[:num_decode, None, :], None, backend.device)  # [num_decode, 1, I]
+        y, conv, h = _mix(
+            xp,
+            layer,
+            spec,
+            conv,
+            h,
+            xbc[:num_decode, None, :],
+            dt[:num_decode, None, :],
+            None,
+            backend.device,
+        )  # [num_decode, 1, I]
         conv_pool = backend.scatter_rows(conv_pool, state.decode_slots, conv)
         ssm_pool = backend.scatter_rows(ssm_pool, state.decode_slots, h)
         ys.append(y[:, 0, :])  # [num_decode, I]
     if state.prefill_slots is not None:
         S, Q = state.prefill_seqs, state.prefill_steps
-        conv, h = _gather_state(xp, conv_pool, ssm_pool, state.prefill_slots,
-                                state.prefill_reset)
+        conv, h = _gather_state(xp, conv_pool, ssm_pool, state.prefill_slots, state.prefill_reset)
         rows = state.prefill_query_index  # [S*Q]
-        prefill_xbc = xp.reshape(xp.take(xbc[num_decode:, ...], rows, axis=0),
-                                 (S, Q, conv_dim))  # [S, Q, conv_dim]
-        prefill_dt = xp.reshape(xp.take(dt[num_decode:, ...], rows, axis=0),
-                                (S, Q, spec.heads))  # [S, Q, H]
-        y, conv, h = _mix(xp, layer, spec, conv, h, prefill_xbc, prefill_dt, state.prefill_lens,
-                          backend.device)  # [S, Q, I]
+        prefill_xbc = xp.reshape(
+            xp.take(xbc[num_decode:, ...], rows, axis=0), (S, Q, conv_dim)
+        )  # [S, Q, conv_dim]
+        prefill_dt = xp.reshape(
+            xp.take(dt[num_decode:, ...], rows, axis=0), (S, Q, spec.heads)
+        )  # [S, Q, H]
+        y, conv, h = _mix(
+            xp, layer, spec, conv, h, prefill_xbc, prefill_dt, state.prefill_lens, backend.device
+        )  # [S, Q, I]
         conv_pool = backend.scatter_rows(conv_pool, state.prefill_slots, conv)
         ssm_pool = backend.scatter_rows(ssm_pool, state.prefill_slots, h)
-        ys.append(xp.take(xp.reshape(y, (S * Q, I)), state.prefill_output_index,
-                          axis=0))  # [num_prefill_rows, I]
+        ys.append(
+            xp.take(xp.reshape(y, (S * Q, I)), state.prefill_output_index, axis=0)
+        )  # [num_prefill_rows, I]
     y = ys[0] if len(ys) == 1 else xp.concat(ys, axis=0)  # [T, I]
     y = gated_rms_norm(xp, y, gate, layer["norm"], spec.groups, spec.eps)  # [T, I]
     return linear(y, layer["out_proj"], layer["out_proj_b"]), (conv_pool, ssm_pool)  # [T, hidden]

@@ -33,6 +33,6 @@ def moe(xp, x, router, gate_up: list, down: list, k: int):
     for e, (w_gate_up, w_down) in enumerate(zip(gate_up, down)):
         I = w_gate_up.shape[1] // 2
         h = x @ w_gate_up  # [T, 2I]
-        y = ((silu(xp, h[:, :I]) * h[:, I:]) @ w_down) * weights[:, e:e + 1]  # [T, H]
+        y = ((silu(xp, h[:, :I]) * h[:, I:]) @ w_down) * weights[:, e : e + 1]  # [T, H]
         out = y if out is None else out + y  # [T, H]
     return out

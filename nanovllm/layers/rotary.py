@@ -30,7 +30,8 @@ def rope_spec(config: dict, dim: int) -> RopeSpec:
         return spec
     if kind not in ("linear", "llama3"):
         raise UnsupportedFeatureError(
-            f"rope scaling type {kind!r} is not supported; supported: default, linear, llama3")
+            f"rope scaling type {kind!r} is not supported; supported: default, linear, llama3"
+        )
     spec.factor = float(params["factor"])
     if kind == "llama3":
         spec.low_freq_factor = float(params["low_freq_factor"])
@@ -41,7 +42,7 @@ def rope_spec(config: dict, dim: int) -> RopeSpec:
 
 def inverse_frequencies(xp, spec: RopeSpec, device=None):
     exponent = xp.arange(0, spec.dim, 2, dtype=xp.float32, device=device) / spec.dim
-    inv_freq = 1.0 / (spec.theta ** exponent)
+    inv_freq = 1.0 / (spec.theta**exponent)
     if spec.kind == "linear":
         return inv_freq / spec.factor
     if spec.kind == "llama3":
@@ -50,7 +51,8 @@ def inverse_frequencies(xp, spec: RopeSpec, device=None):
         wavelen = 2 * math.pi / inv_freq
         scaled = xp.where(wavelen > low_wavelen, inv_freq / spec.factor, inv_freq)
         smooth = (spec.original_max_position / wavelen - spec.low_freq_factor) / (
-            spec.high_freq_factor - spec.low_freq_factor)
+            spec.high_freq_factor - spec.low_freq_factor
+        )
         smoothed = (1 - smooth) * scaled / spec.factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return xp.where(medium, smoothed, scaled)
@@ -72,15 +74,17 @@ class RotaryEmbedding:
     def tables(self, positions):
         """positions [T] -> cos, sin of shape [T, 1, dim/2], to broadcast over heads."""
         xp = self.xp
-        return (xp.take(self.cos, positions, axis=0)[:, None, :],
-                xp.take(self.sin, positions, axis=0)[:, None, :])
+        return (
+            xp.take(self.cos, positions, axis=0)[:, None, :],
+            xp.take(self.sin, positions, axis=0)[:, None, :],
+        )
 
     def apply(self, x, cos, sin):
         """x: [T, heads, head_dim]; rotates the first `dim` features of each head."""
         xp = self.xp
         half = self.half  # dim/2
-        x1, x2 = x[..., :half], x[..., half:2 * half]  # [T, heads, dim/2] each
+        x1, x2 = x[..., :half], x[..., half : 2 * half]  # [T, heads, dim/2] each
         rotated = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]  # [T, heads, dim/2] each
         if x.shape[-1] > 2 * half:  # partial rotary: the features past `dim` pass through
-            rotated.append(x[..., 2 * half:])  # [T, heads, head_dim - dim]
+            rotated.append(x[..., 2 * half :])  # [T, heads, head_dim - dim]
         return xp.concat(rotated, axis=-1)  # [T, heads, head_dim]

@@ -28,7 +28,8 @@ def model_class(config: dict, source: str = "config.json"):
             return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
     raise UnsupportedArchitectureError(
         f"{source}: architecture {archs or config.get('model_type')!r} is not supported; "
-        f"supported architectures: {', '.join(sorted(MODELS))}")
+        f"supported architectures: {', '.join(sorted(MODELS))}"
+    )
 
 
 __all__ = ["MODELS", "UnsupportedArchitectureError", "UnsupportedFeatureError", "model_class"]

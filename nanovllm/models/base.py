@@ -34,8 +34,9 @@ class CausalLM(Protocol):
         has none), and the tensor names that may be present and are ignored."""
         ...
 
-    def forward(self, params: dict, input_ids, positions, kv_caches: list, meta
-                ) -> tuple[Any, list]:
+    def forward(
+        self, params: dict, input_ids, positions, kv_caches: list, meta
+    ) -> tuple[Any, list]:
         """Token ids [T] -> final hidden states [T, hidden], writing the step's K/V (and state)
         into the caches, which it returns."""
         ...
@@ -81,8 +82,9 @@ class Weight:
     prepare: Callable | None = None  # applied on the backend after joining, before the layout
 
 
-def weight(name: str, shape: tuple[int, ...], linear: bool = False,
-           prepare: Callable | None = None) -> Weight:
+def weight(
+    name: str, shape: tuple[int, ...], linear: bool = False, prepare: Callable | None = None
+) -> Weight:
     return Weight((name,), (shape,), linear, prepare)
 
 
@@ -102,8 +104,13 @@ def table_weights(table) -> list[Weight]:
     """The Weights of a table (nested dicts, lists and tuples), in order."""
     if isinstance(table, Weight):
         return [table]
-    values = table.values() if isinstance(table, dict) else table if isinstance(
-        table, (list, tuple)) else ()
+    values = (
+        table.values()
+        if isinstance(table, dict)
+        else table
+        if isinstance(table, (list, tuple))
+        else ()
+    )
     return [w for v in values for w in table_weights(v)]
 
 
@@ -156,25 +163,41 @@ def require(config: dict, key: str, source: str = "config.json") -> Any:
     return config[key]
 
 
-def check_tensors(expected: dict[str, tuple[int, ...]], optional: set[str],
-                  tensors: dict[str, Any], source: str) -> None:
+def check_tensors(
+    expected: dict[str, tuple[int, ...]], optional: set[str], tensors: dict[str, Any], source: str
+) -> None:
     """Every expected tensor present with its shape, nothing unexpected."""
     missing = sorted(set(expected) - set(tensors))
     if missing:
-        raise WeightsError(f"{source}: missing tensor {missing[0]!r}"
-                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                           + "; the checkpoint does not match its config.json")
+        raise WeightsError(
+            f"{source}: missing tensor {missing[0]!r}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + "; the checkpoint does not match its config.json"
+        )
     unexpected = sorted(set(tensors) - set(expected) - optional)
     if unexpected:
-        raise WeightsError(f"{source}: unexpected tensor {unexpected[0]!r}"
-                           + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
-                           + "; the checkpoint does not match its config.json architecture")
+        raise WeightsError(
+            f"{source}: unexpected tensor {unexpected[0]!r}"
+            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+            + "; the checkpoint does not match its config.json architecture"
+        )
     for name, shape in expected.items():
         got = tuple(tensors[name].shape)
         if got != tuple(shape):
-            raise WeightsError(f"{source}: tensor {name!r} has shape {got}, expected "
-                               f"{tuple(shape)} from config.json")
+            raise WeightsError(
+                f"{source}: tensor {name!r} has shape {got}, expected "
+                f"{tuple(shape)} from config.json"
+            )
 
 
-__all__ = ["CausalLM", "UnsupportedFeatureError", "Weight", "build_params", "check_tensors",
-           "fused", "lm_head", "require", "weight"]
+__all__ = [
+    "CausalLM",
+    "UnsupportedFeatureError",
+    "Weight",
+    "build_params",
+    "check_tensors",
+    "fused",
+    "lm_head",
+    "require",
+    "weight",
+]

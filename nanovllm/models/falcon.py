@@ -46,30 +46,39 @@ class FalconConfig:
     @classmethod
     def from_hf(cls, c: dict) -> FalconConfig:
         if c.get("alibi"):
-            raise UnsupportedFeatureError("alibi=True (ALiBi position bias instead of rotary) is "
-                                          "not supported for Falcon; only rotary Falcon models")
+            raise UnsupportedFeatureError(
+                "alibi=True (ALiBi position bias instead of rotary) is "
+                "not supported for Falcon; only rotary Falcon models"
+            )
         if c.get("apply_residual_connection_post_layernorm"):
-            raise UnsupportedFeatureError("apply_residual_connection_post_layernorm=True is not "
-                                          "supported for Falcon")
+            raise UnsupportedFeatureError(
+                "apply_residual_connection_post_layernorm=True is not supported for Falcon"
+            )
         act = c.get("activation", "gelu")
         if act not in ACTIVATIONS:
-            raise UnsupportedFeatureError(f"activation={act!r} is not supported for Falcon; "
-                                          f"supported: {', '.join(ACTIVATIONS)}")
+            raise UnsupportedFeatureError(
+                f"activation={act!r} is not supported for Falcon; "
+                f"supported: {', '.join(ACTIVATIONS)}"
+            )
         model_type = c.get("model_type")
         hidden = _first(c, "hidden_size", "n_embed")
         heads = _first(c, "num_attention_heads", "n_head")
         layers = _first(c, "num_hidden_layers", "n_layer")
         if hidden is None or heads is None or layers is None:
-            raise ValueError("config.json lacks hidden_size, num_attention_heads or "
-                             "num_hidden_layers (or n_embed/n_head/n_layer), which Falcon needs")
+            raise ValueError(
+                "config.json lacks hidden_size, num_attention_heads or "
+                "num_hidden_layers (or n_embed/n_head/n_layer), which Falcon needs"
+            )
         # RefinedWeb (original Falcon-40B) is the new decoder; RefinedWebModel (7B) the old one
         new = bool(c.get("new_decoder_architecture", model_type == "RefinedWeb"))
         parallel = bool(c.get("parallel_attn", True))
         num_ln = c.get("num_ln_in_parallel_attn")
         if new:
             if not parallel:
-                raise UnsupportedFeatureError("new_decoder_architecture=True with "
-                                              "parallel_attn=False is not supported for Falcon")
+                raise UnsupportedFeatureError(
+                    "new_decoder_architecture=True with "
+                    "parallel_attn=False is not supported for Falcon"
+                )
             num_ln = 2 if num_ln is None else num_ln
             kv = _first(c, "num_kv_heads", "n_head_kv", default=heads)
             layout = "grouped"
@@ -78,19 +87,28 @@ class FalconConfig:
         else:
             kv, layout = heads, "per_head"
         if num_ln not in (None, 1, 2) or (num_ln == 2 and not new):
-            raise UnsupportedFeatureError(f"num_ln_in_parallel_attn={num_ln} is not supported "
-                                          "with this Falcon layout; supported: 1, or 2 with "
-                                          "new_decoder_architecture")
+            raise UnsupportedFeatureError(
+                f"num_ln_in_parallel_attn={num_ln} is not supported "
+                "with this Falcon layout; supported: 1, or 2 with "
+                "new_decoder_architecture"
+            )
         return cls(
-            vocab_size=require(c, "vocab_size"), hidden_size=hidden,
-            intermediate_size=_first(c, "ffn_hidden_size", "intermediate_size",
-                                     default=4 * hidden),
+            vocab_size=require(c, "vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=_first(c, "ffn_hidden_size", "intermediate_size", default=4 * hidden),
             num_layers=layers,
-            num_heads=heads, num_kv_heads=kv, head_dim=hidden // heads,
-            layer_norm_eps=c.get("layer_norm_epsilon", 1e-5), layout=layout,
-            parallel_attn=parallel, two_norms=num_ln == 2, bias=bool(c.get("bias", False)),
-            activation=act, tie_word_embeddings=bool(c.get("tie_word_embeddings", True)),
-            max_position_embeddings=c.get("max_position_embeddings", 2048))
+            num_heads=heads,
+            num_kv_heads=kv,
+            head_dim=hidden // heads,
+            layer_norm_eps=c.get("layer_norm_epsilon", 1e-5),
+            layout=layout,
+            parallel_attn=parallel,
+            two_norms=num_ln == 2,
+            bias=bool(c.get("bias", False)),
+            activation=act,
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", True)),
+            max_position_embeddings=c.get("max_position_embeddings", 2048),
+        )
 
 
 class FalconForCausalLM(CausalLM):
@@ -100,9 +118,12 @@ class FalconForCausalLM(CausalLM):
         self.rope_spec = rope_spec(hf_config, cfg.head_dim)
         self.max_positions = max_positions or cfg.max_position_embeddings
         self.num_layers, self.num_kv_heads, self.head_dim = (
-            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+            cfg.num_layers,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
         self.vocab_size = cfg.vocab_size
-        self.scale = cfg.head_dim ** -0.5
+        self.scale = cfg.head_dim**-0.5
         self.act = ACTIVATIONS[cfg.activation]
         self.params: dict = {}
 
@@ -110,8 +131,11 @@ class FalconForCausalLM(CausalLM):
         c = self.cfg
         if c.two_norms:
             return ["ln_attn", "ln_mlp"]
-        return ["input_layernorm"] if c.parallel_attn else ["input_layernorm",
-                                                            "post_attention_layernorm"]
+        return (
+            ["input_layernorm"]
+            if c.parallel_attn
+            else ["input_layernorm", "post_attention_layernorm"]
+        )
 
     def weight_table(self) -> tuple[dict, set[str]]:
         c, H = self.cfg, self.cfg.hidden_size
@@ -128,17 +152,22 @@ class FalconForCausalLM(CausalLM):
         layers = []
         for i in range(c.num_layers):
             p = f"transformer.h.{i}."
-            layers.append({
-                "norms": [norm(p + n) for n in self._norm_names()],
-                "qkv": lin(p + "self_attention.query_key_value", (qkv, H), self._qkv_rows),
-                "o": lin(p + "self_attention.dense", (H, H)),
-                "up": lin(p + "mlp.dense_h_to_4h", (c.intermediate_size, H)),
-                "down": lin(p + "mlp.dense_4h_to_h", (H, c.intermediate_size)),
-            })
+            layers.append(
+                {
+                    "norms": [norm(p + n) for n in self._norm_names()],
+                    "qkv": lin(p + "self_attention.query_key_value", (qkv, H), self._qkv_rows),
+                    "o": lin(p + "self_attention.dense", (H, H)),
+                    "up": lin(p + "mlp.dense_h_to_4h", (c.intermediate_size, H)),
+                    "down": lin(p + "mlp.dense_4h_to_h", (H, c.intermediate_size)),
+                }
+            )
         embed = weight("transformer.word_embeddings.weight", (c.vocab_size, H))
-        return {"embed": embed, "layers": layers,
-                "lm_head": lm_head(embed, c.tie_word_embeddings, ignored),
-                "ln_f": norm("transformer.ln_f")}, ignored
+        return {
+            "embed": embed,
+            "layers": layers,
+            "lm_head": lm_head(embed, c.tie_word_embeddings, ignored),
+            "ln_f": norm("transformer.ln_f"),
+        }, ignored
 
     def _qkv_rows(self, x):
         """query_key_value rows (axis 0) in the checkpoint's layout -> [Q | K | V]."""
@@ -157,8 +186,9 @@ class FalconForCausalLM(CausalLM):
 
     def load_weights(self, tensors: dict, source: str) -> None:
         super().load_weights(tensors, source)
-        self.rotary = RotaryEmbedding(self.xp, self.rope_spec, self.max_positions,
-                                      self.backend.dtype, self.backend.device)
+        self.rotary = RotaryEmbedding(
+            self.xp, self.rope_spec, self.max_positions, self.backend.dtype, self.backend.device
+        )
 
     def _attention(self, x, i, layer, cos, sin, kv_caches, meta):
         """x [T, E] (normed) -> [T, E]; writes the step's K/V into kv_caches[i].
@@ -170,8 +200,8 @@ class FalconForCausalLM(CausalLM):
         q_size, kv_size = H * D, KV * D
         qkv = linear(x, *layer["qkv"])  # [T, (H + 2*KV) * D]
         q = xp.reshape(qkv[:, :q_size], (T, H, D))  # [T, H, D]
-        k = xp.reshape(qkv[:, q_size:q_size + kv_size], (T, KV, D))  # [T, KV, D]
-        v = xp.reshape(qkv[:, q_size + kv_size:], (T, KV, D))  # [T, KV, D]
+        k = xp.reshape(qkv[:, q_size : q_size + kv_size], (T, KV, D))  # [T, KV, D]
+        v = xp.reshape(qkv[:, q_size + kv_size :], (T, KV, D))  # [T, KV, D]
         q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
         k_pool, v_pool = kv_caches[i]  # [num_slots, KV, D] each
         k_pool, v_pool = write_kv(self.backend, k_pool, v_pool, k, v, meta.slot_mapping)

@@ -12,8 +12,12 @@ from ..layers.linear import embedding, linear
 from ..layers.norm import layer_norm
 from .base import CausalLM, lm_head, require, weight
 
-ACTIVATIONS = {"gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh, "gelu_fast": gelu_tanh,
-               "gelu": gelu_erf}
+ACTIVATIONS = {
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_fast": gelu_tanh,
+    "gelu": gelu_erf,
+}
 
 
 def _get(c: dict, name: str, hf_name: str):
@@ -40,22 +44,30 @@ class GPT2Config:
     def from_hf(cls, c: dict) -> GPT2Config:
         act = c.get("activation_function", "gelu_new")
         if act not in ACTIVATIONS:
-            raise UnsupportedFeatureError(f"activation_function={act!r} is not supported for "
-                                          f"GPT-2; supported: {', '.join(ACTIVATIONS)}")
+            raise UnsupportedFeatureError(
+                f"activation_function={act!r} is not supported for "
+                f"GPT-2; supported: {', '.join(ACTIVATIONS)}"
+            )
         if c.get("add_cross_attention"):
-            raise UnsupportedFeatureError("add_cross_attention=True (an encoder-decoder GPT-2) "
-                                          "is not supported")
+            raise UnsupportedFeatureError(
+                "add_cross_attention=True (an encoder-decoder GPT-2) is not supported"
+            )
         hidden = _get(c, "n_embd", "hidden_size")
         heads = _get(c, "n_head", "num_attention_heads")
         return cls(
-            vocab_size=require(c, "vocab_size"), hidden_size=hidden,
+            vocab_size=require(c, "vocab_size"),
+            hidden_size=hidden,
             intermediate_size=c.get("n_inner") or c.get("intermediate_size") or 4 * hidden,
-            num_layers=_get(c, "n_layer", "num_hidden_layers"), num_heads=heads,
-            head_dim=hidden // heads, layer_norm_eps=c.get("layer_norm_epsilon", 1e-5),
+            num_layers=_get(c, "n_layer", "num_hidden_layers"),
+            num_heads=heads,
+            head_dim=hidden // heads,
+            layer_norm_eps=c.get("layer_norm_epsilon", 1e-5),
             max_position_embeddings=_get(c, "n_positions", "max_position_embeddings"),
-            activation=act, scale_attn_weights=c.get("scale_attn_weights", True),
+            activation=act,
+            scale_attn_weights=c.get("scale_attn_weights", True),
             scale_attn_by_inverse_layer_idx=c.get("scale_attn_by_inverse_layer_idx", False),
-            tie_word_embeddings=bool(c.get("tie_word_embeddings", True)))
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", True)),
+        )
 
 
 class GPT2LMHeadModel(CausalLM):
@@ -63,11 +75,16 @@ class GPT2LMHeadModel(CausalLM):
         self.backend, self.xp = backend, backend.xp
         self.cfg = cfg = GPT2Config.from_hf(hf_config)
         self.num_layers, self.num_kv_heads, self.head_dim = (
-            cfg.num_layers, cfg.num_heads, cfg.head_dim)
+            cfg.num_layers,
+            cfg.num_heads,
+            cfg.head_dim,
+        )
         self.vocab_size = cfg.vocab_size
-        base = cfg.head_dim ** -0.5 if cfg.scale_attn_weights else 1.0
-        self.scales = [base / (i + 1) if cfg.scale_attn_by_inverse_layer_idx else base
-                       for i in range(cfg.num_layers)]
+        base = cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
+        self.scales = [
+            base / (i + 1) if cfg.scale_attn_by_inverse_layer_idx else base
+            for i in range(cfg.num_layers)
+        ]
         self.act = ACTIVATIONS[cfg.activation]
         self.prefix = "transformer."
         self.params: dict = {}
@@ -86,17 +103,25 @@ class GPT2LMHeadModel(CausalLM):
         layers = []
         for i in range(c.num_layers):
             p = f"{t}h.{i}."
-            layers.append({
-                "ln_1": norm(p + "ln_1"), "ln_2": norm(p + "ln_2"),
-                "qkv": conv1d(p + "attn.c_attn", H, 3 * H), "o": conv1d(p + "attn.c_proj", H, H),
-                "fc": conv1d(p + "mlp.c_fc", H, inner), "proj": conv1d(p + "mlp.c_proj", inner, H),
-            })
+            layers.append(
+                {
+                    "ln_1": norm(p + "ln_1"),
+                    "ln_2": norm(p + "ln_2"),
+                    "qkv": conv1d(p + "attn.c_attn", H, 3 * H),
+                    "o": conv1d(p + "attn.c_proj", H, H),
+                    "fc": conv1d(p + "mlp.c_fc", H, inner),
+                    "proj": conv1d(p + "mlp.c_proj", inner, H),
+                }
+            )
             ignored |= {p + "attn.bias", p + "attn.masked_bias"}  # causal-mask buffers
         wte = weight(t + "wte.weight", (c.vocab_size, H))
-        return {"wte": wte,
-                "wpe": weight(t + "wpe.weight", (c.max_position_embeddings, H)),
-                "layers": layers, "ln_f": norm(t + "ln_f"),
-                "lm_head": lm_head(wte, c.tie_word_embeddings, ignored)}, ignored
+        return {
+            "wte": wte,
+            "wpe": weight(t + "wpe.weight", (c.max_position_embeddings, H)),
+            "layers": layers,
+            "ln_f": norm(t + "ln_f"),
+            "lm_head": lm_head(wte, c.tie_word_embeddings, ignored),
+        }, ignored
 
     def load_weights(self, tensors: dict, source: str) -> None:
         # GPT2Model checkpoints (the hub's "gpt2") have no "transformer." prefix
@@ -120,8 +145,9 @@ class GPT2LMHeadModel(CausalLM):
             norm_w, norm_b = layer["ln_1"]
             x = layer_norm(xp, h, norm_w, norm_b, eps)  # [T, E]
             qkv = linear(x, *layer["qkv"])  # [T, 3*E]
-            q, k, v = (xp.reshape(qkv[:, j * E:(j + 1) * E], (T, H, D))
-                       for j in range(3))  # [T, H, D] each
+            q, k, v = (
+                xp.reshape(qkv[:, j * E : (j + 1) * E], (T, H, D)) for j in range(3)
+            )  # [T, H, D] each
             k_pool, v_pool = kv_caches[i]  # [num_slots, H, D] each
             k_pool, v_pool = write_kv(self.backend, k_pool, v_pool, k, v, meta.slot_mapping)
             kv_caches[i] = (k_pool, v_pool)

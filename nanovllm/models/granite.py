@@ -15,9 +15,15 @@ class GraniteForCausalLM(LlamaForCausalLM):
     def __init__(self, hf_config: dict, backend, max_positions: int | None = None):
         super().__init__(hf_config, backend, max_positions)
         # transformers' GraniteConfig defaults (GGUF files omit a multiplier that is unset)
-        m = {k: float(hf_config.get(k, 1.0)) for k in (
-            "embedding_multiplier", "residual_multiplier", "logits_scaling",
-            "attention_multiplier")}
+        m = {
+            k: float(hf_config.get(k, 1.0))
+            for k in (
+                "embedding_multiplier",
+                "residual_multiplier",
+                "logits_scaling",
+                "attention_multiplier",
+            )
+        }
         self.embedding_multiplier = m["embedding_multiplier"]
         self.residual_multiplier = m["residual_multiplier"]
         self.logits_scaling = m["logits_scaling"]
@@ -29,8 +35,9 @@ class GraniteForCausalLM(LlamaForCausalLM):
             if ".self_attn.o_proj." in name or ".mlp.down_proj." in name:
                 tensors[name] = tensors[name] * r
         if "model.embed_tokens.weight" in tensors and "model.norm.weight" in tensors:
-            tensors["model.embed_tokens.weight"] = (tensors["model.embed_tokens.weight"]
-                                                    * self.embedding_multiplier)
+            tensors["model.embed_tokens.weight"] = (
+                tensors["model.embed_tokens.weight"] * self.embedding_multiplier
+            )
             head_scale = self.logits_scaling
             if c.tie_word_embeddings:
                 head_scale *= self.embedding_multiplier

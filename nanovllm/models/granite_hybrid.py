@@ -24,8 +24,12 @@ from ..layers.rotary import RotaryEmbedding, rope_spec
 from .base import CausalLM, Weight, fused, lm_head, require, weight
 
 MAMBA, ATTENTION = "mamba", "attention"
-LAYER_KINDS = {"mamba": MAMBA, "linear_attention": MAMBA,
-               "attention": ATTENTION, "full_attention": ATTENTION}
+LAYER_KINDS = {
+    "mamba": MAMBA,
+    "linear_attention": MAMBA,
+    "attention": ATTENTION,
+    "full_attention": ATTENTION,
+}
 
 
 def _float(v) -> float:
@@ -70,19 +74,24 @@ class GraniteHybridConfig:
     @classmethod
     def from_hf(cls, c: dict) -> GraniteHybridConfig:
         if c.get("hidden_act", "silu") != "silu":
-            raise UnsupportedFeatureError(f"hidden_act={c['hidden_act']!r} is not supported for "
-                                          "GraniteMoeHybrid; supported: 'silu'")
+            raise UnsupportedFeatureError(
+                f"hidden_act={c['hidden_act']!r} is not supported for "
+                "GraniteMoeHybrid; supported: 'silu'"
+            )
         pos = c.get("position_embedding_type")
         if pos not in (None, "nope", "rope"):
-            raise UnsupportedFeatureError(f"position_embedding_type={pos!r} is not supported; "
-                                          "supported: 'rope', 'nope' or null")
+            raise UnsupportedFeatureError(
+                f"position_embedding_type={pos!r} is not supported; "
+                "supported: 'rope', 'nope' or null"
+            )
         n = require(c, "num_hidden_layers")
         raw = c.get("layer_types") or c.get("layers_block_type") or ["mamba"] * n
         bad = [t for t in raw if t not in LAYER_KINDS]
         if bad or len(raw) != n:
             raise UnsupportedFeatureError(
                 f"layer_types={raw!r} is not supported: need {n} entries from "
-                f"{', '.join(LAYER_KINDS)}")
+                f"{', '.join(LAYER_KINDS)}"
+            )
         hidden, heads = require(c, "hidden_size"), require(c, "num_attention_heads")
         m_heads = c.get("mamba_n_heads", 128)
         intermediate = int(c.get("mamba_expand", 2) * hidden)
@@ -92,32 +101,52 @@ class GraniteHybridConfig:
         if d_head * m_heads != intermediate or m_heads % groups:
             raise UnsupportedFeatureError(
                 f"mamba_n_heads={m_heads} x mamba_d_head={d_head} must equal mamba_expand x "
-                f"hidden_size={intermediate}, and mamba_n_groups={groups} must divide the heads")
+                f"hidden_size={intermediate}, and mamba_n_groups={groups} must divide the heads"
+            )
         limit = c.get("time_step_limit")
         lo, hi = (0.0, math.inf) if limit is None else (_float(limit[0]), _float(limit[1]))
         experts = c.get("num_local_experts", 8) or 0
         return cls(
-            vocab_size=require(c, "vocab_size"), hidden_size=hidden, num_layers=n,
-            layer_kinds=[LAYER_KINDS[t] for t in raw], num_heads=heads,
+            vocab_size=require(c, "vocab_size"),
+            hidden_size=hidden,
+            num_layers=n,
+            layer_kinds=[LAYER_KINDS[t] for t in raw],
+            num_heads=heads,
             num_kv_heads=c.get("num_key_value_heads") or heads,
             head_dim=c.get("head_dim") or hidden // heads,
             rms_norm_eps=c.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-            attention_bias=bool(c.get("attention_bias", False)), use_rope=pos == "rope",
+            attention_bias=bool(c.get("attention_bias", False)),
+            use_rope=pos == "rope",
             max_position_embeddings=c.get("max_position_embeddings", 2048),
             shared_intermediate_size=c.get("shared_intermediate_size", 1024),
-            intermediate_size=c.get("intermediate_size", 11008), num_experts=experts,
+            intermediate_size=c.get("intermediate_size", 11008),
+            num_experts=experts,
             top_k=c.get("num_experts_per_tok", 2),
-            mamba=Mamba2Spec(intermediate=intermediate, heads=m_heads, head_dim=d_head,
-                             groups=groups, d_state=c.get("mamba_d_state", 256),
-                             d_conv=c.get("mamba_d_conv", 4),
-                             chunk_size=c.get("mamba_chunk_size", 256) or 256,
-                             eps=c.get("rms_norm_eps", 1e-6), dt_min=lo, dt_max=hi),
+            mamba=Mamba2Spec(
+                intermediate=intermediate,
+                heads=m_heads,
+                head_dim=d_head,
+                groups=groups,
+                d_state=c.get("mamba_d_state", 256),
+                d_conv=c.get("mamba_d_conv", 4),
+                chunk_size=c.get("mamba_chunk_size", 256) or 256,
+                eps=c.get("rms_norm_eps", 1e-6),
+                dt_min=lo,
+                dt_max=hi,
+            ),
             mamba_conv_bias=bool(c.get("mamba_conv_bias", True)),
             mamba_proj_bias=bool(c.get("mamba_proj_bias", False)),
-            **{k: _multiplier(c, k) for k in (
-                "embedding_multiplier", "residual_multiplier", "attention_multiplier",
-                "logits_scaling")})
+            **{
+                k: _multiplier(c, k)
+                for k in (
+                    "embedding_multiplier",
+                    "residual_multiplier",
+                    "attention_multiplier",
+                    "logits_scaling",
+                )
+            },
+        )
 
 
 class GraniteMoeHybridForCausalLM(CausalLM):
@@ -159,40 +188,60 @@ class GraniteMoeHybridForCausalLM(CausalLM):
 
                 layer |= {
                     "router": weight(e + "router.layer.weight", (E, H), linear=True),
-                    "experts_in": weight(e + "input_linear.weight", (E, 2 * I, H),
-                                         prepare=per_expert),
-                    "experts_out": weight(e + "output_linear.weight", (E, H, I),
-                                          prepare=per_expert)}
+                    "experts_in": weight(
+                        e + "input_linear.weight", (E, 2 * I, H), prepare=per_expert
+                    ),
+                    "experts_out": weight(
+                        e + "output_linear.weight", (E, H, I), prepare=per_expert
+                    ),
+                }
             if kind == ATTENTION:
                 a, bias = p + "self_attn.", c.attention_bias
                 layer |= {
-                    "qkv": fused([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"],
-                                 [(q, H), (kv, H), (kv, H)], linear=True),
-                    "qkv_b": fused([a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"],
-                                   [(q,), (kv,), (kv,)]) if bias else None,
+                    "qkv": fused(
+                        [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"],
+                        [(q, H), (kv, H), (kv, H)],
+                        linear=True,
+                    ),
+                    "qkv_b": fused(
+                        [a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"],
+                        [(q,), (kv,), (kv,)],
+                    )
+                    if bias
+                    else None,
                     "o": weight(a + "o_proj.weight", (H, q), linear=True),
-                    "o_b": weight(a + "o_proj.bias", (H,)) if bias else None}
+                    "o_b": weight(a + "o_proj.bias", (H,)) if bias else None,
+                }
             else:
                 a, proj = p + "mamba.", m.intermediate + m.conv_dim + m.heads
                 layer |= {
                     "in_proj": weight(a + "in_proj.weight", (proj, H), linear=True),
-                    "in_proj_b": (weight(a + "in_proj.bias", (proj,))
-                                  if c.mamba_proj_bias else None),
-                    "conv_w": weight(a + "conv1d.weight", (m.conv_dim, 1, m.d_conv),
-                                     prepare=lambda w: xp.matrix_transpose(w[:, 0, :])),
-                    "conv_b": (weight(a + "conv1d.bias", (m.conv_dim,))
-                               if c.mamba_conv_bias else None),
+                    "in_proj_b": (
+                        weight(a + "in_proj.bias", (proj,)) if c.mamba_proj_bias else None
+                    ),
+                    "conv_w": weight(
+                        a + "conv1d.weight",
+                        (m.conv_dim, 1, m.d_conv),
+                        prepare=lambda w: xp.matrix_transpose(w[:, 0, :]),
+                    ),
+                    "conv_b": (
+                        weight(a + "conv1d.bias", (m.conv_dim,)) if c.mamba_conv_bias else None
+                    ),
                     "dt_bias": weight(a + "dt_bias", (m.heads,)),
                     "A": weight(a + "A_log", (m.heads,), prepare=lambda w: -xp.exp(w)),
                     "D": weight(a + "D", (m.heads,)),
                     "norm": weight(a + "norm.weight", (m.intermediate,)),
                     "out_proj": weight(a + "out_proj.weight", (H, m.intermediate), linear=True),
-                    "out_proj_b": weight(a + "out_proj.bias", (H,)) if c.mamba_proj_bias else None}
+                    "out_proj_b": weight(a + "out_proj.bias", (H,)) if c.mamba_proj_bias else None,
+                }
             layers.append(layer)
         embed = weight("model.embed_tokens.weight", (c.vocab_size, H))
-        return {"embed": embed,
-                "layers": layers, "norm": weight("model.norm.weight", (H,)),
-                "lm_head": lm_head(embed, c.tie_word_embeddings, ignored)}, ignored
+        return {
+            "embed": embed,
+            "layers": layers,
+            "norm": weight("model.norm.weight", (H,)),
+            "lm_head": lm_head(embed, c.tie_word_embeddings, ignored),
+        }, ignored
 
     def load_weights(self, tensors: dict, source: str) -> None:
         """Granite's multipliers are folded into the host tensors first: residual_multiplier
@@ -201,19 +250,28 @@ class GraniteMoeHybridForCausalLM(CausalLM):
         c = self.cfg
         r = c.residual_multiplier
         for name in list(tensors):
-            if any(s in name for s in (".self_attn.o_proj.", ".mamba.out_proj.",
-                                       ".shared_mlp.output_linear.",
-                                       ".block_sparse_moe.output_linear.")):
+            if any(
+                s in name
+                for s in (
+                    ".self_attn.o_proj.",
+                    ".mamba.out_proj.",
+                    ".shared_mlp.output_linear.",
+                    ".block_sparse_moe.output_linear.",
+                )
+            ):
                 tensors[name] = tensors[name] * r
         head_scale = c.logits_scaling * (c.embedding_multiplier if c.tie_word_embeddings else 1.0)
-        for name, scale in (("model.embed_tokens.weight", c.embedding_multiplier),
-                            ("model.norm.weight", 1.0 / head_scale)):
+        for name, scale in (
+            ("model.embed_tokens.weight", c.embedding_multiplier),
+            ("model.norm.weight", 1.0 / head_scale),
+        ):
             if name in tensors:  # else the table check names it as missing
                 tensors[name] = tensors[name] * scale
         super().load_weights(tensors, source)
         if self.rope_spec is not None:  # set exactly when c.use_rope
-            self.rotary = RotaryEmbedding(self.xp, self.rope_spec, self.max_positions,
-                                          self.backend.dtype, self.backend.device)
+            self.rotary = RotaryEmbedding(
+                self.xp, self.rope_spec, self.max_positions, self.backend.dtype, self.backend.device
+            )
 
     @property
     def num_kv_layers(self) -> int:
@@ -225,8 +283,12 @@ class GraniteMoeHybridForCausalLM(CausalLM):
         kv = (num_kv_slots, c.num_kv_heads, c.head_dim)
         conv = (num_state_slots, m.d_conv - 1, m.conv_dim)
         ssm = (num_state_slots, m.heads, m.head_dim, m.d_state)
-        return [(backend.zeros(kv), backend.zeros(kv)) if kind == ATTENTION
-                else (backend.zeros(conv), backend.zeros(ssm)) for kind in c.layer_kinds]
+        return [
+            (backend.zeros(kv), backend.zeros(kv))
+            if kind == ATTENTION
+            else (backend.zeros(conv), backend.zeros(ssm))
+            for kind in c.layer_kinds
+        ]
 
     def _attention(self, layer, x, cache, meta, rope):
         """x [T, E] (normed) -> [T, E], and the layer's updated (K pool, V pool).
@@ -237,11 +299,11 @@ class GraniteMoeHybridForCausalLM(CausalLM):
         T, H, KV, D = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
         q_size, kv_size = H * D, KV * D
         qkv = linear(x, layer["qkv"], layer["qkv_b"])  # [T, (H + 2*KV) * D]
-        qk = xp.reshape(qkv[:, :q_size + kv_size], (T, H + KV, -1))  # [T, H + KV, D]
+        qk = xp.reshape(qkv[:, : q_size + kv_size], (T, H + KV, -1))  # [T, H + KV, D]
         if rope is not None:
             qk = self.rotary.apply(qk, *rope)  # q and k heads rotated together
         q, k = qk[:, :H, :], qk[:, H:, :]  # [T, H, D], [T, KV, D]
-        v = xp.reshape(qkv[:, q_size + kv_size:], (T, KV, D))  # [T, KV, D]
+        v = xp.reshape(qkv[:, q_size + kv_size :], (T, KV, D))  # [T, KV, D]
         k_pool, v_pool = cache  # [num_slots, KV, D] each
         k_pool, v_pool = write_kv(self.backend, k_pool, v_pool, k, v, meta.slot_mapping)
         o = paged_attention(xp, q, k_pool, v_pool, meta, self.scale)  # [T, H*D]
@@ -263,15 +325,17 @@ class GraniteMoeHybridForCausalLM(CausalLM):
             if kind == ATTENTION:
                 out, caches[i] = self._attention(layer, x, caches[i], meta, rope)  # [T, E]
             else:
-                out, caches[i] = mamba2_mixer(self.backend, layer, c.mamba, x, caches[i],
-                                              meta)  # [T, E]
+                out, caches[i] = mamba2_mixer(
+                    self.backend, layer, c.mamba, x, caches[i], meta
+                )  # [T, E]
             h = h + out  # [T, E]
             x = rms_norm(xp, h, layer["mlp_norm"], c.rms_norm_eps)  # [T, E]
             gate_up = x @ layer["shared_in"]  # [T, 2*F]
             out = (silu(xp, gate_up[:, :F]) * gate_up[:, F:]) @ layer["shared_out"]  # [T, E]
             if c.num_experts:
-                out = out + moe(xp, x, layer["router"], layer["experts_in"],
-                                layer["experts_out"], c.top_k)  # [T, E]
+                out = out + moe(
+                    xp, x, layer["router"], layer["experts_in"], layer["experts_out"], c.top_k
+                )  # [T, E]
             h = h + out  # [T, E]
         return rms_norm(xp, h, params["norm"], c.rms_norm_eps), caches  # [T, E]
 

@@ -31,8 +31,9 @@ class LlamaConfig:
     @classmethod
     def from_hf(cls, c: dict) -> LlamaConfig:
         if c.get("hidden_act", "silu") != "silu":
-            raise UnsupportedFeatureError(f"hidden_act={c['hidden_act']!r} is not supported for "
-                                          "Llama; supported: 'silu'")
+            raise UnsupportedFeatureError(
+                f"hidden_act={c['hidden_act']!r} is not supported for Llama; supported: 'silu'"
+            )
         heads = require(c, "num_attention_heads")
         hidden = require(c, "hidden_size")
         return cls(
@@ -59,9 +60,12 @@ class LlamaForCausalLM(CausalLM):
         self.rope_spec = rope_spec(hf_config, cfg.head_dim)
         self.max_positions = max_positions or cfg.max_position_embeddings
         self.num_layers, self.num_kv_heads, self.head_dim = (
-            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+            cfg.num_layers,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
         self.vocab_size = cfg.vocab_size
-        self.scale = cfg.head_dim ** -0.5
+        self.scale = cfg.head_dim**-0.5
         self.params: dict = {}
 
     def weight_table(self) -> tuple[dict, set[str]]:
@@ -74,31 +78,49 @@ class LlamaForCausalLM(CausalLM):
         for i in range(c.num_layers):
             a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
             attn_bias, mlp_bias = c.attention_bias, c.mlp_bias
-            layers.append({
-                "attn_norm": weight(f"model.layers.{i}.input_layernorm.weight", (H,)),
-                "mlp_norm": weight(f"model.layers.{i}.post_attention_layernorm.weight", (H,)),
-                "qkv": fused([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"],
-                             [(q, H), (kv, H), (kv, H)], linear=True),
-                "qkv_b": fused([a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"],
-                               [(q,), (kv,), (kv,)]) if attn_bias else None,
-                "o": weight(a + "o_proj.weight", (H, q), linear=True),
-                "o_b": weight(a + "o_proj.bias", (H,)) if attn_bias else None,
-                "gate_up": fused([m + "gate_proj.weight", m + "up_proj.weight"],
-                                 [(I, H), (I, H)], linear=True),
-                "gate_up_b": fused([m + "gate_proj.bias", m + "up_proj.bias"],
-                                   [(I,), (I,)]) if mlp_bias else None,
-                "down": weight(m + "down_proj.weight", (H, I), linear=True),
-                "down_b": weight(m + "down_proj.bias", (H,)) if mlp_bias else None,
-            })
+            layers.append(
+                {
+                    "attn_norm": weight(f"model.layers.{i}.input_layernorm.weight", (H,)),
+                    "mlp_norm": weight(f"model.layers.{i}.post_attention_layernorm.weight", (H,)),
+                    "qkv": fused(
+                        [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"],
+                        [(q, H), (kv, H), (kv, H)],
+                        linear=True,
+                    ),
+                    "qkv_b": fused(
+                        [a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"],
+                        [(q,), (kv,), (kv,)],
+                    )
+                    if attn_bias
+                    else None,
+                    "o": weight(a + "o_proj.weight", (H, q), linear=True),
+                    "o_b": weight(a + "o_proj.bias", (H,)) if attn_bias else None,
+                    "gate_up": fused(
+                        [m + "gate_proj.weight", m + "up_proj.weight"],
+                        [(I, H), (I, H)],
+                        linear=True,
+                    ),
+                    "gate_up_b": fused([m + "gate_proj.bias", m + "up_proj.bias"], [(I,), (I,)])
+                    if mlp_bias
+                    else None,
+                    "down": weight(m + "down_proj.weight", (H, I), linear=True),
+                    "down_b": weight(m + "down_proj.bias", (H,)) if mlp_bias else None,
+                }
+            )
             ignored.add(a + "rotary_emb.inv_freq")
         head = lm_head(embed, c.tie_word_embeddings, ignored)
-        return {"embed": embed, "layers": layers,
-                "norm": weight("model.norm.weight", (H,)), "lm_head": head}, ignored
+        return {
+            "embed": embed,
+            "layers": layers,
+            "norm": weight("model.norm.weight", (H,)),
+            "lm_head": head,
+        }, ignored
 
     def load_weights(self, tensors: dict, source: str) -> None:
         super().load_weights(tensors, source)
-        self.rotary = RotaryEmbedding(self.xp, self.rope_spec, self.max_positions,
-                                      self.backend.dtype, self.backend.device)
+        self.rotary = RotaryEmbedding(
+            self.xp, self.rope_spec, self.max_positions, self.backend.dtype, self.backend.device
+        )
 
     def forward(self, params: dict, input_ids, positions, kv_caches: list, meta):
         """Token ids [T] -> final hidden states [T, E]; writes the step's K/V to the pools.
@@ -116,12 +138,12 @@ class LlamaForCausalLM(CausalLM):
         for i, layer in enumerate(params["layers"]):
             x = rms_norm(xp, h, layer["attn_norm"], c.rms_norm_eps)  # [T, E]
             qkv = linear(x, layer["qkv"], layer["qkv_b"])  # [T, (H + 2*KV) * D]
-            qk = xp.reshape(qkv[:, :q_size + kv_size], (T, H + KV, -1))  # [T, H + KV, D]
+            qk = xp.reshape(qkv[:, : q_size + kv_size], (T, H + KV, -1))  # [T, H + KV, D]
             if "qk_norm" in layer:  # Qwen3: RMSNorm over each q and k head before RoPE
                 qk = rms_norm(xp, qk, layer["qk_norm"], c.rms_norm_eps)  # [T, H + KV, D]
             qk = self.rotary.apply(qk, cos, sin)  # q and k heads rotated together
             q, k = qk[:, :H, :], qk[:, H:, :]  # [T, H, D], [T, KV, D]
-            v = xp.reshape(qkv[:, q_size + kv_size:], (T, KV, D))  # [T, KV, D]
+            v = xp.reshape(qkv[:, q_size + kv_size :], (T, KV, D))  # [T, KV, D]
             k_pool, v_pool = kv_caches[i]  # [num_slots, KV, D] each
             k_pool, v_pool = write_kv(self.backend, k_pool, v_pool, k, v, meta.slot_mapping)
             kv_caches[i] = (k_pool, v_pool)

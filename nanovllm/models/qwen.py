@@ -35,13 +35,18 @@ class Qwen3ForCausalLM(Qwen2ForCausalLM):
         d = self.cfg.head_dim
         for i, layer in enumerate(table["layers"]):
             a = f"model.layers.{i}.self_attn."
-            layer["qk_norm"] = Weight((a + "q_norm.weight", a + "k_norm.weight"), ((d,), (d,)),
-                                      prepare=self._qk_norm)
+            layer["qk_norm"] = Weight(
+                (a + "q_norm.weight", a + "k_norm.weight"), ((d,), (d,)), prepare=self._qk_norm
+            )
         return table, ignored
 
     def _qk_norm(self, qk):
         """[q_norm | k_norm] -> one weight for Llama's fused [q heads | k heads] view:
         [heads + kv_heads, head_dim]."""
         xp, c, d = self.xp, self.cfg, self.cfg.head_dim
-        return xp.concat([xp.broadcast_to(qk[:d], (c.num_heads, d)),
-                          xp.broadcast_to(qk[d:], (c.num_kv_heads, d))])
+        return xp.concat(
+            [
+                xp.broadcast_to(qk[:d], (c.num_heads, d)),
+                xp.broadcast_to(qk[d:], (c.num_kv_heads, d)),
+            ]
+        )

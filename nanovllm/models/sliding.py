@@ -18,16 +18,18 @@ def sliding_window(c: dict, num_layers: int, gate: str | None = None) -> int | N
         if not window or (gate is not None and not c.get(gate, False)):
             return None
         first = c.get("max_window_layers", 0) if gate is not None else 0
-        types = ["sliding_attention" if i >= first else "full_attention"
-                 for i in range(num_layers)]
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
     sliding = [t == "sliding_attention" for t in types]
     if not any(sliding):
         return None
     if not window:
-        raise UnsupportedFeatureError("layer_types has sliding_attention layers but "
-                                      f"sliding_window={window!r}; the config is inconsistent")
+        raise UnsupportedFeatureError(
+            "layer_types has sliding_attention layers but "
+            f"sliding_window={window!r}; the config is inconsistent"
+        )
     if not all(sliding):
         raise UnsupportedFeatureError(
             f"sliding_window={window} on {sum(sliding)} of {len(sliding)} layers (layer_types / "
-            "max_window_layers) is not supported; nanovllm applies one window to every layer")
+            "max_window_layers) is not supported; nanovllm applies one window to every layer"
+        )
     return int(window)

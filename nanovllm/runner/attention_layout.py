@@ -30,8 +30,13 @@ def to_device(part: AttentionPart, backend, first_row: int, num_rows: int) -> At
     """A copy of the host-built part with its arrays on the backend, placed at rows
     [first_row, first_row + num_rows) of the step."""
     b = backend
-    device = replace(part, first_row=first_row, num_rows=num_rows,
-                     context_slots=b.index(part.context_slots), mask=b.step_input(part.mask))
+    device = replace(
+        part,
+        first_row=first_row,
+        num_rows=num_rows,
+        context_slots=b.index(part.context_slots),
+        mask=b.step_input(part.mask),
+    )
     if part.query_index is not None:
         device.query_index = b.index(part.query_index)
         device.combine_index = b.index(part.combine_index)
@@ -43,12 +48,13 @@ def block_tables(seqs, num_blocks: int) -> np.ndarray:
     table = np.zeros((len(seqs), num_blocks), dtype=np.int64)
     for i, s in enumerate(seqs):
         blocks = s.block_table[:num_blocks]
-        table[i, :len(blocks)] = blocks
+        table[i, : len(blocks)] = blocks
     return table
 
 
-def exact_part(seqs, num_seqs: int, query_len: int, context_len: int, block_size: int,
-               window: int | None) -> AttentionPart:
+def exact_part(
+    seqs, num_seqs: int, query_len: int, context_len: int, block_size: int, window: int | None
+) -> AttentionPart:
     """`seqs` padded to num_seqs x query_len queries over context_len keys each.
 
     Padding queries see key 0 only (so their output stays finite); padding keys are the null
@@ -57,7 +63,7 @@ def exact_part(seqs, num_seqs: int, query_len: int, context_len: int, block_size
     S, K, bs = num_seqs, context_len, block_size
     blocks = -(-K // bs)
     table = np.zeros((S, blocks), dtype=np.int64)
-    table[:len(seqs)] = block_tables(seqs, blocks)
+    table[: len(seqs)] = block_tables(seqs, blocks)
     starts = np.zeros(S, dtype=np.int64)
     lens = np.zeros(S, dtype=np.int64)
     for i, s in enumerate(seqs):
@@ -72,9 +78,17 @@ def exact_part(seqs, num_seqs: int, query_len: int, context_len: int, block_size
     return AttentionPart(slots, mask[:, None, None, :, :], S, query_len, K)
 
 
-def tiled_part(tables: np.ndarray, q_pos: np.ndarray, q_row: np.ndarray, num_rows: int,
-               block_size: int, key_tile: int, window: int | None, item_bucket,
-               bucket) -> AttentionPart:
+def tiled_part(
+    tables: np.ndarray,
+    q_pos: np.ndarray,
+    q_row: np.ndarray,
+    num_rows: int,
+    block_size: int,
+    key_tile: int,
+    window: int | None,
+    item_bucket,
+    bucket,
+) -> AttentionPart:
     """Query tiles over key tiles, for a jitting backend.
 
     tables: [n, blocks] the block table of each query tile's sequence; q_pos: [n, Qt] the

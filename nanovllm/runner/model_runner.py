@@ -42,9 +42,14 @@ def row_blocks(seqs, size: int) -> list[list[tuple]]:
         n, done = len(s.token_ids), 0
         while done < n:
             m = min(free, n - done)
-            piece = replace(s, start=s.start + done, token_ids=s.token_ids[done:done + m],
-                            slot_mapping=s.slot_mapping[done:done + m],
-                            context_len=s.start + done + m, sample=s.sample and done + m == n)
+            piece = replace(
+                s,
+                start=s.start + done,
+                token_ids=s.token_ids[done : done + m],
+                slot_mapping=s.slot_mapping[done : done + m],
+                context_len=s.start + done + m,
+                sample=s.sample and done + m == n,
+            )
             block.append((s, piece))
             done, free = done + m, free - m
             if free == 0:
@@ -129,14 +134,16 @@ class ModelRunner:
         gathered context is padding."""
         groups, lo = [], 0
         for i in range(1, len(decode) + 1):
-            if i == len(decode) or (decode[i].context_len
-                                    > 2 * decode[lo].context_len + self.block_size):
+            if i == len(decode) or (
+                decode[i].context_len > 2 * decode[lo].context_len + self.block_size
+            ):
                 groups.append((lo, i))
                 lo = i
         return groups
 
-    def _attention_parts(self, decode, num_decode_rows: int, prefill,
-                         num_prefill_rows: int) -> list[AttentionPart]:
+    def _attention_parts(
+        self, decode, num_decode_rows: int, prefill, num_prefill_rows: int
+    ) -> list[AttentionPart]:
         """Parts covering the decode rows [0, num_decode_rows) and the prefill rows after them.
 
         Eager backends: exact parts (a run of decode sequences, one prefill chunk each).
@@ -147,15 +154,34 @@ class ModelRunner:
         if self.tiled:
             if decode:
                 tables, q_pos, q_row = layout.decode_tiles(decode, self.decode_query_tile)
-                part = layout.tiled_part(tables, q_pos, q_row, num_decode_rows, bs,
-                                         self.key_tile, window, self.fine_bucket, self.bucket)
+                part = layout.tiled_part(
+                    tables,
+                    q_pos,
+                    q_row,
+                    num_decode_rows,
+                    bs,
+                    self.key_tile,
+                    window,
+                    self.fine_bucket,
+                    self.bucket,
+                )
                 parts.append(layout.to_device(part, self.backend, 0, num_decode_rows))
             if prefill:
                 tables, q_pos, q_row = layout.prefill_tiles(prefill, self.query_tile)
-                part = layout.tiled_part(tables, q_pos, q_row, num_prefill_rows, bs,
-                                         self.key_tile, window, self.fine_bucket, self.bucket)
-                parts.append(layout.to_device(part, self.backend, num_decode_rows,
-                                              num_prefill_rows))
+                part = layout.tiled_part(
+                    tables,
+                    q_pos,
+                    q_row,
+                    num_prefill_rows,
+                    bs,
+                    self.key_tile,
+                    window,
+                    self.fine_bucket,
+                    self.bucket,
+                )
+                parts.append(
+                    layout.to_device(part, self.backend, num_decode_rows, num_prefill_rows)
+                )
             return parts
         for lo, hi in self._decode_groups(decode):
             group = decode[lo:hi]
@@ -219,13 +245,15 @@ class ModelRunner:
             pad = num_decode_rows - len(decode)
             st.decode_slots = backend.index([s.seq.state_slot for s in decode] + [scratch] * pad)
             st.decode_reset = backend.step_input(
-                np.array([s.start == 0 for s in decode] + [True] * pad))
+                np.array([s.start == 0 for s in decode] + [True] * pad)
+            )
         if prefill:
             S, Q, qi, oi = self._padded_prefill(prefill)
             pad = S - len(prefill)
             st.prefill_slots = backend.index([s.seq.state_slot for s in prefill] + [scratch] * pad)
             st.prefill_reset = backend.step_input(
-                np.array([s.start == 0 for s in prefill] + [True] * pad))
+                np.array([s.start == 0 for s in prefill] + [True] * pad)
+            )
             st.prefill_lens = backend.index([len(s.token_ids) for s in prefill] + [0] * pad)
             st.prefill_seqs, st.prefill_steps = S, Q
             st.prefill_query_index, st.prefill_output_index = backend.index(qi), backend.index(oi)
@@ -258,8 +286,9 @@ class ModelRunner:
         prompt_rows: dict[int, int] = {}  # id(chunk) -> its first prompt row in `rows`
         for s in decode + prefill:
             n, offset = len(s.token_ids), first[id(s)]
-            wants_prompt = (s.seq.params.prompt_logprobs is not None
-                            and s.start < s.seq.num_prompt_tokens - 1)
+            wants_prompt = (
+                s.seq.params.prompt_logprobs is not None and s.start < s.seq.num_prompt_tokens - 1
+            )
             if wants_prompt:
                 prompt_rows[id(s)] = len(rows)
                 rows.extend(range(offset, offset + n))
@@ -272,8 +301,9 @@ class ModelRunner:
             rows = [0]
         rows += [0] * (self.rows_bucket(len(rows)) - len(rows))
         with backend.inference():
-            logits, self.kv_caches = self._step(self.model.params, self.kv_caches, ids, pos,
-                                                meta, backend.index(rows))
+            logits, self.kv_caches = self._step(
+                self.model.params, self.kv_caches, ids, pos, meta, backend.index(rows)
+            )
             sampled = [s for s in decode + prefill if s.sample]
             if sampled:
                 self._sample_rows(logits, sampled, [sample_at[id(s)] for s in sampled], results)
@@ -284,8 +314,9 @@ class ModelRunner:
     def _sample_rows(self, logits, sampled, at, results) -> None:
         xp, backend = self.xp, self.backend
         n = self.rows_bucket(len(at))
-        tensors = sampling_tensors(sampled, backend, self.model.vocab_size, n, self.eos_token_ids,
-                                   self.rng)
+        tensors = sampling_tensors(
+            sampled, backend, self.model.vocab_size, n, self.eos_token_ids, self.rng
+        )
         tokens, finite = self._sample(logits, backend.index(at + [0] * (n - len(at))), tensors)
         tokens, finite = backend.to_host(tokens).tolist(), backend.to_host(finite).tolist()
         want = [i for i, s in enumerate(sampled) if s.seq.params.logprobs is not None]
@@ -298,7 +329,8 @@ class ModelRunner:
             if not finite[i]:
                 results[id(s)].error = (
                     f"the model computed non-finite logits (NaN or infinity) at position "
-                    f"{s.context_len - 1} of this sequence, so no token could be sampled")
+                    f"{s.context_len - 1} of this sequence, so no token could be sampled"
+                )
         for j, i in enumerate(want):
             s = sampled[i]
             results[id(s)].logprobs = top_logprobs(lp[j], s.seq.params.logprobs, [tokens[i]])
@@ -313,6 +345,7 @@ class ModelRunner:
             last = min(s.start + n, s.seq.num_prompt_tokens - 1)
             count = last - s.start
             k = s.seq.params.prompt_logprobs
-            targets = s.seq.token_ids[s.start + 1:s.start + 1 + count]
+            targets = s.seq.token_ids[s.start + 1 : s.start + 1 + count]
             results[id(s)].prompt_logprobs = [
-                top_logprobs(lp[first + j], k, [targets[j]]) for j in range(count)]
+                top_logprobs(lp[first + j], k, [targets[j]]) for j in range(count)
+            ]

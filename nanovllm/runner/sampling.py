@@ -30,13 +30,13 @@ def sampling_tensors(rows, b, V: int, n: int, eos_token_ids: list[int], rng) -> 
     """
     params = [s.seq.params for s in rows]
     temp = np.zeros(n, dtype=np.float32)
-    temp[:len(rows)] = [p.temperature for p in params]
+    temp[: len(rows)] = [p.temperature for p in params]
     top_k = np.full(n, V, dtype=np.int64)
-    top_k[:len(rows)] = [p.top_k if p.top_k > 0 else V for p in params]
+    top_k[: len(rows)] = [p.top_k if p.top_k > 0 else V for p in params]
     top_p = np.ones(n, dtype=np.float32)
-    top_p[:len(rows)] = [p.top_p for p in params]
+    top_p[: len(rows)] = [p.top_p for p in params]
     min_p = np.zeros(n, dtype=np.float32)
-    min_p[:len(rows)] = [p.min_p for p in params]
+    min_p[: len(rows)] = [p.min_p for p in params]
     uniform = np.zeros(n, dtype=np.float64)
     for i, s in enumerate(rows):
         p = s.seq.params
@@ -46,8 +46,9 @@ def sampling_tensors(rows, b, V: int, n: int, eos_token_ids: list[int], rng) -> 
         else:
             uniform[i] = rng.random()
     penalties = None
-    if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
-           for p in params):
+    if any(
+        p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params
+    ):
         counts = np.zeros((n, V), dtype=np.float32)
         seen = np.zeros((n, V), dtype=bool)
         for i, s in enumerate(rows):
@@ -57,11 +58,16 @@ def sampling_tensors(rows, b, V: int, n: int, eos_token_ids: list[int], rng) -> 
 
         def column(field: str, fill: float):
             values = np.full(n, fill, dtype=np.float32)
-            values[:len(rows)] = [getattr(p, field) for p in params]
+            values[: len(rows)] = [getattr(p, field) for p in params]
             return b.step_input(values)
 
-        penalties = (b.step_input(counts), b.step_input(seen), column("presence_penalty", 0.0),
-                     column("frequency_penalty", 0.0), column("repetition_penalty", 1.0))
+        penalties = (
+            b.step_input(counts),
+            b.step_input(seen),
+            column("presence_penalty", 0.0),
+            column("frequency_penalty", 0.0),
+            column("repetition_penalty", 1.0),
+        )
     banned = None
     if any(s.seq.num_output_tokens < s.seq.params.min_tokens for s in rows):
         mask = np.zeros((n, V), dtype=bool)
@@ -78,8 +84,15 @@ def sampling_tensors(rows, b, V: int, n: int, eos_token_ids: list[int], rng) -> 
                 dense[i, token] = value
         bias = b.step_input(dense)
     return SamplingTensors(
-        b.step_input(temp), b.index(top_k), b.step_input(top_p), b.step_input(min_p),
-        b.step_input(uniform.astype(np.float32)), all_greedy=bool(np.all(temp == 0)),
+        b.step_input(temp),
+        b.index(top_k),
+        b.step_input(top_p),
+        b.step_input(min_p),
+        b.step_input(uniform.astype(np.float32)),
+        all_greedy=bool(np.all(temp == 0)),
         needs_sort=bool(np.any((top_k < V) | (top_p < 1.0))),
-        needs_min_p=bool(np.any(min_p > 0)), penalties=penalties, banned=banned,
-        bias=bias)
+        needs_min_p=bool(np.any(min_p > 0)),
+        penalties=penalties,
+        banned=banned,
+        bias=bias,
+    )

@@ -58,28 +58,40 @@ class ServerState:
 @dataclass(frozen=True)
 class Serving:
     """A server whose model is loaded and whose engine is healthy: what the routes use."""
+
     state: ServerState
     llm: LLM
     loop: EngineLoop
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.kind = status, message, kind
         self.param, self.code, self.headers = param, code, headers
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
-                          "code": self.code or self.status}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code or self.status,
+            }
+        }
 
 
 def from_server_error(e: ServerError) -> APIError:
     headers = {"Retry-After": "1"} if e.status == 503 else None
-    kind = {400: "invalid_request_error", 503: "service_unavailable"}.get(e.status,
-                                                                         "server_error")
+    kind = {400: "invalid_request_error", 503: "service_unavailable"}.get(e.status, "server_error")
     return APIError(e.status, str(e), kind, headers=headers)
 
 
@@ -107,16 +119,23 @@ def build_app(state: ServerState) -> FastAPI:
             message = f"the request body is not valid JSON: {first.get('msg')}"
         else:
             got = first.get("input")
-            message = (f"{'.'.join(loc) or 'body'}: {first.get('msg')} (got {got!r})"
-                       if "input" in first else f"{'.'.join(loc)}: {first.get('msg')}")
-        return JSONResponse(APIError(400, message, param=loc[0] if loc else None).body(),
-                            status_code=400)
+            message = (
+                f"{'.'.join(loc) or 'body'}: {first.get('msg')} (got {got!r})"
+                if "input" in first
+                else f"{'.'.join(loc)}: {first.get('msg')}"
+            )
+        return JSONResponse(
+            APIError(400, message, param=loc[0] if loc else None).body(), status_code=400
+        )
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, e: HTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse(APIError(e.status_code, str(e.detail), kind).body(),
-                            status_code=e.status_code, headers=getattr(e, "headers", None))
+        return JSONResponse(
+            APIError(e.status_code, str(e.detail), kind).body(),
+            status_code=e.status_code,
+            headers=getattr(e, "headers", None),
+        )
 
     # ---- dependencies -------------------------------------------------------------------------
     def authorized(request: Request) -> None:
@@ -124,26 +143,37 @@ def build_app(state: ServerState) -> FastAPI:
             return
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(),
-                                                                    state.api_key):
-            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY' "
-                                "with the key the server was started with (--api-key)",
-                           code="invalid_api_key")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), state.api_key):
+            raise APIError(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer KEY' "
+                "with the key the server was started with (--api-key)",
+                code="invalid_api_key",
+            )
 
     def ready() -> Serving:
         if state.llm is None or state.loop is None:
-            raise APIError(503, "the model is still loading; retry in a few seconds",
-                           "service_unavailable", headers={"Retry-After": "2"})
+            raise APIError(
+                503,
+                "the model is still loading; retry in a few seconds",
+                "service_unavailable",
+                headers={"Retry-After": "2"},
+            )
         if not state.loop.healthy:
-            raise APIError(503, f"the engine cannot serve: {state.loop.dead}",
-                           "service_unavailable")
+            raise APIError(
+                503, f"the engine cannot serve: {state.loop.dead}", "service_unavailable"
+            )
         return Serving(state, state.llm, state.loop)
 
     def check_model(name: str | None) -> None:
         if name is not None and name != state.served_model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves "
-                                f"{state.served_model_name!r} (GET /v1/models)",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server serves "
+                f"{state.served_model_name!r} (GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
 
     guarded = [Depends(authorized)]
 
@@ -153,8 +183,7 @@ def build_app(state: ServerState) -> FastAPI:
         if state.loop is None:
             return JSONResponse({"status": "loading"}, status_code=503)
         if not state.loop.healthy:
-            return JSONResponse({"status": "error", "reason": state.loop.dead},
-                                status_code=503)
+            return JSONResponse({"status": "error", "reason": state.loop.dead}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/version")
@@ -163,17 +192,27 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        return Response(state.metrics.render(),
-                        media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(
+            state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
 
     # ---- guarded routes ------------------------------------------------------------------
     @app.get("/v1/models", dependencies=guarded)
     async def models():
         s = ready()
-        return {"object": "list", "data": [{
-            "id": s.state.served_model_name, "object": "model", "created": s.state.created,
-            "owned_by": "nanovllm", "root": str(s.llm.model_path),
-            "max_model_len": s.llm.config.max_model_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": s.state.served_model_name,
+                    "object": "model",
+                    "created": s.state.created,
+                    "owned_by": "nanovllm",
+                    "root": str(s.llm.model_path),
+                    "max_model_len": s.llm.config.max_model_len,
+                }
+            ],
+        }
 
     @app.post("/tokenize", dependencies=guarded)
     async def tokenize(body: TokenizeRequest):
@@ -194,8 +233,9 @@ def build_app(state: ServerState) -> FastAPI:
         vocab = s.llm.model.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
-            raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})",
-                           param="tokens")
+            raise APIError(
+                400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens"
+            )
         return {"prompt": tokenizer(s).decode(body.tokens, skip_special_tokens=False)}
 
     @app.post("/v1/completions", dependencies=guarded)
@@ -212,8 +252,14 @@ def build_app(state: ServerState) -> FastAPI:
         encoded = [encode(s, p, True) if isinstance(p, str) else list(p) for p in prompts]
         for ids in encoded:
             check_fits(s, ids, params.max_tokens, "prompt")
-        echoes = [tokenizer(s).decode(ids) if not isinstance(p, str) else p
-                  for p, ids in zip(prompts, encoded)] if body.echo else None
+        echoes = (
+            [
+                tokenizer(s).decode(ids) if not isinstance(p, str) else p
+                for p, ids in zip(prompts, encoded)
+            ]
+            if body.echo
+            else None
+        )
         job = await start(s, encoded, params)
         choices = Choices(len(encoded), params.n, params.stop_strings)
         rid, model, created = new_id("cmpl"), s.state.served_model_name, now()
@@ -228,10 +274,19 @@ def build_app(state: ServerState) -> FastAPI:
             return completion_logprobs(token_ids, logprobs, k, offset)
 
         def chunk(choice_list: list, usage: dict | None = None) -> str:
-            return sse({"id": rid, "object": "text_completion", "created": created,
-                        "model": model, "choices": choice_list, "usage": usage})
+            return sse(
+                {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model,
+                    "choices": choice_list,
+                    "usage": usage,
+                }
+            )
 
         if body.stream:
+
             async def events() -> AsyncIterator[str]:
                 started: set[int] = set()
                 offsets: dict[int, int] = {}
@@ -246,10 +301,15 @@ def build_app(state: ServerState) -> FastAPI:
                         lp = logprobs_of(i, d.token_ids, d.logprobs, offsets.get(c.index, 0))
                         if lp is not None and lp["tokens"]:
                             offsets[c.index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
-                        parts.append({
-                            "index": c.index, "text": prefix + d.text, "logprobs": lp,
-                            "finish_reason": d.finish_reason,
-                            "stop_reason": c.stop_reason if d.finish_reason else None})
+                        parts.append(
+                            {
+                                "index": c.index,
+                                "text": prefix + d.text,
+                                "logprobs": lp,
+                                "finish_reason": d.finish_reason,
+                                "stop_reason": c.stop_reason if d.finish_reason else None,
+                            }
+                        )
                     if parts:
                         yield chunk(parts)
                 if body.include_usage:
@@ -266,15 +326,32 @@ def build_app(state: ServerState) -> FastAPI:
         for c in choices.all:
             i = c.index // params.n
             echo = echoes[i] if echoes is not None else ""
-            out.append({
-                "index": c.index, "text": echo + c.text,
-                "logprobs": logprobs_of(i, c.token_ids, c.logprobs, 0,
-                                        prompt_lps.get(i) if echoes is not None else None),
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
-                "prompt_logprobs": prompt_logprobs_json(prompt_lps.get(i))
-                if body.prompt_logprobs is not None else None})
-        return {"id": rid, "object": "text_completion", "created": created, "model": model,
-                "choices": out, "usage": choices.usage(sum(map(len, encoded)))}
+            out.append(
+                {
+                    "index": c.index,
+                    "text": echo + c.text,
+                    "logprobs": logprobs_of(
+                        i,
+                        c.token_ids,
+                        c.logprobs,
+                        0,
+                        prompt_lps.get(i) if echoes is not None else None,
+                    ),
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                    "prompt_logprobs": prompt_logprobs_json(prompt_lps.get(i))
+                    if body.prompt_logprobs is not None
+                    else None,
+                }
+            )
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": out,
+            "usage": choices.usage(sum(map(len, encoded))),
+        }
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -296,23 +373,44 @@ def build_app(state: ServerState) -> FastAPI:
             return None if num_logprobs is None else chat_logprobs(token_ids, logprobs, k)
 
         def chunk(choice_list: list, usage: dict | None = None) -> str:
-            return sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                        "model": model, "choices": choice_list, "usage": usage})
+            return sse(
+                {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": choice_list,
+                    "usage": usage,
+                }
+            )
 
         if body.stream:
+
             async def events() -> AsyncIterator[str]:
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                              "logprobs": None, "finish_reason": None}
-                             for i in range(params.n)])
+                yield chunk(
+                    [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                        for i in range(params.n)
+                    ]
+                )
                 async for i, update in job.updates():
                     parts = []
                     for d in choices.apply(i, update):
                         delta = {"content": d.text} if d.text or not d.finish_reason else {}
-                        parts.append({
-                            "index": d.choice.index, "delta": delta,
-                            "logprobs": logprobs_of(d.token_ids, d.logprobs),
-                            "finish_reason": d.finish_reason,
-                            "stop_reason": d.choice.stop_reason if d.finish_reason else None})
+                        parts.append(
+                            {
+                                "index": d.choice.index,
+                                "delta": delta,
+                                "logprobs": logprobs_of(d.token_ids, d.logprobs),
+                                "finish_reason": d.finish_reason,
+                                "stop_reason": d.choice.stop_reason if d.finish_reason else None,
+                            }
+                        )
                     if parts:
                         yield chunk(parts)
                 if body.include_usage:
@@ -324,24 +422,34 @@ def build_app(state: ServerState) -> FastAPI:
         for _, update in await collect(job, request):
             choices.apply(0, update)
             prompt_lp = update.prompt_logprobs or prompt_lp
-        return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{
-                    "index": c.index, "message": {"role": "assistant", "content": c.text},
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text},
                     "logprobs": logprobs_of(c.token_ids, c.logprobs),
-                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-                    for c in choices.all],
-                "usage": choices.usage(len(ids)),
-                "prompt_logprobs": prompt_logprobs_json(prompt_lp)}
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+                for c in choices.all
+            ],
+            "usage": choices.usage(len(ids)),
+            "prompt_logprobs": prompt_logprobs_json(prompt_lp),
+        }
 
     return app
 
 
 # ---- helpers shared by the routes ------------------------------------------------------------
 
+
 def tokenizer(s: Serving):
     if s.llm.tokenizer is None:
-        raise APIError(400, "this model has no tokenizer: pass token ids, not text",
-                       param="prompt")
+        raise APIError(400, "this model has no tokenizer: pass token ids, not text", param="prompt")
     return s.llm.tokenizer
 
 
@@ -357,8 +465,11 @@ def chat_ids(s: Serving, messages, add_generation_prompt: bool) -> list[int]:
     try:
         text = s.llm.chat_text([m.as_dict() for m in messages], add_generation_prompt)
     except Exception as e:  # the template's own errors (raise_exception, undefined, ...)
-        raise APIError(400, f"the chat template could not render these messages: "
-                            f"{type(e).__name__}: {e}", param="messages") from None
+        raise APIError(
+            400,
+            f"the chat template could not render these messages: {type(e).__name__}: {e}",
+            param="messages",
+        ) from None
     return encode(s, text, False)
 
 
@@ -380,10 +491,12 @@ def check_fits(s: Serving, ids: list[int], max_tokens: int | None, param: str) -
     if max_tokens is not None and len(ids) + max_tokens > limit:
         over = len(ids) + max_tokens - limit
         raise APIError(
-            400, f"this model's maximum context length is {limit} tokens, but the prompt has "
-                 f"{len(ids)} tokens and max_tokens asks for {max_tokens} more: {over} too "
-                 f"many; lower max_tokens to at most {limit - len(ids)} or shorten the prompt",
-            param="max_tokens")
+            400,
+            f"this model's maximum context length is {limit} tokens, but the prompt has "
+            f"{len(ids)} tokens and max_tokens asks for {max_tokens} more: {over} too "
+            f"many; lower max_tokens to at most {limit - len(ids)} or shorten the prompt",
+            param="max_tokens",
+        )
 
 
 async def start(s: Serving, prompts: list[list[int]], params) -> Job:
@@ -397,14 +510,14 @@ async def start(s: Serving, prompts: list[list[int]], params) -> Job:
 
 async def collect(job: Job, request: Request) -> list[tuple[int, Update]]:
     """The job's updates for a non-streamed response; a client that goes away aborts it."""
+
     async def gather() -> list[tuple[int, Update]]:
         return [item async for item in job.updates()]
 
     gathering = asyncio.ensure_future(gather())
     disconnected = asyncio.ensure_future(wait_disconnect(request))
     try:
-        done, _ = await asyncio.wait({gathering, disconnected},
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({gathering, disconnected}, return_when=asyncio.FIRST_COMPLETED)
         if gathering not in done:
             raise APIError(499, "the client closed the request")
         return gathering.result()
@@ -424,6 +537,7 @@ async def wait_disconnect(request: Request) -> None:
 def stream(job: Job, events, request: Request) -> StreamingResponse:
     """SSE: the events, then `data: [DONE]`; an error mid-stream is a last `data: {error}`
     event. A client that disconnects cancels this generator, which aborts the job."""
+
     async def body():
         try:
             async for event in events:
@@ -434,7 +548,6 @@ def stream(job: Job, events, request: Request) -> StreamingResponse:
             job.abort()
         yield sse("[DONE]")
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
-
-
+    return StreamingResponse(
+        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )

@@ -29,14 +29,20 @@ from ..cli import add_model_args, make_llm, model_argv
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m nanovllm bench serve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m nanovllm bench serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_model_args(p)
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight (32)")
-    p.add_argument("--request-rate", type=float, default=float("inf"),
-                   help="Poisson arrivals per second (default: all at once, within "
-                        "--concurrency)")
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        default=float("inf"),
+        help="Poisson arrivals per second (default: all at once, within --concurrency)",
+    )
     p.add_argument("--input-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
     p.add_argument("--output-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
     p.add_argument("--repeats", type=int, default=3, help="runs of each (median)")
@@ -52,9 +58,18 @@ def start_server(args: argparse.Namespace, log) -> tuple[subprocess.Popen, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     model = args.model or str(default_model_path())
-    command = [sys.executable, "-m", "nanovllm", "serve", "--port", str(port),
-               "--no-access-log", "--log-level", "warning",
-               *model_argv(args, model=model)]
+    command = [
+        sys.executable,
+        "-m",
+        "nanovllm",
+        "serve",
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+        *model_argv(args, model=model),
+    ]
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -73,8 +88,14 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], n:
     start = time.perf_counter()
     times: list[float] = []
     tokens = 0
-    body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": prompt,
+        "max_tokens": n,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -88,12 +109,14 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], n:
     return {"start": start, "end": time.perf_counter(), "times": times, "tokens": tokens}
 
 
-async def run_server(url: str, prompts, outputs, concurrency: int, rate: float,
-                     rng: np.random.Generator) -> dict:
+async def run_server(
+    url: str, prompts, outputs, concurrency: int, rate: float, rng: np.random.Generator
+) -> dict:
     limit = asyncio.Semaphore(concurrency)
     timeout = httpx.Timeout(600)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+
         async def limited(prompt, n):
             async with limit:
                 return await one_request(client, url, prompt, n)
@@ -110,9 +133,14 @@ async def run_server(url: str, prompts, outputs, concurrency: int, rate: float,
     ttft = [r["times"][0] - r["start"] for r in results]
     itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
     n_in, n_out = sum(map(len, prompts)), sum(outputs)
-    return {"total_tok_s": (n_in + n_out) / total, "output_tok_s": n_out / total,
-            "ttft_median_s": statistics.median(ttft), "ttft_p99_s": float(np.percentile(ttft, 99)),
-            "itl_median_s": statistics.median(itl), "itl_p99_s": float(np.percentile(itl, 99))}
+    return {
+        "total_tok_s": (n_in + n_out) / total,
+        "output_tok_s": n_out / total,
+        "ttft_median_s": statistics.median(ttft),
+        "ttft_p99_s": float(np.percentile(ttft, 99)),
+        "itl_median_s": statistics.median(itl),
+        "itl_p99_s": float(np.percentile(itl, 99)),
+    }
 
 
 def run_offline(llm, prompts, outputs) -> dict:
@@ -129,8 +157,7 @@ def main(argv: list[str]) -> int:
     work = Workload(args.seed, llm.model.vocab_size)
     prompts, outputs = work.requests(args.num_requests, args.input_len, args.output_len)
     rng = np.random.default_rng(args.seed)
-    log = tempfile.NamedTemporaryFile("wb", prefix="nanovllm-serve-", suffix=".log",
-                                      delete=False)
+    log = tempfile.NamedTemporaryFile("wb", prefix="nanovllm-serve-", suffix=".log", delete=False)
     proc, url = start_server(args, log)
     try:
         run_requests(llm, prompts[:2], [4, 4])  # warm both up
@@ -138,8 +165,11 @@ def main(argv: list[str]) -> int:
         offline, served = [], []
         for _ in range(args.repeats):
             offline.append(run_offline(llm, prompts, outputs))
-            served.append(asyncio.run(run_server(url, prompts, outputs, args.concurrency,
-                                                 args.request_rate, rng)))
+            served.append(
+                asyncio.run(
+                    run_server(url, prompts, outputs, args.concurrency, args.request_rate, rng)
+                )
+            )
     finally:
         proc.terminate()
         proc.wait(30)
@@ -147,8 +177,10 @@ def main(argv: list[str]) -> int:
         os.unlink(log.name)
     med = statistics.median
     table = {
-        "requests": args.num_requests, "concurrency": args.concurrency,
-        "request_rate": args.request_rate, "blas": blas_kernel(),
+        "requests": args.num_requests,
+        "concurrency": args.concurrency,
+        "request_rate": args.request_rate,
+        "blas": blas_kernel(),
         **{f"offline_{k}": med(r[k] for r in offline) for k in offline[0]},
         **{f"server_{k}": med(r[k] for r in served) for k in served[0]},
     }
@@ -157,10 +189,12 @@ def main(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(table))
         return 0
-    print(f"{args.num_requests} requests, input {args.input_len[0]}-{args.input_len[1]}, "
-          f"output {args.output_len[0]}-{args.output_len[1]} tokens, concurrency "
-          f"{args.concurrency}, rate {args.request_rate}/s; BLAS: {table['blas']}; "
-          f"medians of {args.repeats}")
+    print(
+        f"{args.num_requests} requests, input {args.input_len[0]}-{args.input_len[1]}, "
+        f"output {args.output_len[0]}-{args.output_len[1]} tokens, concurrency "
+        f"{args.concurrency}, rate {args.request_rate}/s; BLAS: {table['blas']}; "
+        f"medians of {args.repeats}"
+    )
     print(f"{'figure':>16} {'offline':>10} {'server':>10} {'server/offline':>15}")
     for k in ("total_tok_s", "output_tok_s"):
         off, srv = table[f"offline_{k}"], table[f"server_{k}"]

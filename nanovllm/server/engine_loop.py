@@ -84,23 +84,31 @@ class EngineLoop:
         self._thread.start()
 
     # ---- called from the event loop -----------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams,
-               queue: asyncio.Queue) -> str:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, queue: asyncio.Queue) -> str:
         """Queue a request; its updates arrive on `queue`. Raises ServerError (503) when the
         server is stopping, broken, or past max_waiting."""
         with self._cond:
             if self._stopping or self.dead:
-                raise ServerError(self.dead or "the server is shutting down", 503,
-                                  "service_unavailable")
+                raise ServerError(
+                    self.dead or "the server is shutting down", 503, "service_unavailable"
+                )
             if self.max_waiting is not None and self._waiting >= self.max_waiting:
                 raise ServerError(
                     f"{self._waiting} requests are waiting, the limit set by "
-                    f"--max-waiting-requests={self.max_waiting}; retry later", 503,
-                    "service_unavailable")
+                    f"--max-waiting-requests={self.max_waiting}; retry later",
+                    503,
+                    "service_unavailable",
+                )
             rid = f"req-{next(self._ids)}"
-            tracked = _Tracked(asyncio.get_running_loop(), queue, time.monotonic(),
-                               len(prompt_ids), [0] * params.n, [False] * params.n,
-                               last_token=[0.0] * params.n)
+            tracked = _Tracked(
+                asyncio.get_running_loop(),
+                queue,
+                time.monotonic(),
+                len(prompt_ids),
+                [0] * params.n,
+                [False] * params.n,
+                last_token=[0.0] * params.n,
+            )
             self._inbox.append(("add", rid, prompt_ids, params, tracked))
             self._waiting += 1
             self._cond.notify()
@@ -130,8 +138,11 @@ class EngineLoop:
         failures = 0
         while True:
             with self._cond:
-                while not self._inbox and not self._stopping and not (
-                        engine.has_unfinished_requests() and not self.dead):
+                while (
+                    not self._inbox
+                    and not self._stopping
+                    and not (engine.has_unfinished_requests() and not self.dead)
+                ):
                     self._cond.wait()
                 commands = list(self._inbox)
                 self._inbox.clear()
@@ -140,8 +151,14 @@ class EngineLoop:
             for command in commands:
                 self._apply(command, posts)
             if stopping:
-                self._fail_all(ServerError("the server is shutting down; the request was "
-                                           "aborted", 503, "service_unavailable"), posts)
+                self._fail_all(
+                    ServerError(
+                        "the server is shutting down; the request was aborted",
+                        503,
+                        "service_unavailable",
+                    ),
+                    posts,
+                )
                 self._post(posts)
                 self._publish()
                 return
@@ -159,8 +176,7 @@ class EngineLoop:
                             self._unwait(tracked)
                             posts.append((tracked, Update(rid, finished=True, error=error)))
                     if failures >= MAX_CONSECUTIVE_STEP_FAILURES:
-                        self._die(f"the engine failed {failures} steps in a row; last: {e}",
-                                  posts)
+                        self._die(f"the engine failed {failures} steps in a row; last: {e}", posts)
                     outputs = []
                 except Exception as e:  # outside the model step: the engine state is unknown
                     self._die(f"the engine failed ({type(e).__name__}: {e})", posts)
@@ -183,8 +199,14 @@ class EngineLoop:
             self.engine.add_request(ids, params, request_id=rid)
         except Exception as e:  # a request the handler's checks let through
             self._unwait(tracked)
-            posts.append((tracked, Update(rid, finished=True,
-                                          error=ServerError(str(e), 400, "invalid_request_error"))))
+            posts.append(
+                (
+                    tracked,
+                    Update(
+                        rid, finished=True, error=ServerError(str(e), 400, "invalid_request_error")
+                    ),
+                )
+            )
             return
         self._tracked[rid] = tracked
         posts.append((tracked, Update(rid)))
@@ -208,13 +230,21 @@ class EngineLoop:
             del self._tracked[out.request_id]
             self.engine.abort_request(out.request_id)
             self.metrics.finished("error", now - tracked.arrival)
-            posts.append((tracked, Update(out.request_id, finished=True,
-                                          error=ServerError(failed.error or "the request failed"))))
+            posts.append(
+                (
+                    tracked,
+                    Update(
+                        out.request_id,
+                        finished=True,
+                        error=ServerError(failed.error or "the request failed"),
+                    ),
+                )
+            )
             return
         choices = []
         for c in out.outputs:
             i = c.index
-            new = c.token_ids[tracked.sent[i]:]
+            new = c.token_ids[tracked.sent[i] :]
             if not new and (tracked.done[i] or c.finish_reason is None):
                 continue
             if new:
@@ -225,22 +255,30 @@ class EngineLoop:
                     self.metrics.inter_token(now - tracked.last_token[i])
                 tracked.last_token[i] = now
                 self.metrics.generated(len(new))
-            logprobs = None if c.logprobs is None else tuple(c.logprobs[tracked.sent[i]:])
+            logprobs = None if c.logprobs is None else tuple(c.logprobs[tracked.sent[i] :])
             tracked.sent[i] = len(c.token_ids)
             tracked.done[i] = c.finish_reason is not None
-            choices.append(ChoiceUpdate(i, c.text, tuple(new), logprobs, c.finish_reason,
-                                        c.stop_reason))
+            choices.append(
+                ChoiceUpdate(i, c.text, tuple(new), logprobs, c.finish_reason, c.stop_reason)
+            )
         if out.finished:
             del self._tracked[out.request_id]
-            reason = out.outputs[0].finish_reason if len(out.outputs) == 1 else (
-                "stop" if all(c.finish_reason == "stop" for c in out.outputs) else "length")
+            reason = (
+                out.outputs[0].finish_reason
+                if len(out.outputs) == 1
+                else ("stop" if all(c.finish_reason == "stop" for c in out.outputs) else "length")
+            )
             assert reason is not None  # a finished completion has its reason
             self.metrics.finished(reason, now - tracked.arrival)
         if choices or out.finished:
-            prompt_logprobs = list(out.prompt_logprobs) if (
-                out.finished and out.prompt_logprobs is not None) else None
-            posts.append((tracked, Update(out.request_id, tuple(choices), out.finished,
-                                          prompt_logprobs)))
+            prompt_logprobs = (
+                list(out.prompt_logprobs)
+                if (out.finished and out.prompt_logprobs is not None)
+                else None
+            )
+            posts.append(
+                (tracked, Update(out.request_id, tuple(choices), out.finished, prompt_logprobs))
+            )
 
     def _die(self, why: str, posts: list) -> None:
         self.dead = why
@@ -269,11 +307,14 @@ class EngineLoop:
         usable = len(blocks.blocks) - 1
         with self._cond:
             waiting = scheduler.num_waiting + sum(1 for c in self._inbox if c[0] == "add")
-        self.metrics.publish(running=scheduler.num_running, waiting=waiting,
-                             kv_usage=(usable - blocks.num_free_blocks) / usable,
-                             preemptions=scheduler.num_preemptions,
-                             prefix_queries=blocks.prefix_cache_queries,
-                             prefix_hits=blocks.prefix_cache_hits)
+        self.metrics.publish(
+            running=scheduler.num_running,
+            waiting=waiting,
+            kv_usage=(usable - blocks.num_free_blocks) / usable,
+            preemptions=scheduler.num_preemptions,
+            prefix_queries=blocks.prefix_cache_queries,
+            prefix_hits=blocks.prefix_cache_hits,
+        )
 
 
 def _deliver(items: list[tuple[asyncio.Queue, Update]]) -> None:

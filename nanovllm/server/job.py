@@ -54,4 +54,3 @@ class Job:
         for rid in self.unfinished:
             self.loop.abort(rid)
         self.unfinished.clear()
-

@@ -8,8 +8,27 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                   7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+)
 FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
@@ -24,28 +43,53 @@ class Metrics:
             return metric.labels(**labels)
 
         self.running = make(Gauge, "num_requests_running", "Sequences in the running batch.")
-        self.waiting = make(Gauge, "num_requests_waiting",
-                            "Sequences waiting to be scheduled (new or preempted).")
-        self.kv_usage = make(Gauge, "kv_cache_usage_perc",
-                             "KV-cache blocks held by requests / all blocks (1 = full).")
+        self.waiting = make(
+            Gauge, "num_requests_waiting", "Sequences waiting to be scheduled (new or preempted)."
+        )
+        self.kv_usage = make(
+            Gauge,
+            "kv_cache_usage_perc",
+            "KV-cache blocks held by requests / all blocks (1 = full).",
+        )
         self.prompt_tokens = make(Counter, "prompt_tokens_total", "Prefilled prompt tokens.")
         self.generation_tokens = make(Counter, "generation_tokens_total", "Generated tokens.")
         self.preemptions = make(Counter, "num_preemptions_total", "Preempted sequences.")
-        self.prefix_queries = make(Counter, "prefix_cache_queries_total",
-                                   "Full prompt blocks looked up in the prefix cache.")
-        self.prefix_hits = make(Counter, "prefix_cache_hits_total",
-                                "Full prompt blocks found in the prefix cache.")
-        success = Counter("nanovllm:request_success_total", "Finished requests by reason.",
-                          [*names, "finished_reason"], registry=self.registry)
+        self.prefix_queries = make(
+            Counter,
+            "prefix_cache_queries_total",
+            "Full prompt blocks looked up in the prefix cache.",
+        )
+        self.prefix_hits = make(
+            Counter, "prefix_cache_hits_total", "Full prompt blocks found in the prefix cache."
+        )
+        success = Counter(
+            "nanovllm:request_success_total",
+            "Finished requests by reason.",
+            [*names, "finished_reason"],
+            registry=self.registry,
+        )
         self.success = {r: success.labels(**labels, finished_reason=r) for r in FINISH_REASONS}
-        self.ttft = make(Histogram, "time_to_first_token_seconds", "Arrival to first token.",
-                         buckets=LATENCY_BUCKETS)
-        self.itl = make(Histogram, "inter_token_latency_seconds",
-                        "Time between two tokens of one sequence.", buckets=LATENCY_BUCKETS)
-        self.e2e = make(Histogram, "e2e_request_latency_seconds", "Arrival to finish.",
-                        buckets=LATENCY_BUCKETS)
-        self.queue_time = make(Histogram, "request_queue_time_seconds",
-                               "Arrival to first scheduled step.", buckets=LATENCY_BUCKETS)
+        self.ttft = make(
+            Histogram,
+            "time_to_first_token_seconds",
+            "Arrival to first token.",
+            buckets=LATENCY_BUCKETS,
+        )
+        self.itl = make(
+            Histogram,
+            "inter_token_latency_seconds",
+            "Time between two tokens of one sequence.",
+            buckets=LATENCY_BUCKETS,
+        )
+        self.e2e = make(
+            Histogram, "e2e_request_latency_seconds", "Arrival to finish.", buckets=LATENCY_BUCKETS
+        )
+        self.queue_time = make(
+            Histogram,
+            "request_queue_time_seconds",
+            "Arrival to first scheduled step.",
+            buckets=LATENCY_BUCKETS,
+        )
         self._seen = {"preemptions": 0, "prefix_queries": 0, "prefix_hits": 0}
 
     # ---- written by the engine loop ----------------------------------------------------

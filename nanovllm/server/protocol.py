@@ -45,8 +45,9 @@ class SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     prompt_logprobs: int | None = None
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                        defaults: dict[str, float] | None = None) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, defaults: dict[str, float] | None = None
+    ) -> SamplingParams:
         """Fields the request leaves out take `defaults` (the model's generation config), then
         SamplingParams' own. Raises ValueError naming the field when a value is out of range."""
         bias = None
@@ -54,19 +55,34 @@ class SamplingFields(BaseModel):
             try:
                 bias = {int(k): v for k, v in self.logit_bias.items()}
             except ValueError:
-                raise ValueError(f"logit_bias keys must be token ids written as integers, got "
-                                 f"{list(self.logit_bias)}") from None
+                raise ValueError(
+                    f"logit_bias keys must be token ids written as integers, got "
+                    f"{list(self.logit_bias)}"
+                ) from None
         given: dict[str, Any] = dict(
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty)
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+        )
         return SamplingParams(
-            n=self.n, seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens,
-            stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
-            include_stop_str_in_output=self.include_stop_str_in_output, logprobs=logprobs,
-            prompt_logprobs=self.prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
-            logit_bias=bias, **{**(defaults or {}),
-                                **{k: v for k, v in given.items() if v is not None}})
+            n=self.n,
+            seed=self.seed,
+            max_tokens=max_tokens,
+            min_tokens=self.min_tokens,
+            stop=self.stop,
+            stop_token_ids=self.stop_token_ids,
+            ignore_eos=self.ignore_eos,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            logprobs=logprobs,
+            prompt_logprobs=self.prompt_logprobs,
+            skip_special_tokens=self.skip_special_tokens,
+            logit_bias=bias,
+            **{**(defaults or {}), **{k: v for k, v in given.items() if v is not None}},
+        )
 
     @property
     def include_usage(self) -> bool:
@@ -85,8 +101,10 @@ class CompletionRequest(SamplingFields):
         if isinstance(p, str) or (p and isinstance(p[0], int)):
             return [p]
         if not p:
-            raise ValueError("prompt is an empty list; pass a string, a list of strings, a "
-                             "list of token ids or a list of such lists")
+            raise ValueError(
+                "prompt is an empty list; pass a string, a list of strings, a "
+                "list of token ids or a list of such lists"
+            )
         # (the list-of-ints case returned above; mypy cannot narrow on the first item)
         return cast(list[str | list[int]], list(p))
 
@@ -118,8 +136,11 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
 
     def output_limit(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None \
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
             else self.max_tokens
+        )
 
     def num_logprobs(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:

@@ -29,6 +29,7 @@ class Choice:
 @dataclass(slots=True)
 class Delta:
     """What one update adds to one choice."""
+
     choice: Choice
     text: str
     token_ids: tuple[int, ...]
@@ -54,14 +55,17 @@ class Choices:
         choice.logprobs.extend(c.new_logprobs or ())
         choice.finish_reason, choice.stop_reason = c.finish_reason, c.stop_reason
         upto = len(c.text) if c.finish_reason else max(choice.sent, len(c.text) - self.hold)
-        text = c.text[choice.sent:upto]
+        text = c.text[choice.sent : upto]
         choice.sent = max(choice.sent, upto)
         return Delta(choice, text, c.new_token_ids, c.new_logprobs or (), c.finish_reason)
 
     def usage(self, prompt_tokens: int) -> dict:
         completion = sum(len(c.token_ids) for c in self.all)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion}
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        }
 
 
 def new_id(prefix: str) -> str:
@@ -78,14 +82,17 @@ def sse(data: dict | str) -> str:
 
 # ---- logprobs in OpenAI's two shapes ---------------------------------------------------------
 
+
 def finite(logprob: float) -> float:
     """-inf is not JSON: clamp as vLLM does."""
     return max(logprob, -9999.0)
 
 
 def top_entries(entries: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
-    return sorted(((t, lp) for t, lp in entries.items() if lp.rank is not None and lp.rank <= k),
-                  key=lambda item: item[1].rank or 0)  # (None was filtered out)
+    return sorted(
+        ((t, lp) for t, lp in entries.items() if lp.rank is not None and lp.rank <= k),
+        key=lambda item: item[1].rank or 0,
+    )  # (None was filtered out)
 
 
 def completion_logprobs(token_ids, logprobs, k: int, offset: int) -> dict:
@@ -100,7 +107,9 @@ def completion_logprobs(token_ids, logprobs, k: int, offset: int) -> dict:
         out["token_logprobs"].append(finite(entries[token].logprob) if entries else None)
         out["top_logprobs"].append(
             {lp.decoded_token: finite(lp.logprob) for _, lp in top_entries(entries, k)}
-            if entries else None)
+            if entries
+            else None
+        )
         out["text_offset"].append(offset)
         offset += len(text)
     return out
@@ -108,21 +117,36 @@ def completion_logprobs(token_ids, logprobs, k: int, offset: int) -> dict:
 
 def chat_logprobs(token_ids, logprobs, k: int) -> dict:
     """The chat shape: content = [{token, logprob, bytes, top_logprobs}]."""
+
     def entry(lp: Logprob) -> dict:
         text = lp.decoded_token or ""
-        return {"token": text, "logprob": finite(lp.logprob),
-                "bytes": list(text.encode("utf-8"))}
+        return {"token": text, "logprob": finite(lp.logprob), "bytes": list(text.encode("utf-8"))}
 
-    return {"content": [{**entry(entries[token]),
-                         "top_logprobs": [entry(lp) for _, lp in top_entries(entries, k)]}
-                        for token, entries in zip(token_ids, logprobs)]}
+    return {
+        "content": [
+            {
+                **entry(entries[token]),
+                "top_logprobs": [entry(lp) for _, lp in top_entries(entries, k)],
+            }
+            for token, entries in zip(token_ids, logprobs)
+        ]
+    }
 
 
 def prompt_logprobs_json(prompt_logprobs: list | None) -> list | None:
     """vLLM's extra prompt_logprobs: per prompt position None or {token id: {...}}."""
     if prompt_logprobs is None:
         return None
-    return [None if entries is None else
-            {str(t): {"logprob": finite(lp.logprob), "rank": lp.rank,
-                      "decoded_token": lp.decoded_token} for t, lp in entries.items()}
-            for entries in prompt_logprobs]
+    return [
+        None
+        if entries is None
+        else {
+            str(t): {
+                "logprob": finite(lp.logprob),
+                "rank": lp.rank,
+                "decoded_token": lp.decoded_token,
+            }
+            for t, lp in entries.items()
+        }
+        for entries in prompt_logprobs
+    ]

@@ -30,25 +30,43 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m nanovllm serve",
         description="Serve a model over OpenAI's HTTP API (/v1/completions, "
-                    "/v1/chat/completions, /v1/models, /tokenize, /detokenize, /health, "
-                    "/version, /metrics).")
+        "/v1/chat/completions, /v1/models, /tokenize, /detokenize, /health, "
+        "/version, /metrics).",
+    )
     add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1; "
-                   "0.0.0.0 for every interface)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (127.0.0.1; 0.0.0.0 for every interface)",
+    )
     p.add_argument("--port", type=int, default=8000, help="TCP port (8000)")
-    p.add_argument("--api-key", default=os.environ.get("NANOVLLM_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on every route but /health, "
-                        "/version and /metrics (default: $NANOVLLM_API_KEY, else no key)")
-    p.add_argument("--served-model-name", default=None,
-                   help="the model id clients pass and /v1/models lists (default: the model "
-                        "file or directory name)")
-    p.add_argument("--max-waiting-requests", type=int, default=None,
-                   help="answer 503 with Retry-After while this many requests wait to be "
-                        "scheduled (default: no limit)")
-    p.add_argument("--override-generation-config", default=None, metavar="JSON",
-                   help="defaults for the sampling fields a request leaves out, over the "
-                        "model's generation_config.json, e.g. '{\"temperature\": 0.7}'; keys: "
-                        + ", ".join(GENERATION_FIELDS))
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("NANOVLLM_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every route but /health, "
+        "/version and /metrics (default: $NANOVLLM_API_KEY, else no key)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model id clients pass and /v1/models lists (default: the model "
+        "file or directory name)",
+    )
+    p.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=None,
+        help="answer 503 with Retry-After while this many requests wait to be "
+        "scheduled (default: no limit)",
+    )
+    p.add_argument(
+        "--override-generation-config",
+        default=None,
+        metavar="JSON",
+        help="defaults for the sampling fields a request leaves out, over the "
+        "model's generation_config.json, e.g. '{\"temperature\": 0.7}'; keys: "
+        + ", ".join(GENERATION_FIELDS),
+    )
     p.add_argument("--log-level", default="info", help="uvicorn's log level (info)")
     p.add_argument("--no-access-log", action="store_true", help="do not log every request")
     return p
@@ -71,13 +89,20 @@ def sampling_defaults(model: str | None, override: str | None) -> dict[str, floa
         try:
             extra = json.loads(override)
         except json.JSONDecodeError as e:
-            raise ValueError(f"--override-generation-config {override!r} is not JSON ({e}); "
-                             """pass an object such as '{"temperature": 0.7}'""") from None
-        unknown = sorted(set(extra) - set(GENERATION_FIELDS)) if isinstance(extra, dict) \
+            raise ValueError(
+                f"--override-generation-config {override!r} is not JSON ({e}); "
+                """pass an object such as '{"temperature": 0.7}'"""
+            ) from None
+        unknown = (
+            sorted(set(extra) - set(GENERATION_FIELDS))
+            if isinstance(extra, dict)
             else ["(not an object)"]
+        )
         if unknown:
-            raise ValueError(f"--override-generation-config has {unknown}; pass an object "
-                             f"with keys among {', '.join(GENERATION_FIELDS)}")
+            raise ValueError(
+                f"--override-generation-config has {unknown}; pass an object "
+                f"with keys among {', '.join(GENERATION_FIELDS)}"
+            )
         defaults.update(extra)
     from ..sampling_params import SamplingParams
 
@@ -95,8 +120,10 @@ def main(argv: list[str]) -> int:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} is not a TCP port; pass 0..65535")
     if args.max_waiting_requests is not None and args.max_waiting_requests < 0:
-        raise ValueError(f"--max-waiting-requests {args.max_waiting_requests} is negative; "
-                         "pass 0 or more, or leave it out for no limit")
+        raise ValueError(
+            f"--max-waiting-requests {args.max_waiting_requests} is negative; "
+            "pass 0 or more, or leave it out for no limit"
+        )
     name = args.served_model_name or served_name(args.model)
     defaults = sampling_defaults(args.model, args.override_generation_config)
     state = ServerState(name, Metrics(name), args.api_key or None, defaults)
@@ -107,9 +134,16 @@ def main(argv: list[str]) -> int:
                 state.loop.stop(wait=None)  # streams end now, so connections close at once
             super().handle_exit(sig, frame)
 
-    server = Server(uvicorn.Config(build_app(state), host=args.host, port=args.port,
-                                   log_level=args.log_level, access_log=not args.no_access_log,
-                                   timeout_graceful_shutdown=5))
+    server = Server(
+        uvicorn.Config(
+            build_app(state),
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            access_log=not args.no_access_log,
+            timeout_graceful_shutdown=5,
+        )
+    )
     failure: list[BaseException] = []
 
     def load() -> None:
@@ -119,8 +153,12 @@ def main(argv: list[str]) -> int:
             failure.append(e)
             server.should_exit = True
             return
-        print(f"nanovllm: serving {name!r} at http://{args.host}:{args.port}/v1; sampling "
-              f"defaults {defaults or 'of SamplingParams'}", file=sys.stderr, flush=True)
+        print(
+            f"nanovllm: serving {name!r} at http://{args.host}:{args.port}/v1; sampling "
+            f"defaults {defaults or 'of SamplingParams'}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     threading.Thread(target=load, name="nanovllm-load", daemon=True).start()
     # uvicorn re-raises the signal that stopped it once it is down: make that a no-op for

@@ -5,5 +5,11 @@ from .gguf_file import GGUF_ARCHS, GGUFArch, load_gguf
 from .gguf_tokenizer import GGUFTokenizerData
 from .safetensors_dir import load_hf_dir
 
-__all__ = ["GGUF_ARCHS", "GGUFArch", "GGUFTokenizerData", "WeightsError", "load_gguf",
-           "load_hf_dir"]
+__all__ = [
+    "GGUF_ARCHS",
+    "GGUFArch",
+    "GGUFTokenizerData",
+    "WeightsError",
+    "load_gguf",
+    "load_hf_dir",
+]

