@@ -16,6 +16,7 @@ from tqdm import tqdm
 from ..errors import WeightsError
 from ..memory import check_fits
 from ..models.config_check import check_config
+from .gguf_reader import GGUFFile, GGUFFormatError, GGUFTensor
 from .gguf_tokenizer import GGUFTokenizerData, build_tokenizer
 
 
@@ -262,48 +263,34 @@ def load_gguf(path: str | Path) -> tuple[dict, dict[str, np.ndarray], GGUFTokeni
     return config, tensors, tokenizer
 
 
-def open_gguf(file: str) -> gguf.GGUFReader:
+def open_gguf(file: str) -> GGUFFile:
     if not Path(file).is_file():
         raise WeightsError(f"{file} does not exist; pass the path of a .gguf file")
     try:
-        reader = gguf.GGUFReader(file)
-    except Exception as e:  # the reader signals a bad file with many exception types
+        return GGUFFile(file)
+    except (GGUFFormatError, OSError) as e:
         raise WeightsError(
-            f"{file} is not a readable GGUF file, or is truncated or corrupt "
-            f"({type(e).__name__}: {e}); download it again"
+            f"{file} is not a readable GGUF file, or is truncated or corrupt ({e}); "
+            f"download it again"
         ) from e
-    for tensor in reader.tensors:
-        if tensor.data.nbytes != tensor.n_bytes:
-            raise WeightsError(
-                f"{file}: tensor {tensor.name!r} holds {tensor.data.nbytes} bytes "
-                f"instead of {tensor.n_bytes}; the file is truncated or corrupt"
-            )
-    return reader
 
 
 _MISSING = object()
 
 
-def read_field(reader: gguf.GGUFReader, key: str, file: str, default: Any = _MISSING) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
+def read_field(reader: GGUFFile, key: str, file: str, default: Any = _MISSING) -> Any:
+    value = reader.fields.get(key)
+    if value is None:
         if default is _MISSING:
             raise WeightsError(
                 f"{file} lacks the metadata key {key!r}; reconvert the model "
                 f"with llama.cpp's convert_hf_to_gguf.py"
             )
         return default
-    try:
-        return f.contents()
-    except Exception as e:
-        raise WeightsError(
-            f"{file}: metadata key {key!r} is corrupt ({e}); download the file again"
-        ) from e
+    return value
 
 
-def gguf_config(
-    reader: gguf.GGUFReader, arch: str, spec: GGUFArch, names: set[str], file: str
-) -> dict:
+def gguf_config(reader: GGUFFile, arch: str, spec: GGUFArch, names: set[str], file: str) -> dict:
     config: dict = {"architectures": [spec.hf_architecture], "model_type": spec.model_type}
     config |= spec.defaults
     for key, hf_key in spec.config_keys.items():
@@ -336,7 +323,7 @@ def gguf_config(
     return config
 
 
-def rope_scaling(reader: gguf.GGUFReader, arch: str, config: dict, file: str) -> dict | None:
+def rope_scaling(reader: GGUFFile, arch: str, config: dict, file: str) -> dict | None:
     prefix = f"{arch}.rope.scaling."
     keys = {
         k[len(prefix) :]: read_field(reader, k, file) for k in reader.fields if k.startswith(prefix)
@@ -438,11 +425,11 @@ def hf_name(name: str, spec: GGUFArch, file: str) -> str:
     )
 
 
-def dequantize_tensor(tensor: gguf.ReaderTensor, file: str) -> np.ndarray:
+def dequantize_tensor(tensor: GGUFTensor, file: str) -> np.ndarray:
     """A float32 copy of one tensor in HF (row-major, outermost first) shape."""
     shape = tuple(int(n) for n in reversed(tensor.shape))
     try:
-        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        values = dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError as e:
         raise WeightsError(
             f"{file}: tensor {tensor.name!r} uses {tensor.tensor_type.name}, "
@@ -459,3 +446,22 @@ def unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
     """Undo llama.cpp's Q/K row order (pairs interleaved per head) back to HF's half split."""
     half = w.shape[0] // heads // 2
     return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+ROWS_PER_CALL = 256  # rows gguf dequantizes at once: its own default, 16, costs 3x in overhead
+
+
+def dequantize(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """gguf's dequantization, over groups of rows large enough that numpy's per-call overhead
+    is small and small enough that each group stays in cache. Bit-identical to
+    gguf.quants.dequantize (tests/test_weights.py checks)."""
+    # (gguf keeps its per-type classes in a private table; without it, its public path)
+    quant = getattr(gguf.quants, "_type_traits", {}).get(qtype)
+    if quant is None:  # float types, a type gguf cannot dequantize, or another gguf
+        return gguf.quants.dequantize(data, qtype)
+    quant.init_grid()
+    rows = data.reshape(-1, data.shape[-1])
+    out = np.empty(gguf.quants.quant_shape_from_byte_shape(rows.shape, qtype), np.float32)
+    for i in range(0, rows.shape[0], ROWS_PER_CALL):
+        out[i : i + ROWS_PER_CALL] = quant.dequantize_rows(rows[i : i + ROWS_PER_CALL])
+    return out.reshape(gguf.quants.quant_shape_from_byte_shape(data.shape, qtype))
