@@ -1,0 +1,72 @@
+"""Start-up time of the default model, warm (the file in the page cache), each run a fresh process.
+
+    python benchmarks/startup.py [--repeats 5] [--model PATH]
+
+Prints the medians of: `LLM()` inside a fresh interpreter (import excluded), the whole CLI
+command `python -m nanovllm --max-tokens 8 "The capital of France is"` (wall time), and, as
+the peer measured in the same run, the time `gguf.GGUFReader` alone takes to parse the file's
+metadata (what loading spent most of its time on before the bulk reader).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+LLM_TIME = """
+import time
+from nanovllm import LLM
+t = time.perf_counter()
+LLM({model!r}, verbose=False)
+print(time.perf_counter() - t)
+"""
+GGUF_READER_TIME = """
+import time, gguf
+from nanovllm.weights.default_model import resolve_model
+path = str(resolve_model({model!r}))
+t = time.perf_counter()
+gguf.GGUFReader(path)
+print(time.perf_counter() - t)
+"""
+
+
+def in_fresh_process(code: str) -> float:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
+def cli_wall_seconds(model: str | None) -> float:
+    cmd = [sys.executable, "-m", "nanovllm", "--max-tokens", "8", "The capital of France is"]
+    if model:
+        cmd[3:3] = ["--model", model]
+    t = time.perf_counter()
+    subprocess.run(cmd, capture_output=True, check=True)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--model", default=None, help="a .gguf path (default: the default model)")
+    args = p.parse_args()
+    from nanovllm.bench import blas_kernel
+
+    in_fresh_process(LLM_TIME.format(model=args.model))  # warms the page cache
+    runs: dict[str, list[float]] = {"llm_init_s": [], "cli_wall_s": [], "gguf_reader_parse_s": []}
+    for _ in range(args.repeats):
+        runs["llm_init_s"].append(in_fresh_process(LLM_TIME.format(model=args.model)))
+        runs["cli_wall_s"].append(cli_wall_seconds(args.model))
+        runs["gguf_reader_parse_s"].append(
+            in_fresh_process(GGUF_READER_TIME.format(model=args.model))
+        )
+    figures = {k: round(statistics.median(v), 3) for k, v in runs.items()}
+    figures |= {"repeats": args.repeats, "blas_kernel": blas_kernel()}
+    print(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
