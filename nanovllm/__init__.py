@@ -5,12 +5,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "StructuredOutputsParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "Logprob",
+]
 
 if TYPE_CHECKING:
     from .llm import LLM
     from .outputs import CompletionOutput, Logprob, RequestOutput
-    from .sampling_params import SamplingParams
+    from .sampling_params import SamplingParams, StructuredOutputsParams
 
 
 def __getattr__(name: str):
@@ -19,10 +26,10 @@ def __getattr__(name: str):
         from .llm import LLM
 
         return LLM
-    if name == "SamplingParams":
-        from .sampling_params import SamplingParams
+    if name in ("SamplingParams", "StructuredOutputsParams"):
+        from . import sampling_params
 
-        return SamplingParams
+        return getattr(sampling_params, name)
     if name in ("RequestOutput", "CompletionOutput", "Logprob"):
         from . import outputs
 

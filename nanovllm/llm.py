@@ -16,6 +16,7 @@ from .memory import check_fits
 from .outputs import RequestOutput
 from .runner.model_runner import ModelRunner
 from .sampling_params import SamplingParams
+from .structured_outputs import GrammarCompiler
 from .tokenizer import Tokenizer
 
 Prompt = str | list[int]
@@ -107,8 +108,11 @@ class LLM:
             batch_invariant=batch_invariant,
         )
         runner = ModelRunner(self.model, self.backend, self.config, loaded.eos_token_ids, seed)
+        grammars = None
+        if self.tokenizer is not None:  # structured outputs compile against the tokenizer
+            grammars = GrammarCompiler(self.tokenizer, self.model.vocab_size, loaded.eos_token_ids)
         self.engine = LLMEngine(
-            self.model, self.tokenizer, runner, self.config, loaded.eos_token_ids
+            self.model, self.tokenizer, runner, self.config, loaded.eos_token_ids, grammars
         )
         # generate / chat / stream may run in several threads, or interleave (two streams):
         # engine calls are serialized by the lock, and whichever call steps the engine keeps

@@ -9,6 +9,57 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_N = 4096  # samples per request: enough for sampling statistics, not a runaway
+CONSTRAINT_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass(slots=True)
+class StructuredOutputsParams:
+    """A constraint on the output, as vLLM's: exactly one of
+    json (a JSON schema, as a dict or a string), regex, choice (a list of strings), grammar
+    (a Lark grammar, llguidance's dialect) or json_object=True (any JSON object)."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def kind(self) -> str:
+        """The one constraint given; ValueError when none or several are."""
+        given = [k for k in CONSTRAINT_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                f"StructuredOutputsParams takes exactly one of {', '.join(CONSTRAINT_KINDS)}; "
+                f"got {', '.join(given) if given else 'none'}"
+            )
+        return given[0]
+
+    def validate(self) -> None:
+        kind = self.kind()
+        value = getattr(self, kind)
+        ok = {
+            "json": isinstance(value, dict | str),
+            "regex": isinstance(value, str) and value != "",
+            "choice": isinstance(value, list | tuple)
+            and len(value) > 0
+            and all(isinstance(c, str) and c for c in value),
+            "grammar": isinstance(value, str) and value.strip() != "",
+            "json_object": value is True,
+        }[kind]
+        if not ok:
+            allowed = {
+                "json": "a JSON schema (a dict, or a string holding one)",
+                "regex": "a non-empty regular expression",
+                "choice": "a non-empty list of non-empty strings",
+                "grammar": "a non-empty Lark grammar",
+                "json_object": "True",
+            }[kind]
+            raise ValueError(
+                f"StructuredOutputsParams.{kind}={value!r} is invalid; allowed: {allowed}"
+            )
 
 
 @dataclass(slots=True)
@@ -32,6 +83,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    structured_outputs: StructuredOutputsParams | None = None  # constrain the output
     _stop: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -112,3 +164,7 @@ class SamplingParams:
             or any(not is_real(v) or not -100.0 <= v <= 100.0 for v in self.logit_bias.values())
         ):
             raise bad("logit_bias", "a dict of non-negative token ids to floats in [-100, 100]")
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise bad("structured_outputs", "a StructuredOutputsParams, or None")
+            self.structured_outputs.validate()

@@ -40,8 +40,10 @@ class Request:
 
 
 class LLMEngine:
-    def __init__(self, model, tokenizer, runner, config, eos_token_ids: list[int]):
+    def __init__(self, model, tokenizer, runner, config, eos_token_ids: list[int], grammars=None):
         self.model, self.tokenizer, self.runner, self.config = model, tokenizer, runner, config
+        # structured outputs: compiles constraints, hands out matchers (None: no tokenizer)
+        self.grammars = grammars
         self.scheduler = Scheduler(config)
         self.eos_token_ids = set(eos_token_ids)
         self.requests: dict[str, Request] = {}
@@ -115,6 +117,14 @@ class LLMEngine:
                     f"{name} holds {bad[0]}, outside the vocabulary "
                     f"[0, {vocab}); pass ids below {vocab}"
                 )
+        grammar = None
+        if params.structured_outputs is not None:
+            if self.grammars is None:
+                raise InvalidRequestError(
+                    "structured_outputs needs the model's tokenizer, and this model has none; "
+                    "use a model directory with tokenizer.json, or a GGUF file with its vocabulary"
+                )
+            grammar = self.grammars.grammar(params.structured_outputs)
         text, ids = self.encode_prompt(prompt)
         self.validate_prompt(ids)
         rid = str(next(self._ids)) if request_id is None else str(request_id)
@@ -131,6 +141,9 @@ class LLMEngine:
             )
             for i in range(params.n)
         ]
+        if grammar is not None:  # one matcher per sample
+            for s in seqs:
+                s.matcher = self.grammars.matcher(grammar)
         detok = []
         if self.tokenizer is not None:
             from ..tokenizer import IncrementalDetokenizer
@@ -228,7 +241,17 @@ class LLMEngine:
             lp = res.logprobs[token][0]
             out.cumulative_logprob = (out.cumulative_logprob or 0.0) + lp
         reason, stop_reason = None, None
-        if len(out.token_ids) >= p.min_tokens:
+        matcher = seq.matcher
+        if matcher is not None and not matcher.consume_token(token):
+            out.finish_reason, out.error = (
+                "error",
+                (f"the structured output's grammar rejected token {token}: {matcher.get_error()}"),
+            )
+            self._finish(req, seq, "error")
+            return
+        # with a grammar, min_tokens yields: the grammar decides where the answer ends
+        min_tokens = 0 if matcher is not None else p.min_tokens
+        if len(out.token_ids) >= min_tokens:
             if token in (p.stop_token_ids or ()):
                 reason, stop_reason = "stop", token
             elif token in self.eos_token_ids and not p.ignore_eos:
@@ -236,10 +259,12 @@ class LLMEngine:
         if req.detokenizers and reason is None:
             delta = req.detokenizers[seq.index].push(token)
             out.text += delta
-            if delta and p.stop_strings and len(out.token_ids) >= p.min_tokens:
+            if delta and p.stop_strings and len(out.token_ids) >= min_tokens:
                 hit = find_stop(out.text, len(delta), p.stop_strings, p.include_stop_str_in_output)
                 if hit is not None:
                     (out.text, stop_reason), reason = hit, "stop"
+        if reason is None and matcher is not None and matcher.is_stopped():
+            reason = "stop"  # the grammar allows nothing more: the answer is complete
         if reason is None and (
             len(out.token_ids) >= (p.max_tokens or 1 << 62)
             or seq.num_tokens >= self.config.max_model_len

@@ -32,6 +32,10 @@ class Sequence:
     finish_reason: str | None = field(init=False, default=None)
     state_slot: int | None = field(init=False, default=None)
     num_preemptions: int = field(init=False, default=0)
+    # structured outputs: the grammar matcher of this sample, advanced with each of its tokens
+    # (opaque here; see nanovllm/structured_outputs.py). It survives preemption as is: the
+    # tokens it has consumed are kept and recomputed, never sampled again.
+    matcher: Any = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

@@ -26,6 +26,9 @@ class SamplingTensors:
     penalties: Any = None  # (counts [N, V], seen [N, V] bool, presence, frequency, repetition)
     banned: Any = None  # [N, V] bool: tokens that may not be sampled yet (min_tokens)
     bias: Any = None  # [N, V] float added to the raw logits (logit_bias)
+    # structured outputs: (packed [N, W] int32, word [V], bit [V]); token t is allowed in row
+    # i when bit bit[t] of packed[i, word[t]] is set (W = ceil(V / 32) words per row)
+    allowed: Any = None
 
 
 def apply_penalties(xp, logits, counts, seen, presence, frequency, repetition):
@@ -38,6 +41,10 @@ def apply_penalties(xp, logits, counts, seen, presence, frequency, repetition):
 
 def sample(xp, logits, tensors: SamplingTensors):
     """logits [N, V] -> sampled token ids [N], for N rows over a vocabulary of V tokens."""
+    if tensors.allowed is not None:  # a grammar's mask comes first, as in vLLM
+        packed, word, bit = tensors.allowed
+        bits = (xp.take(packed, word, axis=1) >> bit) & 1  # [N, V] int32, 1: allowed
+        logits = xp.where(bits != 0, logits, -xp.inf)  # [N, V]
     if tensors.bias is not None:
         logits = logits + tensors.bias  # [N, V]
     if tensors.penalties is not None:

@@ -16,7 +16,7 @@ from ..layers.attention import AttentionMetadata, AttentionPart
 from ..layers.mamba2 import StateMetadata
 from ..layers.sampler import SamplingTensors, sample
 from . import attention_layout as layout
-from .sampling import sampling_tensors, top_logprobs
+from .sampling import sampling_tensors, top_logprobs, unpack_index
 
 
 @dataclass(slots=True)
@@ -75,6 +75,7 @@ class ModelRunner:
         self.scratch_state_slot = config.num_state_slots
         self.kv_caches = model.allocate_cache(backend, slots, config.num_state_slots + 1)
         self.rng = np.random.default_rng(seed)
+        self.token_bits = unpack_index(backend, model.vocab_size)  # for structured outputs
         # a jitting backend wants few distinct shapes: it rounds sizes up to buckets
         self.bucket = backend.bucket
         # tiled attention parts (few shapes) where jitting, exact parts (no padding) otherwise
@@ -315,8 +316,9 @@ class ModelRunner:
         xp, backend = self.xp, self.backend
         n = self.rows_bucket(len(at))
         tensors = sampling_tensors(
-            sampled, backend, self.model.vocab_size, n, self.eos_token_ids, self.rng
-        )
+            sampled, backend, self.model.vocab_size, n, self.eos_token_ids, self.rng,
+            self.token_bits,
+        )  # fmt: skip
         tokens, finite = self._sample(logits, backend.index(at + [0] * (n - len(at))), tensors)
         tokens, finite = backend.to_host(tokens).tolist(), backend.to_host(finite).tolist()
         want = [i for i, s in enumerate(sampled) if s.seq.params.logprobs is not None]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..layers.sampler import SamplingTensors
+from ..structured_outputs import fill_bitmask
 
 
 def top_logprobs(row: np.ndarray, k: int, chosen: list[int]) -> dict[int, tuple[float, int]]:
@@ -22,7 +23,15 @@ def top_logprobs(row: np.ndarray, k: int, chosen: list[int]) -> dict[int, tuple[
     return out
 
 
-def sampling_tensors(rows, b, V: int, n: int, eos_token_ids: list[int], rng) -> SamplingTensors:
+def unpack_index(b, V: int) -> tuple:
+    """Where token t's bit lies in a packed mask row: (word t // 32 [V], bit t % 32 [V])."""
+    tokens = np.arange(V)
+    return b.index(tokens // 32), b.step_input((tokens % 32).astype(np.int32))
+
+
+def sampling_tensors(
+    rows, b, V: int, n: int, eos_token_ids: list[int], rng, token_bits: tuple = ()
+) -> SamplingTensors:
     """The sampling parameters of the scheduled chunks `rows`, padded to n rows, on backend b.
 
     A seeded request's uniform is drawn from a generator keyed by (seed, sample index, output
@@ -69,11 +78,14 @@ def sampling_tensors(rows, b, V: int, n: int, eos_token_ids: list[int], rng) -> 
             column("repetition_penalty", 1.0),
         )
     banned = None
-    if any(s.seq.num_output_tokens < s.seq.params.min_tokens for s in rows):
+    # min_tokens bans the stop tokens, except under a grammar (it decides where output ends)
+    short = [s.seq.num_output_tokens < s.seq.params.min_tokens and s.seq.matcher is None
+             for s in rows]  # fmt: skip
+    if any(short):
         mask = np.zeros((n, V), dtype=bool)
         for i, s in enumerate(rows):
             p = s.seq.params
-            if s.seq.num_output_tokens < p.min_tokens:
+            if short[i]:
                 mask[i, p.stop_token_ids + ([] if p.ignore_eos else eos_token_ids)] = True
         banned = b.step_input(mask)
     bias = None
@@ -83,6 +95,10 @@ def sampling_tensors(rows, b, V: int, n: int, eos_token_ids: list[int], rng) -> 
             for token, value in (p.logit_bias or {}).items():
                 dense[i, token] = value
         bias = b.step_input(dense)
+    allowed = None
+    if any(s.seq.matcher is not None for s in rows):  # structured outputs: packed masks
+        packed = fill_bitmask([s.seq.matcher for s in rows], n, V)  # [n, ceil(V/32)] int32
+        allowed = (b.step_input(packed), *token_bits)
     return SamplingTensors(
         b.step_input(temp),
         b.index(top_k),
@@ -95,4 +111,5 @@ def sampling_tensors(rows, b, V: int, n: int, eos_token_ids: list[int], rng) -> 
         penalties=penalties,
         banned=banned,
         bias=bias,
+        allowed=allowed,
     )
