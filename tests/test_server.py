@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import httpx
@@ -412,6 +413,44 @@ BAD = [
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model", "does not exist"),
     ("/tokenize", {"prompt": "hi", "messages": FRANCE}, 400, "prompt", "exactly one"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens", "outside the vocabulary"),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": FRANCE,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "foo"}},
+            },
+        },
+        400,
+        None,
+        "Invalid type: foo",
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": FRANCE,
+            "response_format": {"type": "json_object"},
+            "structured_outputs": {"regex": "a+"},
+        },
+        400,
+        "response_format",
+        "pass one",
+    ),
+    (
+        "/v1/completions",
+        {"prompt": "hi", "structured_outputs": {"regex": "[a-"}},
+        400,
+        None,
+        "structured_outputs.regex cannot be used",
+    ),
+    (
+        "/v1/completions",
+        {"prompt": "hi", "structured_outputs": {"regex": "a", "choice": ["b"]}},
+        400,
+        "structured_outputs",
+        "exactly one of",
+    ),
 ]
 
 
@@ -590,3 +629,61 @@ def test_raw_curl_style_request_and_sse_framing(server):
     assert all(e.startswith("data: ") for e in events)
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
+
+
+# ---- structured outputs ------------------------------------------------------------------
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+def test_response_format_json_schema_returns_valid_json(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    reply = client.chat.completions.create(
+        model="smol",
+        messages=[{"role": "user", "content": "Invent a person."}],
+        max_tokens=60,
+        temperature=1.0,
+        seed=3,
+        n=3,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "person", "schema": PERSON},
+        },
+    )
+    for choice in reply.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), PERSON)
+
+
+def test_response_format_json_object_and_streaming(client):
+    stream = client.chat.completions.create(
+        model="smol",
+        messages=[{"role": "user", "content": "Describe Paris as JSON."}],
+        max_tokens=100,
+        temperature=0,
+        response_format={"type": "json_object"},
+        stream=True,
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    if chunks[-1].choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict), text
+    assert text.lstrip().startswith("{")
+
+
+def test_extra_body_structured_outputs_choice_and_regex(client):
+    options = ["Paris", "London", "Rome"]
+    reply = client.chat.completions.create(
+        model="smol", messages=FRANCE, max_tokens=10, temperature=1.0, seed=1, n=4,
+        extra_body={"structured_outputs": {"choice": options}},
+    )  # fmt: skip
+    assert all(c.message.content in options for c in reply.choices)
+    reply = client.completions.create(
+        model="smol", prompt="Today's date is", max_tokens=20, temperature=0,
+        extra_body={"structured_outputs": {"regex": r"\d{4}-\d{2}-\d{2}"}},
+    )  # fmt: skip
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", reply.choices[0].text), reply.choices[0].text

@@ -99,6 +99,8 @@ def field_of(message: str) -> str | None:
     """'SamplingParams.top_p=2.0 is invalid; ...' -> 'top_p'."""
     if message.startswith("SamplingParams."):
         return message.split(".", 1)[1].split("=", 1)[0]
+    if message.startswith(("StructuredOutputsParams", "response_format", "structured_outputs")):
+        return "response_format" if message.startswith("response_format") else "structured_outputs"
     return None
 
 
