@@ -30,6 +30,9 @@ def limits() -> llguidance.LLParserLimits:
     )
 
 
+COMPILE_TIMEOUT_S = 10.0  # a constraint that takes longer to check is refused
+
+
 def bitmask_width(vocab_size: int) -> int:
     """int32 words per row of a packed mask over `vocab_size` tokens."""
     return (vocab_size + 31) // 32
@@ -81,9 +84,7 @@ class GrammarCompiler:
             raise InvalidRequestError(
                 f"structured_outputs.{kind} is not valid: {e}; pass a valid {kind}"
             ) from None
-        error = llguidance.LLMatcher.validate_grammar(
-            grammar, self.llg_tokenizer(), limits=limits()
-        )
+        error = self._validate(grammar, kind)
         if error:
             raise InvalidRequestError(
                 f"structured_outputs.{kind} cannot be used: {error.strip()}; fix the {kind}"
@@ -91,6 +92,27 @@ class GrammarCompiler:
         with self._lock:
             self._grammars[key] = grammar
         return grammar
+
+    def _validate(self, grammar: str, kind: str) -> str:
+        """llguidance's verdict on a grammar ("" when valid), within COMPILE_TIMEOUT_S: the
+        check runs in a thread of its own (it releases the GIL) and a slow one is refused
+        (the thread is left to finish in the background; the request is not kept waiting)."""
+        tokenizer = self.llg_tokenizer()
+        verdict: dict[str, str] = {}
+        thread = threading.Thread(
+            target=lambda: verdict.update(
+                error=llguidance.LLMatcher.validate_grammar(grammar, tokenizer, limits=limits())
+            ),
+            daemon=True,
+        )
+        thread.start()
+        thread.join(COMPILE_TIMEOUT_S)
+        if "error" not in verdict:
+            raise InvalidRequestError(
+                f"structured_outputs.{kind} did not compile within {COMPILE_TIMEOUT_S:g} s; "
+                f"simplify the {kind}"
+            )
+        return verdict["error"]
 
     def matcher(self, grammar: str):
         m = llguidance.LLMatcher(self.llg_tokenizer(), grammar, log_level=0, limits=limits())

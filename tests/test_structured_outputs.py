@@ -201,3 +201,19 @@ def test_invalid_constraints_are_refused_by_name(llm, kind, words):
 def test_malformed_constraint_params_are_refused(kind, words):
     with pytest.raises(ValueError, match=re.escape(words)):
         StructuredOutputsParams(**kind)
+
+
+def test_a_constraint_slower_to_compile_than_the_limit_is_refused(llm, monkeypatch):
+    """A schema the compiler cannot check within COMPILE_TIMEOUT_S is refused (here the limit
+    is lowered below what a 3,000-property schema takes), and the engine goes on."""
+    from nanovllm import structured_outputs
+
+    monkeypatch.setattr(structured_outputs, "COMPILE_TIMEOUT_S", 0.001)
+    names = [f"p{i}" for i in range(3000)]
+    schema = {"type": "object", "properties": {n: {"type": "string", "pattern": "(a|b)*c{3,9}"}
+                                               for n in names}, "required": names}  # fmt: skip
+    with pytest.raises(ValueError, match=r"did not compile within 0\.001 s; simplify the json"):
+        chat(llm, ASK_CAPITAL, max_tokens=4, structured_outputs=constrained(json=schema))
+    assert_nothing_held(llm)
+    (out,) = chat(llm, ASK_CAPITAL, temperature=0, max_tokens=4)
+    assert out.token_ids
