@@ -91,6 +91,21 @@ def test_prompt_logprobs(case, backend, check_logprobs):
         check_prompt_logprobs(check_logprobs, case, out, k)
 
 
+def test_prompt_logprobs_of_a_chunk_cut_into_causal_query_blocks(
+    case, backend, check_logprobs, monkeypatch
+):
+    """A prefill chunk longer than PREFILL_QUERY_BLOCK attends in query blocks, each over the
+    keys up to its last query (the eager backends' layout): every position still matches."""
+    from nanovllm.runner import model_runner
+
+    monkeypatch.setattr(model_runner, "PREFILL_QUERY_BLOCK", 16)
+    llm = make_llm(case, backend, block_size=4)
+    batch = prompts(11, [100, 37])  # one chunk each: 7 and 3 query blocks
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=5, ignore_eos=True)
+    for out in llm.generate(batch, params, use_tqdm=False):
+        check_prompt_logprobs(check_logprobs, case, out, 5)
+
+
 def test_greedy_default_engine(case, backend, check_logprobs):
     llm = make_llm(case, backend)
     batch = prompts(20, [1, 6, 19, 40])

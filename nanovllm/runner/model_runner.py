@@ -31,6 +31,9 @@ class SeqResult:
 QUERY_TILE = 64  # tiled parts (jitting backends): queries per item
 KEY_TILE = 64  # and keys per item
 ROW_BLOCK = 16  # batch-invariant mode: rows of every pass (and queries per attention item)
+# eager backends: a prefill chunk's queries go in blocks of this many, each over the keys up
+# to its last query, so the causal half of the scores is mostly never computed
+PREFILL_QUERY_BLOCK = 128
 
 
 def row_blocks(seqs, size: int) -> list[list[tuple]]:
@@ -192,8 +195,13 @@ class ModelRunner:
         row = num_decode_rows
         for s in prefill:
             n = len(s.token_ids)
-            part = layout.exact_part([s], 1, n, s.context_len, bs, window)
-            parts.append(layout.to_device(part, self.backend, row, n))
+            for a in range(0, n, PREFILL_QUERY_BLOCK):
+                b = min(a + PREFILL_QUERY_BLOCK, n)
+                piece = replace(
+                    s, start=s.start + a, token_ids=s.token_ids[a:b], context_len=s.start + b
+                )
+                part = layout.exact_part([piece], 1, b - a, piece.context_len, bs, window)
+                parts.append(layout.to_device(part, self.backend, row + a, b - a))
             row += n
         return parts
 
