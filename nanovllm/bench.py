@@ -3,6 +3,11 @@
 Three scenarios: batch-1 decode, one long prefill, and N concurrent requests with random input
 and output lengths (ignore_eos). Each is repeated and the median reported. `--backend
 numpy,jax` loads both and interleaves their runs, then prints each one's ratio to the first.
+
+Also per engine: batch-1 decode at a long context against a short one (`--long-context`), the
+time to first token of a request whose long prefix an earlier one computed, against the same
+request cold (`--shared-prefix`), and the decode roofline: the bytes one batch-1 decode step
+must read (weights and KV), over the matrix-vector bandwidth measured on this machine.
 """
 
 from __future__ import annotations
@@ -99,11 +104,69 @@ def decode_tok_s(llm, prompt: list[int], new_tokens: int) -> float:
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     engine = llm.engine
     engine.add_request(prompt, params)
-    engine.step()
+    while not any(out.outputs[0].token_ids for out in engine.step()):
+        pass  # the prompt, in as many chunks as it takes, up to the first token
     t_first = time.perf_counter()
     while engine.has_unfinished_requests():
         engine.step()
     return (new_tokens - 1) / (time.perf_counter() - t_first)
+
+
+def gemv_bandwidth(repeats: int = 7) -> float:
+    """Bytes per second numpy streams through a float32 matrix-vector product (a 64 MiB matrix,
+    far past the caches): the rate a batch-1 decode reads its weights at best."""
+    w = np.random.default_rng(0).standard_normal((4096, 4096), dtype=np.float32)
+    x = np.ones(4096, dtype=np.float32)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        w @ x
+        times.append(time.perf_counter() - t0)
+    return w.nbytes / statistics.median(times)
+
+
+def decode_step_bytes(llm, context: int) -> int:
+    """What one batch-1 decode step reads: every weight once (the embedding: one row) and the
+    K/V of `context` tokens."""
+    total, itemsize = 0, llm.backend.itemsize
+
+    def walk(x):
+        nonlocal total
+        if isinstance(x, dict):
+            for k, v in x.items():
+                if k != "embed" or "lm_head" not in llm.model.params:  # (head: read whole)
+                    walk(v)
+        elif isinstance(x, list | tuple):
+            for v in x:
+                walk(v)
+        elif x is not None and hasattr(x, "shape"):
+            total += int(np.prod(x.shape)) * itemsize
+
+    walk(llm.model.params)
+    m = llm.model
+    kv = 2 * max(m.num_kv_layers, 1) * m.num_kv_heads * m.head_dim * itemsize * context
+    return total + kv
+
+
+def ttft_s(llm, prompt: list[int]) -> float:
+    t0 = time.perf_counter()
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+    return time.perf_counter() - t0
+
+
+def shared_prefix_ttft(llm, prefix: list[int], suffix: list[int]) -> tuple[float, float]:
+    """(cold, hot): the time to first token of prefix + suffix with nothing cached, and again
+    after another request with the same prefix computed it. The bench's engines run with
+    prefix caching off (each repeat reuses its prompts); it is on for this measurement only
+    (the scheduler reads the flag at each admission)."""
+    config = llm.config
+    config.enable_prefix_caching = True
+    try:
+        cold = ttft_s(llm, prefix + suffix)
+        hot = ttft_s(llm, prefix + suffix[::-1])  # another request, same prefix
+    finally:
+        config.enable_prefix_caching = False
+    return cold, hot
 
 
 def main(argv: list[str]) -> None:
@@ -118,6 +181,14 @@ def main(argv: list[str]) -> None:
     p.add_argument("--prefill-len", type=int, default=512, help="long-prompt prefill length")
     p.add_argument("--repeats", type=int, default=3, help="runs of each scenario (median)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--long-context", type=int, default=4096,
+        help="context of a long batch-1 decode, against a 128-token one (0 skips it)",
+    )  # fmt: skip
+    p.add_argument(
+        "--shared-prefix", type=int, default=1024,
+        help="prefix length of the hot/cold time-to-first-token pair (0 skips it)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the figures as JSON lines")
     p.add_argument(
         "--vs-batch-invariant",
@@ -148,13 +219,27 @@ def main(argv: list[str]) -> None:
             run_requests(llm, prompts, outputs)
         else:
             run_requests(llm, prompts[:2], [4, 4])
-    runs: list[dict[str, list[Any]]] = [{"decode": [], "prefill": [], "batched": []} for _ in llms]
+    short_context = min(128, args.long_context // 2)  # the long decode's reference
+    runs: list[dict[str, list[Any]]] = [
+        {"decode": [], "prefill": [], "batched": [], "short": [], "long": [], "cold": [], "hot": []}
+        for _ in llms
+    ]
     for _ in range(args.repeats):
         decode_prompt, prefill_prompt = work.tokens(32), work.tokens(args.prefill_len)
+        short, long = work.tokens(short_context), work.tokens(args.long_context)
+        prefix, suffix = work.tokens(args.shared_prefix), work.tokens(16)
         for llm, r in zip(llms, runs):
             r["decode"].append(decode_tok_s(llm, decode_prompt, args.decode_tokens))
             r["prefill"].append(prefill_tok_s(llm, prefill_prompt))
             r["batched"].append(run_requests(llm, prompts, outputs))
+            if args.long_context:
+                r["short"].append(decode_tok_s(llm, short, args.decode_tokens))
+                r["long"].append(decode_tok_s(llm, long, args.decode_tokens))
+            if args.shared_prefix:
+                cold, hot = shared_prefix_ttft(llm, prefix, suffix)
+                r["cold"].append(cold)
+                r["hot"].append(hot)
+    bandwidth = gemv_bandwidth()
     med = statistics.median
     table = []
     for llm, label, r in zip(llms, labels, runs):
@@ -169,12 +254,31 @@ def main(argv: list[str]) -> None:
             "batched_decode_tok_s": med(x["decode_tok_s"] for x in r["batched"]),
             "batched_ttft_median_s": med(x["ttft_median_s"] for x in r["batched"]),
         }
+        step_bytes = decode_step_bytes(llm, 32 + args.decode_tokens // 2)
+        roofline = bandwidth / step_bytes
+        figures |= {
+            "decode_roofline_tok_s": roofline,
+            "decode_of_roofline": figures["batch1_decode_tok_s"] / roofline,
+        }
+        if args.long_context:
+            figures |= {
+                f"decode_ctx{short_context}_tok_s": med(r["short"]),
+                f"decode_ctx{args.long_context}_tok_s": med(r["long"]),
+                "long_over_short_decode": med(r["long"]) / med(r["short"]),
+            }
+        if args.shared_prefix:
+            figures |= {
+                f"ttft_prefix{args.shared_prefix}_cold_s": med(r["cold"]),
+                f"ttft_prefix{args.shared_prefix}_hot_s": med(r["hot"]),
+                "ttft_cold_over_hot": med(r["cold"]) / med(r["hot"]),
+            }
         if llm.backend.jits:
             figures["compilations"] = llm.backend.compilations()
         table.append(figures)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for figures in table:
         figures["blas"] = blas_kernel()
+        figures["gemv_gb_s"] = bandwidth / 1e9
     if len(llms) == 1:
         table[0]["peak_rss_mib"] = peak
     if args.json:

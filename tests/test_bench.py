@@ -29,6 +29,10 @@ def test_bench_reports_each_backend_of_an_interleaved_run(tiny_llama, backend, c
             "5",
             "--prefill-len",
             "24",
+            "--long-context",
+            "96",
+            "--shared-prefix",
+            "48",
             "--json",
         ]
     )
@@ -42,8 +46,19 @@ def test_bench_reports_each_backend_of_an_interleaved_run(tiny_llama, backend, c
             "batched_total_tok_s",
             "batched_prefill_tok_s",
             "batched_decode_tok_s",
+            "decode_ctx48_tok_s",
+            "decode_ctx96_tok_s",
+            "ttft_prefix48_cold_s",
+            "ttft_prefix48_hot_s",
+            "decode_roofline_tok_s",
+            "gemv_gb_s",
         ):
             assert figures[key] > 0, (figures["backend"], key)
+        assert (
+            0
+            < figures["decode_of_roofline"]
+            == figures["batch1_decode_tok_s"] / figures["decode_roofline_tok_s"]
+        )
 
 
 def test_bench_gives_the_cost_of_batch_invariant_beside_the_default(tiny_llama, backend, capsys):
@@ -55,6 +70,10 @@ def test_bench_gives_the_cost_of_batch_invariant_beside_the_default(tiny_llama, 
             "--backend",
             backend,
             "--vs-batch-invariant",
+            "--long-context",
+            "0",
+            "--shared-prefix",
+            "0",
             "--repeats",
             "1",
             "--num-requests",
