@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from typing import Any
 
 import llguidance
@@ -31,6 +32,7 @@ def limits() -> llguidance.LLParserLimits:
 
 
 COMPILE_TIMEOUT_S = 10.0  # a constraint that takes longer to check is refused
+CACHED_GRAMMARS = 256  # the most recent distinct constraints kept compiled (a server sees many)
 
 
 def bitmask_width(vocab_size: int) -> int:
@@ -45,7 +47,7 @@ class GrammarCompiler:
         self._hf_tokenizer = tokenizer.tokenizer  # a `tokenizers.Tokenizer`
         self.vocab_size, self.eos_token_ids = vocab_size, list(eos_token_ids)
         self._tokenizer: Any = None  # the LLTokenizer: built on first use (~0.3 s)
-        self._grammars: dict[str, str] = {}  # constraint key -> validated grammar
+        self._grammars: OrderedDict[str, str] = OrderedDict()  # constraint -> checked grammar
         self._lock = threading.Lock()
 
     def llg_tokenizer(self):
@@ -66,6 +68,7 @@ class GrammarCompiler:
         key = json.dumps([kind, value], sort_keys=True)
         with self._lock:
             if key in self._grammars:
+                self._grammars.move_to_end(key)
                 return self._grammars[key]
         try:
             if kind == "json":
@@ -91,6 +94,8 @@ class GrammarCompiler:
             )
         with self._lock:
             self._grammars[key] = grammar
+            while len(self._grammars) > CACHED_GRAMMARS:
+                self._grammars.popitem(last=False)
         return grammar
 
     def _validate(self, grammar: str, kind: str) -> str:

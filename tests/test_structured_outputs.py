@@ -217,3 +217,15 @@ def test_a_constraint_slower_to_compile_than_the_limit_is_refused(llm, monkeypat
     assert_nothing_held(llm)
     (out,) = chat(llm, ASK_CAPITAL, temperature=0, max_tokens=4)
     assert out.token_ids
+
+
+def test_the_compiled_grammar_cache_is_bounded(llm, monkeypatch):
+    """A server sees many distinct schemas: only the most recent CACHED_GRAMMARS stay."""
+    from nanovllm import structured_outputs
+
+    monkeypatch.setattr(structured_outputs, "CACHED_GRAMMARS", 2)
+    compiler = llm.engine.grammars
+    for word in ("alpha", "beta", "gamma"):
+        compiler.grammar(constrained(regex=word))
+    kept = [json.loads(key)[1] for key in compiler._grammars]
+    assert kept[-2:] == ["beta", "gamma"] and len(kept) == 2
