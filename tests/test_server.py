@@ -423,7 +423,7 @@ BAD = [
             },
         },
         400,
-        None,
+        "structured_outputs",
         "Invalid type: foo",
     ),
     (
@@ -441,7 +441,7 @@ BAD = [
         "/v1/completions",
         {"prompt": "hi", "structured_outputs": {"regex": "[a-"}},
         400,
-        None,
+        "structured_outputs",
         "structured_outputs.regex cannot be used",
     ),
     (

@@ -92,7 +92,7 @@ class APIError(Exception):
 def from_server_error(e: ServerError) -> APIError:
     headers = {"Retry-After": "1"} if e.status == 503 else None
     kind = {400: "invalid_request_error", 503: "service_unavailable"}.get(e.status, "server_error")
-    return APIError(e.status, str(e), kind, headers=headers)
+    return APIError(e.status, str(e), kind, param=field_of(str(e)), headers=headers)
 
 
 def field_of(message: str) -> str | None:
