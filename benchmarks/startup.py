@@ -1,11 +1,13 @@
 """Start-up time of the default model, warm (the file in the page cache), each run a fresh process.
 
-    python benchmarks/startup.py [--repeats 5] [--model PATH]
+    python benchmarks/startup.py [--repeats 5] [--model PATH] [--cold]
 
 Prints the medians of: `LLM()` inside a fresh interpreter (import excluded), the whole CLI
 command `python -m nanovllm --max-tokens 8 "The capital of France is"` (wall time), and, as
 the peer measured in the same run, the time `gguf.GGUFReader` alone takes to parse the file's
-metadata (what loading spent most of its time on before the bulk reader).
+metadata (what loading spent most of its time on before the bulk reader). `--cold` also
+times `LLM()` the first time, after dropping the page cache (root only: it writes
+/proc/sys/vm/drop_caches), import included.
 """
 
 from __future__ import annotations
@@ -48,21 +50,43 @@ def cli_wall_seconds(model: str | None) -> float:
     return time.perf_counter() - t
 
 
+COLD_TIME = """
+import time
+t = time.perf_counter()
+from nanovllm import LLM
+LLM({model!r}, verbose=False)
+print(time.perf_counter() - t)
+"""
+
+
+def drop_page_cache() -> None:
+    subprocess.run(["sync"], check=True)
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--model", default=None, help="a .gguf path (default: the default model)")
+    p.add_argument("--cold", action="store_true", help="also time a cold start (needs root)")
     args = p.parse_args()
     from nanovllm.bench import blas_kernel
 
     in_fresh_process(LLM_TIME.format(model=args.model))  # warms the page cache
     runs: dict[str, list[float]] = {"llm_init_s": [], "cli_wall_s": [], "gguf_reader_parse_s": []}
+    if args.cold:
+        runs["cold_import_and_llm_init_s"] = []
     for _ in range(args.repeats):
         runs["llm_init_s"].append(in_fresh_process(LLM_TIME.format(model=args.model)))
         runs["cli_wall_s"].append(cli_wall_seconds(args.model))
         runs["gguf_reader_parse_s"].append(
             in_fresh_process(GGUF_READER_TIME.format(model=args.model))
         )
+        if args.cold:
+            drop_page_cache()
+            cold = in_fresh_process(COLD_TIME.format(model=args.model))
+            runs["cold_import_and_llm_init_s"].append(cold)
     figures = {k: round(statistics.median(v), 3) for k, v in runs.items()}
     figures |= {"repeats": args.repeats, "blas_kernel": blas_kernel()}
     print(json.dumps(figures, indent=2))
