@@ -92,6 +92,19 @@ def fused(names: list[str], shapes: list[tuple[int, ...]], linear: bool = False)
     return Weight(tuple(names), tuple(shapes), linear)
 
 
+def attention_weights(prefix: str, hidden: int, q: int, kv: int, bias: bool) -> dict:
+    """The Hugging Face q/k/v/o projections under `prefix` (e.g. "model.layers.0.self_attn."):
+    q|k|v fused into one linear, of widths q, kv, kv; o back to `hidden`; biases if `bias`."""
+    names = [prefix + p for p in ("q_proj.", "k_proj.", "v_proj.")]
+    return {
+        "qkv": fused([n + "weight" for n in names], [(q, hidden), (kv, hidden), (kv, hidden)],
+                     linear=True),
+        "qkv_b": fused([n + "bias" for n in names], [(q,), (kv,), (kv,)]) if bias else None,
+        "o": weight(prefix + "o_proj.weight", (hidden, q), linear=True),
+        "o_b": weight(prefix + "o_proj.bias", (hidden,)) if bias else None,
+    }  # fmt: skip
+
+
 def lm_head(embed: Weight, tied: bool, ignored: set[str]) -> Weight:
     """The output projection: the embedding table itself when tied (an `lm_head.weight` the
     checkpoint may still carry is then ignored), else `lm_head.weight` of the same shape."""

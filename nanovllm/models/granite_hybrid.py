@@ -21,7 +21,7 @@ from ..layers.mamba2 import Mamba2Spec, mamba2_mixer
 from ..layers.moe import moe
 from ..layers.norm import rms_norm
 from ..layers.rotary import RotaryEmbedding, rope_spec
-from .base import CausalLM, Weight, fused, lm_head, require, weight
+from .base import CausalLM, Weight, attention_weights, lm_head, require, weight
 
 MAMBA, ATTENTION = "mamba", "attention"
 LAYER_KINDS = {
@@ -196,22 +196,7 @@ class GraniteMoeHybridForCausalLM(CausalLM):
                     ),
                 }
             if kind == ATTENTION:
-                a, bias = p + "self_attn.", c.attention_bias
-                layer |= {
-                    "qkv": fused(
-                        [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"],
-                        [(q, H), (kv, H), (kv, H)],
-                        linear=True,
-                    ),
-                    "qkv_b": fused(
-                        [a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"],
-                        [(q,), (kv,), (kv,)],
-                    )
-                    if bias
-                    else None,
-                    "o": weight(a + "o_proj.weight", (H, q), linear=True),
-                    "o_b": weight(a + "o_proj.bias", (H,)) if bias else None,
-                }
+                layer |= attention_weights(p + "self_attn.", H, q, kv, c.attention_bias)
             else:
                 a, proj = p + "mamba.", m.intermediate + m.conv_dim + m.heads
                 layer |= {

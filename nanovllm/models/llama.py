@@ -10,7 +10,7 @@ from ..layers.attention import paged_attention, write_kv
 from ..layers.linear import embedding, linear
 from ..layers.norm import rms_norm
 from ..layers.rotary import RotaryEmbedding, rope_spec
-from .base import CausalLM, fused, lm_head, require, weight
+from .base import CausalLM, attention_weights, fused, lm_head, require, weight
 
 
 @dataclass(slots=True)
@@ -82,19 +82,7 @@ class LlamaForCausalLM(CausalLM):
                 {
                     "attn_norm": weight(f"model.layers.{i}.input_layernorm.weight", (H,)),
                     "mlp_norm": weight(f"model.layers.{i}.post_attention_layernorm.weight", (H,)),
-                    "qkv": fused(
-                        [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"],
-                        [(q, H), (kv, H), (kv, H)],
-                        linear=True,
-                    ),
-                    "qkv_b": fused(
-                        [a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"],
-                        [(q,), (kv,), (kv,)],
-                    )
-                    if attn_bias
-                    else None,
-                    "o": weight(a + "o_proj.weight", (H, q), linear=True),
-                    "o_b": weight(a + "o_proj.bias", (H,)) if attn_bias else None,
+                    **attention_weights(a, H, q, kv, attn_bias),
                     "gate_up": fused(
                         [m + "gate_proj.weight", m + "up_proj.weight"],
                         [(I, H), (I, H)],

@@ -97,11 +97,11 @@ class GGUFFile:
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
             raise GGUFFormatError(f"general.alignment={alignment!r} is not a power of two")
         data_start = -(-self._pos // alignment) * alignment
-        self.tensors: list[GGUFTensor] = []
-        for info in infos:
-            if any(t.name == info[0] for t in self.tensors):
-                raise GGUFFormatError(f"tensor {info[0]!r} appears twice")
-            self.tensors.append(self._tensor(data_start, *info))
+        names = [info[0] for info in infos]
+        if len(set(names)) < len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise GGUFFormatError(f"tensor {twice!r} appears twice")
+        self.tensors = [self._tensor(data_start, *info) for info in infos]
 
     # ---- the header, front to back ------------------------------------------------------------
     def _take(self, n: int) -> memoryview:
