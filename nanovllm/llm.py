@@ -125,7 +125,12 @@ class LLM:
                 f"nanovllm: {loaded.path.name} on {self.backend.describe()}, loaded in "
                 f"{loaded.load_seconds:.1f}s; KV cache: {num_kv_blocks} blocks x {block_size} "
                 f"= {tokens} tokens, {num_kv_blocks * per_block / 2**20:.0f} MiB; "
-                f"max_model_len={max_model_len}",
+                f"max_model_len={max_model_len}"
+                + (
+                    f"; batch-invariant passes of {runner.row_block} rows"
+                    if batch_invariant
+                    else ""
+                ),
                 file=sys.stderr,
             )
 

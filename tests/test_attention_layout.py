@@ -107,7 +107,7 @@ def test_exact_and_tiled_parts_match_naive_attention(backend, step, window):
     parts, row = [], 0
     for s in decode + prefill:
         n = len(s.token_ids)
-        part = layout.exact_part([s], 1, n, s.context_len, BS, window)
+        part = layout.exact_part([s], 1, n, BS, window)
         parts.append(layout.to_device(part, b, row, n))
         row += n
     np.testing.assert_allclose(attend(parts, len(decode), rows), want, atol=2e-5, rtol=1e-5)

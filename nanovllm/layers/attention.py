@@ -4,8 +4,8 @@ The pool of one layer holds K (and one holds V) as rows `[num_slots, kv_heads, h
 a slot being `block * block_size + offset`. Every query reads its sequence's whole context
 (cached prefix plus the new tokens) back from the pool through the slot indices the runner
 derived from the block tables; the masks say which keys a query may see (causal, within the
-context, and within a sliding window if any). Grouped heads share one gathered K/V: queries
-are shaped [seq, kv_head, group * Q, d].
+context, and within the layer's sliding window if it has one). Grouped heads share one
+gathered K/V: queries are shaped [seq, kv_head, group * Q, d].
 
 The step's rows are cut into parts (runner/attention_layout.py builds them). A part is S
 items of Q queries over K keys each. Without a combine table an item is a whole sequence
@@ -17,7 +17,7 @@ its items, as flash-decoding does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .activation import softmax
@@ -51,7 +51,10 @@ class AttentionPart:
 class AttentionMetadata:
     static_fields: ClassVar[tuple[str, ...]] = ()
     slot_mapping: Any  # [T] where each new token's K/V is written
-    parts: list  # AttentionParts covering the step's rows in order
+    parts: list  # AttentionParts covering the step's rows in order, for full-attention layers
+    # per sliding window of the model's layers, the parts of a layer with that window: each
+    # reads only the keys inside its queries' windows
+    window_parts: dict[int, list] = field(default_factory=dict)
     state: Any = None  # recurrent-state slots of hybrid models (layers/mamba2.StateMetadata)
 
 
@@ -64,7 +67,7 @@ def write_kv(backend, k_pool, v_pool, k, v, slot_mapping):
     )
 
 
-def _attend_part(xp, q, k_pool, v_pool, part: AttentionPart, scale: float):
+def _attend_part(xp, q, k_pool, v_pool, part: AttentionPart, scale: float, softcap=None):
     """q [S*Q, H, D] (the items' queries) -> [num_rows, H*D].
 
     S items of Q queries over K keys each (the part's num_seqs, query_len, context_len); H query
@@ -83,6 +86,8 @@ def _attend_part(xp, q, k_pool, v_pool, part: AttentionPart, scale: float):
     k = xp.permute_dims(k, (0, 2, 3, 1))  # [S, KV, D, K]
     v = xp.permute_dims(v, (0, 2, 1, 3))  # [S, KV, K, D]
     scores = xp.reshape((q @ k) * scale, (S, KV, G, Q, K))  # [S, KV, G, Q, K]
+    if softcap is not None:  # Gemma 2: scores squashed into (-softcap, softcap)
+        scores = xp.tanh(scores / softcap) * softcap
     scores = xp.where(part.mask, scores, -xp.inf)  # mask [S, 1, 1, Q, K]
 
     def rows(x):  # [S, KV, G, Q, ...] -> [S*Q, H, ...]
@@ -120,13 +125,24 @@ def _attend_part(xp, q, k_pool, v_pool, part: AttentionPart, scale: float):
     return xp.reshape(out, (R, H * D))  # [R, H*D]
 
 
-def paged_attention(xp, q, k_pool, v_pool, meta: AttentionMetadata, scale: float):
+def paged_attention(
+    xp,
+    q,
+    k_pool,
+    v_pool,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+):
     """q [T, H, D] for the step's T tokens, whose K/V are already in the pools
-    [num_slots, KV, D] -> [T, H*D]."""
+    [num_slots, KV, D] -> [T, H*D]. A layer with a sliding `window` reads the parts built for
+    it; `softcap` squashes the scaled scores with tanh before the softmax."""
     outs = []
-    for part in meta.parts:
+    for part in meta.parts if window is None else meta.window_parts[window]:
         part_q = q[part.first_row : part.first_row + part.num_rows, ...]  # [num_rows, H, D]
         if part.query_index is not None:  # tiles: the rows that form each item's queries
             part_q = xp.take(part_q, part.query_index, axis=0)  # [S*Q, H, D]
-        outs.append(_attend_part(xp, part_q, k_pool, v_pool, part, scale))  # [num_rows, H*D]
+        out = _attend_part(xp, part_q, k_pool, v_pool, part, scale, softcap)  # [num_rows, H*D]
+        outs.append(out)
     return outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)  # [T, H*D]

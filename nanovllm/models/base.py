@@ -46,7 +46,8 @@ class CausalLM(Protocol):
         ...
 
     # ---- optional: the defaults below suit a model whose every layer is attention ----------
-    sliding_window: int | None = None  # each query sees only its last this many keys
+    # per layer, the window its queries' keys are cut to (None: all keys); () if none slides
+    layer_windows: tuple[int | None, ...] = ()
     needs_state_slots: bool = False  # per-sequence recurrent state (Mamba layers)
 
     @property
@@ -170,6 +171,27 @@ def build_params(table, ignored: set[str], tensors: dict[str, Any], backend, sou
     return params
 
 
+def linear_weights(model: CausalLM) -> list:
+    """The model's loaded linear-layer weights ([in, out], the output projection included):
+    what its matrix products multiply by."""
+    table, _ = model.weight_table()
+    found: list = []
+
+    def walk(t, p) -> None:
+        if isinstance(t, Weight):
+            if t.linear:
+                found.append(p)
+        elif isinstance(t, dict):
+            for k, v in t.items():
+                walk(v, p[k])
+        elif isinstance(t, (list, tuple)):
+            for v, q in zip(t, p):
+                walk(v, q)
+
+    walk(table, model.params)
+    return found
+
+
 def require(config: dict, key: str, source: str = "config.json") -> Any:
     if key not in config:
         raise ValueError(f"{source} has no {key!r}, which this architecture needs")
@@ -210,6 +232,7 @@ __all__ = [
     "build_params",
     "check_tensors",
     "fused",
+    "linear_weights",
     "lm_head",
     "require",
     "weight",

@@ -135,7 +135,8 @@ class LlamaForCausalLM(CausalLM):
             k_pool, v_pool = kv_caches[i]  # [num_slots, KV, D] each
             k_pool, v_pool = write_kv(self.backend, k_pool, v_pool, k, v, meta.slot_mapping)
             kv_caches[i] = (k_pool, v_pool)
-            o = paged_attention(xp, q, k_pool, v_pool, meta, self.scale)  # [T, H*D]
+            window = self.layer_windows[i] if self.layer_windows else None
+            o = paged_attention(xp, q, k_pool, v_pool, meta, self.scale, window)  # [T, H*D]
             h = h + linear(o, layer["o"], layer["o_b"])  # [T, E]
             x = rms_norm(xp, h, layer["mlp_norm"], c.rms_norm_eps)  # [T, E]
             gate_up = linear(x, layer["gate_up"], layer["gate_up_b"])  # [T, 2*I]

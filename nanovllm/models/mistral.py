@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from .llama import LlamaForCausalLM
-from .sliding import sliding_window
+from .sliding import layer_windows
 
 
 class MistralForCausalLM(LlamaForCausalLM):
     def __init__(self, hf_config: dict, backend, max_positions: int | None = None):
         super().__init__(hf_config, backend, max_positions)
-        self.sliding_window = sliding_window(hf_config, self.cfg.num_layers)
+        self.layer_windows = layer_windows(hf_config, self.cfg.num_layers)

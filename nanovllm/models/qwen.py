@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from .base import Weight
 from .llama import LlamaForCausalLM
-from .sliding import sliding_window
+from .sliding import layer_windows
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     def __init__(self, hf_config: dict, backend, max_positions: int | None = None):
         super().__init__(hf_config, backend, max_positions)
         self.cfg.attention_bias = self.qkv_bias(hf_config)
-        self.sliding_window = sliding_window(hf_config, self.cfg.num_layers, "use_sliding_window")
+        self.layer_windows = layer_windows(hf_config, self.cfg.num_layers, "use_sliding_window")
 
     @staticmethod
     def qkv_bias(hf_config: dict) -> bool:

@@ -3,8 +3,8 @@
 Two layouts (see layers/attention.py for the arithmetic):
 
 - `exact_part`: sequences padded to one [S, Q] x K rectangle, every query normalized over its
-  whole context at once. The eager backends use one per prefill chunk and one per run of decode
-  sequences of similar context length, so nearly nothing is padding.
+  whole context (or window) at once. The eager backends use one per prefill chunk and one per
+  run of decode sequences of similar context length, so nearly nothing is padding.
 - `tiled_part`: a jitting backend needs few distinct shapes, and one rectangle over a whole
   step pads every query to the longest context (3-4x the work on a mixed batch). Instead the
   queries are cut into tiles of `Qt` rows of one sequence and each tile's context into key tiles
@@ -53,28 +53,37 @@ def block_tables(seqs, num_blocks: int) -> np.ndarray:
 
 
 def exact_part(
-    seqs, num_seqs: int, query_len: int, context_len: int, block_size: int, window: int | None
+    seqs, num_seqs: int, query_len: int, block_size: int, window: int | None
 ) -> AttentionPart:
-    """`seqs` padded to num_seqs x query_len queries over context_len keys each.
+    """`seqs` padded to num_seqs x query_len queries over K keys each.
 
-    Padding queries see key 0 only (so their output stays finite); padding keys are the null
-    slot, masked out.
+    Each sequence's keys start at the first one its first query can see (0 without a window;
+    with one, window - 1 before that query), so a sliding layer gathers about a window of keys
+    however long the context. K is the most any sequence needs. Padding queries see their
+    item's first key only (so their output stays finite); padding keys are masked out.
     """
-    S, K, bs = num_seqs, context_len, block_size
-    blocks = -(-K // bs)
-    table = np.zeros((S, blocks), dtype=np.int64)
-    table[: len(seqs)] = block_tables(seqs, blocks)
+    S, bs = num_seqs, block_size
     starts = np.zeros(S, dtype=np.int64)
     lens = np.zeros(S, dtype=np.int64)
     for i, s in enumerate(seqs):
         starts[i], lens[i] = s.start, len(s.token_ids)
-    slots = (table[:, :, None] * bs + np.arange(bs)).reshape(S, blocks * bs)[:, :K]
+    k_lo = np.maximum(starts - window + 1, 0) if window is not None else np.zeros_like(starts)
+    k_hi = starts + lens  # keys [k_lo, k_hi) of each sequence
+    K = int((k_hi - k_lo).max())
+    key_pos = k_lo[:, None] + np.arange(K)  # [S, K]
+    blocks = -(-int(k_hi.max()) // bs)
+    table = np.zeros((S, blocks), dtype=np.int64)
+    table[: len(seqs)] = block_tables(seqs, blocks)
+    block = np.take_along_axis(table, np.minimum(key_pos // bs, blocks - 1), axis=1)
+    slots = np.where(key_pos < k_hi[:, None], block * bs + key_pos % bs, 0)
     q = np.arange(query_len)[None, :]
-    q_pos = np.where(q < lens[:, None], starts[:, None] + q, 0)
-    key_pos = np.arange(K)[None, None, :]
-    mask = key_pos <= q_pos[:, :, None]
+    real = q < lens[:, None]  # [S, Q]
+    q_pos = np.where(real, starts[:, None] + q, -1)[:, :, None]  # [S, Q, 1]
+    keys = key_pos[:, None, :]  # [S, 1, K]
+    mask = keys <= q_pos
     if window is not None:
-        mask &= key_pos > q_pos[:, :, None] - window
+        mask &= keys > q_pos - window
+    mask[:, :, 0] |= ~real
     return AttentionPart(slots, mask[:, None, None, :, :], S, query_len, K)
 
 
@@ -137,26 +146,31 @@ def tiled_part(
 
 def decode_tiles(decode, query_tile: int = 1) -> tuple:
     """Decode sequences as tiles of one query (padded to query_tile) on rows 0, 1, ...:
-    (tables, q_pos, q_row) for `tiled_part`."""
+    (tables, q_pos, q_row) for `tiled_part`. The query at position p sits at place
+    p % query_tile of its tile, where an aligned prefill tile would put it."""
     blocks = max(len(s.block_table) for s in decode)
-    q_pos = np.full((len(decode), query_tile), -1, dtype=np.int64)
-    q_pos[:, 0] = [s.context_len - 1 for s in decode]
-    q_row = np.zeros((len(decode), query_tile), dtype=np.int64)
-    q_row[:, 0] = np.arange(len(decode))
+    n = len(decode)
+    pos = np.array([s.context_len - 1 for s in decode], dtype=np.int64)
+    q_pos = np.full((n, query_tile), -1, dtype=np.int64)
+    q_pos[np.arange(n), pos % query_tile] = pos
+    q_row = np.zeros((n, query_tile), dtype=np.int64)
+    q_row[np.arange(n), pos % query_tile] = np.arange(n)
     return block_tables(decode, blocks), q_pos, q_row
 
 
-def prefill_tiles(prefill, query_tile: int) -> tuple:
+def prefill_tiles(prefill, query_tile: int, aligned: bool = False) -> tuple:
     """Prefill chunks, laid out back to back, cut into tiles of query_tile rows: (tables,
-    q_pos, q_row) for `tiled_part`."""
+    q_pos, q_row) for `tiled_part`. Aligned, tiles start at multiples of query_tile in the
+    sequence, so a query's place in its tile never depends on where its chunk began."""
     blocks = max(len(s.block_table) for s in prefill)
     table = block_tables(prefill, blocks)
     tables, q_pos, q_row, row = [], [], [], 0
     step = np.arange(query_tile)
     for i, s in enumerate(prefill):
         n = len(s.token_ids)
-        for t in range(0, n, query_tile):
-            inside = t + step < n
+        first = -(s.start % query_tile) if aligned else 0  # chunk offset of the first tile
+        for t in range(first, n, query_tile):
+            inside = (t + step >= 0) & (t + step < n)
             q_pos.append(np.where(inside, s.start + t + step, -1))
             q_row.append(np.where(inside, row + t + step, 0))
             tables.append(table[i])

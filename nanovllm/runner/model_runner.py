@@ -15,7 +15,9 @@ from ..layers.activation import log_softmax
 from ..layers.attention import AttentionMetadata, AttentionPart
 from ..layers.mamba2 import StateMetadata
 from ..layers.sampler import SamplingTensors, sample
+from ..models.base import linear_weights
 from . import attention_layout as layout
+from .row_invariance import invariant_row_block
 from .sampling import sampling_tensors, top_logprobs, unpack_index
 
 
@@ -30,7 +32,6 @@ class SeqResult:
 
 QUERY_TILE = 64  # tiled parts (jitting backends): queries per item
 KEY_TILE = 64  # and keys per item
-ROW_BLOCK = 16  # batch-invariant mode: rows of every pass (and queries per attention item)
 # eager backends: a prefill chunk's queries go in blocks of this many, each over the keys up
 # to its last query, so the causal half of the scores is mostly never computed
 PREFILL_QUERY_BLOCK = 128
@@ -88,11 +89,13 @@ class ModelRunner:
         self.fine_bucket = _half_octaves if backend.jits else backend.bucket
         # the rows that get logits, and the sampled rows, are padded with this
         self.rows_bucket = self.bucket
-        self.row_block = ROW_BLOCK if config.batch_invariant else 0
-        if self.row_block:
-            # every pass computes exactly row_block rows, so each GEMM has one shape and a row's
-            # sums never depend on the others; attention takes row_block-query tiles (decodes
-            # too) over key tiles at absolute positions, merged in key order
+        self.row_block = 0
+        if config.batch_invariant:
+            # every pass computes exactly row_block rows, so each GEMM has one shape, and as
+            # many as the backend multiplies with every row's sums the same wherever it sits
+            # (row_invariance.py); attention takes row_block-query tiles at absolute positions
+            # (decodes too) over key tiles at absolute positions, merged in key order
+            self.row_block = invariant_row_block(backend, linear_weights(model))
             self.tiled = True
             self.query_tile = self.decode_query_tile = self.row_block
             self.rows_bucket = self._row_block
@@ -132,65 +135,48 @@ class ModelRunner:
         oi.extend([0] * (self.fine_bucket(offset) - offset))
         return S, Q, qi, oi
 
-    def _decode_groups(self, decode) -> list[tuple[int, int]]:
+    def _decode_groups(self, decode, window: int | None) -> list[tuple[int, int]]:
         """Runs of the decode sequences (sorted by context length) attended together: a new
-        run starts where the context grows past twice the run's shortest, so little of a
-        gathered context is padding."""
+        run starts where the keys read (the context, or the window) grow past twice the run's
+        fewest, so little of a gathered context is padding."""
+
+        def keys(s) -> int:
+            return s.context_len if window is None else min(s.context_len, window)
+
         groups, lo = [], 0
         for i in range(1, len(decode) + 1):
-            if i == len(decode) or (
-                decode[i].context_len > 2 * decode[lo].context_len + self.block_size
-            ):
+            if i == len(decode) or keys(decode[i]) > 2 * keys(decode[lo]) + self.block_size:
                 groups.append((lo, i))
                 lo = i
         return groups
 
     def _attention_parts(
-        self, decode, num_decode_rows: int, prefill, num_prefill_rows: int
+        self, decode, num_decode_rows: int, prefill, num_prefill_rows: int, window: int | None
     ) -> list[AttentionPart]:
-        """Parts covering the decode rows [0, num_decode_rows) and the prefill rows after them.
+        """Parts covering the decode rows [0, num_decode_rows) and the prefill rows after them,
+        for the layers with this sliding `window` (None: full attention).
 
         Eager backends: exact parts (a run of decode sequences, one prefill chunk each).
         Jitting backends: one tiled part for the decodes and one for the prefill chunks.
         """
-        window = self.model.sliding_window
         bs, parts = self.block_size, []
         if self.tiled:
+            tiled: list[tuple[tuple, int, int]] = []
             if decode:
-                tables, q_pos, q_row = layout.decode_tiles(decode, self.decode_query_tile)
-                part = layout.tiled_part(
-                    tables,
-                    q_pos,
-                    q_row,
-                    num_decode_rows,
-                    bs,
-                    self.key_tile,
-                    window,
-                    self.fine_bucket,
-                    self.bucket,
-                )
-                parts.append(layout.to_device(part, self.backend, 0, num_decode_rows))
+                tiles = layout.decode_tiles(decode, self.decode_query_tile)
+                tiled.append((tiles, 0, num_decode_rows))
             if prefill:
-                tables, q_pos, q_row = layout.prefill_tiles(prefill, self.query_tile)
+                tiles = layout.prefill_tiles(prefill, self.query_tile, aligned=bool(self.row_block))
+                tiled.append((tiles, num_decode_rows, num_prefill_rows))
+            for (tables, q_pos, q_row), first_row, num_rows in tiled:
                 part = layout.tiled_part(
-                    tables,
-                    q_pos,
-                    q_row,
-                    num_prefill_rows,
-                    bs,
-                    self.key_tile,
-                    window,
-                    self.fine_bucket,
-                    self.bucket,
-                )
-                parts.append(
-                    layout.to_device(part, self.backend, num_decode_rows, num_prefill_rows)
-                )
+                    tables, q_pos, q_row, num_rows, bs, self.key_tile, window,
+                    self.fine_bucket, self.bucket,
+                )  # fmt: skip
+                parts.append(layout.to_device(part, self.backend, first_row, num_rows))
             return parts
-        for lo, hi in self._decode_groups(decode):
-            group = decode[lo:hi]
-            context_len = max(s.context_len for s in group)
-            part = layout.exact_part(group, hi - lo, 1, context_len, bs, window)
+        for lo, hi in self._decode_groups(decode, window):
+            part = layout.exact_part(decode[lo:hi], hi - lo, 1, bs, window)
             parts.append(layout.to_device(part, self.backend, lo, hi - lo))
         row = num_decode_rows
         for s in prefill:
@@ -200,7 +186,7 @@ class ModelRunner:
                 piece = replace(
                     s, start=s.start + a, token_ids=s.token_ids[a:b], context_len=s.start + b
                 )
-                part = layout.exact_part([piece], 1, b - a, piece.context_len, bs, window)
+                part = layout.exact_part([piece], 1, b - a, bs, window)
                 parts.append(layout.to_device(part, self.backend, row + a, b - a))
             row += n
         return parts
@@ -239,8 +225,15 @@ class ModelRunner:
             num_prefill_rows = self.fine_bucket(num_prefill_rows)
         pad = num_decode_rows + num_prefill_rows - len(ids)
         ids, pos, slots = ids + [0] * pad, pos + [0] * pad, slots + [0] * pad
-        parts = self._attention_parts(decode, num_decode_rows, prefill, num_prefill_rows)
-        meta = AttentionMetadata(backend.index(slots), parts)
+        meta = AttentionMetadata(backend.index(slots), [])
+        for window in set(self.model.layer_windows) or {None}:
+            parts = self._attention_parts(
+                decode, num_decode_rows, prefill, num_prefill_rows, window
+            )
+            if window is None:
+                meta.parts = parts
+            else:
+                meta.window_parts[window] = parts
         if self.config.num_state_slots:
             meta.state = self._state_metadata(decode, num_decode_rows, prefill)
         return backend.index(ids), backend.index(pos), meta, first
