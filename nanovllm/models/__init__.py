@@ -14,6 +14,8 @@ MODELS = {
     "Qwen3ForCausalLM": ("qwen", "Qwen3ForCausalLM"),
     "GraniteForCausalLM": ("granite", "GraniteForCausalLM"),
     "GraniteMoeHybridForCausalLM": ("granite_hybrid", "GraniteMoeHybridForCausalLM"),
+    "Gemma2ForCausalLM": ("gemma", "Gemma2ForCausalLM"),
+    "Gemma3ForCausalLM": ("gemma", "Gemma3ForCausalLM"),
     "GPT2LMHeadModel": ("gpt2", "GPT2LMHeadModel"),
     "FalconForCausalLM": ("falcon", "FalconForCausalLM"),
     "RWForCausalLM": ("falcon", "FalconForCausalLM"),  # RefinedWeb / RefinedWebModel configs

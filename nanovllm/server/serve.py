@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 from ..cli import add_model_args, make_llm
-from ..weights.default_model import DEFAULT_GGUF_NAME
+from ..weights.default_model import DEFAULT_GGUF_NAME, DEFAULT_NAME
 
 # the request fields a model's generation_config.json may give defaults for (as vLLM reads it)
 GENERATION_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -80,7 +80,7 @@ def sampling_defaults(model: str | None, override: str | None) -> dict[str, floa
     """Request defaults: the model's generation config (a directory's generation_config.json;
     the recommended one for the default model), then --override-generation-config."""
     defaults: dict = {}
-    if model is None or Path(model).name == DEFAULT_GGUF_NAME:
+    if model in (None, DEFAULT_NAME) or Path(model).name == DEFAULT_GGUF_NAME:
         defaults.update(DEFAULT_MODEL_GENERATION)
     elif (Path(model) / "generation_config.json").is_file():
         config = json.loads((Path(model) / "generation_config.json").read_text())

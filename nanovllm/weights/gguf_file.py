@@ -205,6 +205,73 @@ FALCON = GGUFArch(
     finish=_falcon_variant,
 )
 
+
+def _gemma_variant(pattern: int) -> Callable[[dict, dict[str, np.ndarray]], None]:
+    """llama.cpp's Gemma 2/3: its converter stores every norm as 1 + w (Hugging Face stores w);
+    every `pattern`-th layer attends fully, the others through the window (llama.cpp's
+    swa pattern); queries are scaled by head_dim^-0.5, but by (hidden / heads)^-0.5 in the
+    27B models (46 layers for Gemma 2, 62 for Gemma 3), as llama.cpp does."""
+
+    def finish(config: dict, tensors: dict[str, np.ndarray]) -> None:
+        for name in tensors:
+            if name.endswith(("norm.weight", "layernorm.weight")):
+                tensors[name] = tensors[name] - np.float32(1.0)
+        layers = config["num_hidden_layers"]
+        config["layer_types"] = [
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+            for i in range(layers)
+        ]
+        big = layers == (46 if pattern == 2 else 62)
+        heads = config["num_attention_heads"]
+        config["query_pre_attn_scalar"] = (
+            config["hidden_size"] // heads if big else config["head_dim"]
+        )
+
+    return finish
+
+
+_GEMMA_LAYER = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+GEMMA2 = GGUFArch(
+    hf_architecture="Gemma2ForCausalLM",
+    model_type="gemma2",
+    config_keys=LLAMA.config_keys
+    | {
+        "attention.sliding_window": "sliding_window",
+        "attn_logit_softcapping": "attn_logit_softcapping",
+        "final_logit_softcapping": "final_logit_softcapping",
+    },
+    globals={"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"},
+    layer=_GEMMA_LAYER,
+    defaults={
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-6,
+        "hidden_activation": "gelu_pytorch_tanh",
+    },
+    finish=_gemma_variant(2),
+)
+# Gemma 3's sliding layers use RoPE base 10000 (llama.cpp's default; its GGUF does not store it)
+GEMMA3 = GGUFArch(
+    hf_architecture="Gemma3ForCausalLM",
+    model_type="gemma3_text",
+    config_keys=LLAMA.config_keys | {"attention.sliding_window": "sliding_window"},
+    globals=GEMMA2.globals,
+    layer=_GEMMA_LAYER | {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
+    defaults=GEMMA2.defaults | {"rope_theta": 1000000.0, "rope_local_base_freq": 10000.0},
+    finish=_gemma_variant(6),
+)
+
 GGUF_ARCHS: dict[str, GGUFArch] = {
     "llama": LLAMA,
     "qwen2": QWEN2,
@@ -212,6 +279,8 @@ GGUF_ARCHS: dict[str, GGUFArch] = {
     "granite": GRANITE,
     "gpt2": GPT2,
     "falcon": FALCON,
+    "gemma2": GEMMA2,
+    "gemma3": GEMMA3,
 }
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
