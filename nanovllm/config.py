@@ -22,6 +22,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_state_slots: int = 0  # per-sequence recurrent state slots (hybrid models); 0 = off
     batch_invariant: bool = False  # a row's numbers do not depend on the rest of the step
+    # every layer's queries see at most this many keys (None: some layer sees all): a
+    # sequence's blocks that fall out of it are freed while it runs
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -56,6 +59,8 @@ class EngineConfig:
                 f"{self.max_num_seqs}, so a step can never decode every running sequence; raise "
                 f"max_num_batched_tokens to at least {self.max_num_seqs} or lower max_num_seqs"
             )
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"sliding_window={self.sliding_window} must be positive or None")
         if self.num_state_slots < 0:
             raise ValueError(f"num_state_slots={self.num_state_slots} must be >= 0")
         if self.num_state_slots and self.enable_prefix_caching:
@@ -65,6 +70,14 @@ class EngineConfig:
             )
         if self.batch_invariant and self.num_state_slots:
             raise ValueError(BATCH_INVARIANT_HYBRID)
+
+
+def all_layers_window(layer_windows: tuple[int | None, ...]) -> int | None:
+    """The number of keys every layer's queries see at most (the widest window), or None when
+    some layer attends to the whole context (or no layer slides)."""
+    if not layer_windows or any(w is None for w in layer_windows):
+        return None
+    return max(w for w in layer_windows if w is not None)
 
 
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # bytes for the KV pool when neither it nor the blocks are given

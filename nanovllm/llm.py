@@ -8,7 +8,13 @@ from collections.abc import Iterator, Sequence
 from typing import cast
 
 from .backend import get_backend
-from .config import BATCH_INVARIANT_HYBRID, EngineConfig, kv_cache_bytes_per_block, size_kv_cache
+from .config import (
+    BATCH_INVARIANT_HYBRID,
+    EngineConfig,
+    all_layers_window,
+    kv_cache_bytes_per_block,
+    size_kv_cache,
+)
 from .engine.llm_engine import LLMEngine
 from .errors import InvalidRequestError
 from .loader import load_model
@@ -106,6 +112,7 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching and not hybrid,
             num_state_slots=max_num_seqs if hybrid else 0,
             batch_invariant=batch_invariant,
+            sliding_window=all_layers_window(self.model.layer_windows),
         )
         runner = ModelRunner(self.model, self.backend, self.config, loaded.eos_token_ids, seed)
         grammars = None

@@ -100,21 +100,39 @@ class BlockManager:
             block.ref_count = 1
             seq.block_table.append(block_id)
 
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free_blocks[block_id] = None
+            if block.hash is None or self.hash_to_block.get(block.hash) != block_id:
+                self.free_blocks.move_to_end(block_id, last=False)  # useless: reuse first
+
     def free(self, seq: Sequence) -> None:
         for block_id in reversed(seq.block_table):  # the tail is evicted first
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free_blocks[block_id] = None
-                if block.hash is None or self.hash_to_block.get(block.hash) != block_id:
-                    self.free_blocks.move_to_end(block_id, last=False)  # useless: reuse first
+            if block_id != NULL_BLOCK:  # already freed out of the window
+                self._release(block_id)
         seq.block_table.clear()
+
+    def free_out_of_window(self, seq: Sequence, window: int) -> None:
+        """Free the blocks no later query of seq can see: every position in them is before
+        num_computed_tokens - window + 1, the first key the next query reads. Their entries
+        become the null block; a sealed block stays in the prefix cache until evicted. The
+        last full block is kept: the next block to be sealed records its serial as parent."""
+        bs, table = self.block_size, seq.block_table
+        first_needed = max(seq.num_computed_tokens - window + 1, 0)
+        for i in range(min(first_needed // bs, seq.num_computed_tokens // bs - 1, len(table))):
+            if table[i] != NULL_BLOCK:
+                self._release(table[i])
+                table[i] = NULL_BLOCK
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Seal the blocks that became full and computed, and register them in the prefix cache."""
         bs, table = self.block_size, seq.block_table
         first = num_full = seq.num_computed_tokens // bs
         while first > 0 and self.blocks[table[first - 1]].hash is None:
+            if table[first - 1] == NULL_BLOCK:  # freed out of the window, so sealed before
+                break
             first -= 1
         for i in range(first, num_full):
             block = self.blocks[table[i]]

@@ -21,7 +21,10 @@ last sampled token) and the re-prefill after a preemption are all this one rule.
    wait until sibling 0 has computed the prompt, then find its full blocks the same way.
 
 After the model ran, `postprocess()` advances `num_computed_tokens`, registers the blocks
-that became full in the prefix cache, and appends the sampled tokens.
+that became full in the prefix cache, and appends the sampled tokens. Where every layer
+slides (`sliding_window`), it also frees the blocks that fell out of the window: their
+table entries become the null block, so a long sequence holds about window / block_size
+blocks.
 """
 
 from __future__ import annotations
@@ -192,6 +195,8 @@ class Scheduler:
                 continue
             seq.num_computed_tokens = s.context_len
             self.block_manager.cache_full_blocks(seq)
+            if self.config.sliding_window is not None:
+                self.block_manager.free_out_of_window(seq, self.config.sliding_window)
             if s.sample and token is not None:
                 seq.append_token(token)
 
