@@ -223,17 +223,19 @@ def _sentencepiece(
 
 
 def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
-    """BPE merges implied by a sentencepiece vocabulary: the best-scoring merged token first."""
+    """BPE merges implied by a sentencepiece vocabulary: the best-scoring merged token first,
+    then the longer left part; equal ones in vocabulary order. (One sort of flat tuples: a
+    262,144-token vocabulary takes ~1 s.)"""
     ids = {t: i for i, t in enumerate(tokens)}
     ranked = []
-    for token, score in zip(tokens, scores, strict=True):
-        splits = [(token[:k], token[k:]) for k in range(1, len(token))]
-        splits = sorted(
-            (p for p in splits if p[0] in ids and p[1] in ids), key=lambda p: (ids[p[0]], ids[p[1]])
-        )
-        ranked += [(-score, -len(left), -len(right), left, right) for left, right in splits]
-    ranked.sort(key=lambda r: r[:3])
-    return [(left, right) for *_, left, right in ranked]
+    for index, (token, score) in enumerate(zip(tokens, scores, strict=True)):
+        n = len(token)
+        for k in range(1, n):
+            left = ids.get(token[:k])
+            if left is not None and (right := ids.get(token[k:])) is not None:
+                ranked.append((-score, -k, k - n, index, left, right))
+    ranked.sort()
+    return [(tokens[left], tokens[right]) for *_, left, right in ranked]
 
 
 def _add_bos_eos(tokenizer: Tokenizer, tokens: list[str], bos: int | None, eos: int | None) -> None:
