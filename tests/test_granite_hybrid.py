@@ -82,6 +82,13 @@ CASES = {
     ),
 }
 HYBRID = ["moe_rope", "dense_nope"]
+ATTENTION_TYPES = ("attention", "full_attention")  # transformers 4 and 5 spellings
+# GGUF has no field for time_step_limit, and llama.cpp's converter marks Granite 4.0-H as
+# RoPE-free: the GGUF cases are the hybrids as they are released (no RoPE, no dt limits)
+GGUF_CASES = {
+    "gguf_moe": (3, CASES["moe_rope"][1] | dict(position_embedding_type=None)),
+    "gguf_dense": (4, CASES["dense_nope"][1] | dict(time_step_limit=[0.0, float("inf")])),
+}
 
 
 def build(path, seed: int, overrides: dict) -> TinyModel:
@@ -113,7 +120,7 @@ def tiny_hybrid(tmp_path_factory):
 
     def make(name: str) -> TinyModel:
         if name not in built:
-            built[name] = build(tmp_path_factory.mktemp(name), *CASES[name])
+            built[name] = build(tmp_path_factory.mktemp(name), *(CASES | GGUF_CASES)[name])
         return built[name]
 
     return make
@@ -134,9 +141,9 @@ def prompts(seed: int, lengths: list[int]) -> list[list[int]]:
     return [rng.integers(3, VOCAB, n).tolist() for n in lengths]
 
 
-def make_llm(case, backend, **kwargs) -> LLM:
+def make_llm(case, backend, model=None, **kwargs) -> LLM:
     options = dict(block_size=4, max_num_batched_tokens=16, max_num_seqs=4) | kwargs
-    return LLM(str(case.path), backend=backend, verbose=False, **options)
+    return LLM(model or str(case.path), backend=backend, verbose=False, **options)
 
 
 def greedy(llm, batch, max_tokens: int) -> list[list[int]]:
@@ -260,3 +267,123 @@ def test_unsupported_features_fail_at_load(tiny_hybrid, backend, tmp_path, edit,
     path = _variant(tiny_hybrid("moe_rope").path, tmp_path / "v", lambda c: c.update(edit))
     with pytest.raises(UnsupportedFeatureError, match=feature):
         LLM(path, backend=backend, verbose=False)
+
+
+def write_llama_cpp_gguf(path, case: TinyModel) -> str:
+    """A GGUF of a GraniteMoeHybrid checkpoint as llama.cpp's convert_hf_to_gguf.py writes
+    it (GraniteHybridModel): Q/K rows interleaved for its rotary layout, gate and up split
+    (ffn_*_shexp beside experts, ffn_* without), conv1d squeezed, A_log stored as -exp(A_log)
+    and A and D as [heads, 1], the gated norm as [groups, inner / groups], dt_bias as
+    ssm_dt.bias, a per-layer KV head count that is 0 on Mamba layers, and float32 tensors."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    c = case.model.config
+    kinds = ["attention" if t in ATTENTION_TYPES else "mamba" for t in c.layer_types]
+    inner = c.mamba_expand * c.hidden_size
+    writer = gguf.GGUFWriter(str(path), "granitehybrid")
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(2**20)  # its converter's value for RoPE-free models
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv([c.num_key_value_heads if k == "attention" else 0 for k in kinds])
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    writer.add_rope_scaling_finetuned(False)
+    writer.add_vocab_size(c.vocab_size)
+    writer.add_attention_scale(c.attention_multiplier)
+    writer.add_embedding_scale(c.embedding_multiplier)
+    writer.add_residual_scale(c.residual_multiplier)
+    writer.add_logit_scale(c.logits_scaling)
+    if c.num_local_experts:
+        writer.add_expert_count(c.num_local_experts)
+        writer.add_expert_used_count(c.num_experts_per_tok)
+    writer.add_expert_shared_feed_forward_length(c.shared_intermediate_size)
+    writer.add_ssm_conv_kernel(c.mamba_d_conv)
+    writer.add_ssm_state_size(c.mamba_d_state)
+    writer.add_ssm_group_count(c.mamba_n_groups)
+    writer.add_ssm_inner_size(inner)
+    writer.add_ssm_time_step_rank(c.mamba_n_heads)
+    shared = "shexp" if c.num_local_experts else ""
+
+    def interleave(w, heads):
+        half = w.shape[0] // heads // 2
+        return w.reshape(heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    out = {}
+    for name, w in load_file(case.path / "model.safetensors").items():  # as saved
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        if not name.startswith("model.layers."):
+            stem = {"model.embed_tokens": "token_embd", "model.norm": "output_norm"}
+            out[stem.get(name.rsplit(".", 1)[0], "output") + ".weight"] = w
+            continue
+        i, rest = name[len("model.layers.") :].split(".", 1)
+        blk = f"blk.{i}."
+        half = w.shape[-2] // 2 if w.ndim > 1 else 0
+        if rest == "shared_mlp.input_linear.weight":
+            gate, up = ("ffn_gate_shexp", "ffn_up_shexp") if shared else ("ffn_gate", "ffn_up")
+            out[blk + gate + ".weight"], out[blk + up + ".weight"] = w[:half], w[half:]
+        elif rest == "block_sparse_moe.input_linear.weight":
+            out[blk + "ffn_gate_exps.weight"] = w[:, :half]
+            out[blk + "ffn_up_exps.weight"] = w[:, half:]
+        elif rest == "mamba.conv1d.weight":
+            out[blk + "ssm_conv1d.weight"] = w[:, 0, :]
+        elif rest == "mamba.A_log":
+            out[blk + "ssm_a"] = -np.exp(w).reshape(-1, 1)
+        elif rest == "mamba.D":
+            out[blk + "ssm_d"] = w.reshape(-1, 1)
+        elif rest == "mamba.norm.weight":
+            out[blk + "ssm_norm.weight"] = w.reshape(c.mamba_n_groups, -1)
+        elif rest == "self_attn.q_proj.weight":
+            out[blk + "attn_q.weight"] = interleave(w, c.num_attention_heads)
+        elif rest == "self_attn.k_proj.weight":
+            out[blk + "attn_k.weight"] = interleave(w, c.num_key_value_heads)
+        else:
+            stem, kind = rest.rsplit(".", 1)
+            if rest == "mamba.dt_bias":
+                stem, kind = "mamba.dt", "bias"
+            gguf_stem = {
+                "input_layernorm": "attn_norm",
+                "post_attention_layernorm": "ffn_norm",
+                "self_attn.v_proj": "attn_v",
+                "self_attn.o_proj": "attn_output",
+                "mamba.in_proj": "ssm_in",
+                "mamba.conv1d": "ssm_conv1d",
+                "mamba.dt": "ssm_dt",
+                "mamba.out_proj": "ssm_out",
+                "shared_mlp.output_linear": "ffn_down_shexp" if shared else "ffn_down",
+                "block_sparse_moe.output_linear": "ffn_down_exps",
+                "block_sparse_moe.router.layer": "ffn_gate_inp",
+            }[stem]
+            out[f"{blk}{gguf_stem}.{kind}"] = w
+    for name, w in out.items():
+        writer.add_tensor(name, np.ascontiguousarray(w, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+@pytest.mark.parametrize("name", list(GGUF_CASES))
+def test_llama_cpp_gguf_matches_transformers(tiny_hybrid, backend, tmp_path, name, check_logprobs):
+    """The granitehybrid GGUF mapping: a file written as llama.cpp's converter writes it (MoE
+    with shared experts, and dense) loads as the checkpoint it came from. Prompt logprobs
+    match transformers on the safetensors, and greedy continuations equal its tokens."""
+    case = tiny_hybrid(name)
+    gguf_path = write_llama_cpp_gguf(tmp_path / f"{name}.gguf", case)
+    llm = make_llm(case, backend, model=gguf_path)
+    assert llm.model.cfg.layer_kinds == [
+        "attention" if t in ATTENTION_TYPES else "mamba" for t in case.model.config.layer_types
+    ]
+    batch = prompts(70, [7, 25])
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2, ignore_eos=True)
+    for out in llm.generate(batch, params, use_tqdm=False):
+        ids, plp = out.prompt_token_ids, out.prompt_logprobs
+        ref = case.log_softmax(ids)
+        for p in range(1, len(ids)):
+            check_logprobs(plp[p], ref[p - 1], 2, ids[p], f"{name}, position {p}", TOL)
+    for prompt, got in zip(batch, greedy(llm, batch, 8)):
+        assert got == case.greedy(prompt, 8)[0], f"prompt {prompt}"

@@ -34,6 +34,8 @@ class GGUFArch:
     layer_prefix: str = "model.layers.{i}."
     transposed: tuple[str, ...] = ()  # HF weights (name fragments) llama.cpp stores transposed
     optional_layer: tuple[str, ...] = ()  # layer stems only some variants of the arch have
+    # fix-ups of the config read from the metadata, before any size in it is used
+    read_config: Callable[[dict, str], None] | None = None
     finish: Callable[[dict, dict[str, np.ndarray]], None] | None = None  # variant fix-ups
 
 
@@ -272,6 +274,128 @@ GEMMA3 = GGUFArch(
     finish=_gemma_variant(6),
 )
 
+
+def _granite_hybrid_config(config: dict, file: str) -> None:
+    """llama.cpp's granitehybrid metadata: a per-layer KV head count that is 0 on Mamba
+    layers, the Mamba sizes under ssm.*, and rope.scaling.finetuned set when the attention
+    layers use RoPE (its converter writes False for Granite 4.0-H, which has none)."""
+    layers = config["num_hidden_layers"]
+    kv = config.pop("_kv_heads_per_layer", None)
+    kv = [int(k) for k in np.ravel(kv)] if kv is not None else [config["num_attention_heads"]]
+    if len(kv) == 1:
+        kv = kv * layers
+    if len(kv) != layers:
+        raise WeightsError(
+            f"{file}: granitehybrid.attention.head_count_kv has {len(kv)} entries for "
+            f"{layers} layers; reconvert the model with llama.cpp's convert_hf_to_gguf.py"
+        )
+    config["layer_types"] = ["attention" if k else "mamba" for k in kv]
+    config["num_key_value_heads"] = max(kv) or config["num_attention_heads"]
+    config["position_embedding_type"] = "rope" if config.pop("_use_rope", False) else "nope"
+    inner, hidden = config.pop("_ssm_inner_size", None), config["hidden_size"]
+    heads = config.get("mamba_n_heads")
+    if "mamba" in config["layer_types"]:
+        if inner is None or heads is None or inner % hidden or inner % heads:
+            raise WeightsError(
+                f"{file}: granitehybrid.ssm.inner_size={inner} must be a multiple of "
+                f"embedding_length={hidden} and of ssm.time_step_rank={heads} (the Mamba "
+                "heads); reconvert the model with llama.cpp's convert_hf_to_gguf.py"
+            )
+        config["mamba_expand"], config["mamba_d_head"] = inner // hidden, inner // heads
+    config["num_local_experts"] = config.get("num_local_experts") or 0
+
+
+def _granite_hybrid_tensors(config: dict, tensors: dict[str, np.ndarray]) -> None:
+    """Undo what llama.cpp's converter did to the Hugging Face tensors: gate and up split
+    apart (shared MLP and experts), conv1d squeezed to [conv_dim, d_conv], A stored as
+    -exp(A_log) and A, D as [heads, 1], the gated norm as [groups, inner / groups]."""
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for gate, up, joined, axis in (
+            ("shared_mlp.gate", "shared_mlp.up", "shared_mlp.input_linear", 0),
+            ("block_sparse_moe.gate", "block_sparse_moe.up", "block_sparse_moe.input_linear", 1),
+        ):
+            if p + gate + ".weight" in tensors and p + up + ".weight" in tensors:
+                tensors[p + joined + ".weight"] = np.concatenate(
+                    [tensors.pop(p + gate + ".weight"), tensors.pop(p + up + ".weight")], axis
+                )
+        m = p + "mamba."
+        if m + "conv1d.weight" in tensors:
+            w = tensors[m + "conv1d.weight"]
+            tensors[m + "conv1d.weight"] = w.reshape(w.shape[0], 1, w.shape[-1])
+        if m + "A" in tensors:
+            tensors[m + "A_log"] = np.log(-tensors.pop(m + "A").reshape(-1))
+        if m + "D" in tensors:
+            tensors[m + "D"] = tensors[m + "D"].reshape(-1)
+        if m + "dt.bias" in tensors:
+            tensors[m + "dt_bias"] = tensors.pop(m + "dt.bias")
+        if m + "norm.weight" in tensors:
+            tensors[m + "norm.weight"] = tensors[m + "norm.weight"].reshape(-1)
+    embed = tensors.get("model.embed_tokens.weight")
+    if embed is not None:  # its converter may pad the vocabulary list, never the table
+        config["vocab_size"] = int(embed.shape[0])
+    shared = tensors.get("model.layers.0.shared_mlp.output_linear.weight")
+    if shared is not None:
+        config["shared_intermediate_size"] = int(shared.shape[1])
+    config["mamba_conv_bias"] = "model.layers.0.mamba.conv1d.bias" in tensors or not any(
+        ".mamba.conv1d." in n for n in tensors
+    )
+    config["mamba_proj_bias"] = any(".mamba.in_proj.bias" in n for n in tensors)
+
+
+# Granite 4.0 hybrid: each layer is a Mamba2 or an attention mixer, then a shared MLP (its
+# gate/up named ffn_*_shexp beside experts, ffn_* without), and MoE experts where present
+_GRANITE_HYBRID_LAYER = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ssm_in": "mamba.in_proj",
+    "ssm_conv1d": "mamba.conv1d",
+    "ssm_dt": "mamba.dt",
+    "ssm_a": "mamba.A",
+    "ssm_d": "mamba.D",
+    "ssm_norm": "mamba.norm",
+    "ssm_out": "mamba.out_proj",
+    "ffn_gate_inp": "block_sparse_moe.router.layer",
+    "ffn_gate_exps": "block_sparse_moe.gate",
+    "ffn_up_exps": "block_sparse_moe.up",
+    "ffn_down_exps": "block_sparse_moe.output_linear",
+    "ffn_gate_shexp": "shared_mlp.gate",
+    "ffn_up_shexp": "shared_mlp.up",
+    "ffn_down_shexp": "shared_mlp.output_linear",
+    "ffn_gate": "shared_mlp.gate",
+    "ffn_up": "shared_mlp.up",
+    "ffn_down": "shared_mlp.output_linear",
+}
+GRANITE_HYBRID = GGUFArch(
+    hf_architecture="GraniteMoeHybridForCausalLM",
+    model_type="granitemoehybrid",
+    config_keys=GRANITE.config_keys
+    | {
+        "attention.head_count_kv": "_kv_heads_per_layer",
+        "rope.scaling.finetuned": "_use_rope",
+        "expert_count": "num_local_experts",
+        "expert_used_count": "num_experts_per_tok",
+        "expert_shared_feed_forward_length": "shared_intermediate_size",
+        "ssm.conv_kernel": "mamba_d_conv",
+        "ssm.state_size": "mamba_d_state",
+        "ssm.group_count": "mamba_n_groups",
+        "ssm.inner_size": "_ssm_inner_size",
+        "ssm.time_step_rank": "mamba_n_heads",
+    },
+    globals=LLAMA.globals,
+    layer=_GRANITE_HYBRID_LAYER,
+    defaults=LLAMA.defaults,
+    permute_qk=True,
+    # a layer has the stems of its kind only; the model's weight table names what is missing
+    optional_layer=tuple(s for s in _GRANITE_HYBRID_LAYER if s not in ("attn_norm", "ffn_norm")),
+    read_config=_granite_hybrid_config,
+    finish=_granite_hybrid_tensors,
+)
+
 GGUF_ARCHS: dict[str, GGUFArch] = {
     "llama": LLAMA,
     "qwen2": QWEN2,
@@ -281,9 +405,10 @@ GGUF_ARCHS: dict[str, GGUFArch] = {
     "falcon": FALCON,
     "gemma2": GEMMA2,
     "gemma3": GEMMA3,
+    "granitehybrid": GRANITE_HYBRID,
 }
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-_LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+?)(?:\.(weight|bias))?")  # ssm_a, ssm_d: no suffix
 _GLOBAL_NAME = re.compile(r"(\w+)\.(weight|bias)")
 
 
@@ -373,6 +498,8 @@ def gguf_config(reader: GGUFFile, arch: str, spec: GGUFArch, names: set[str], fi
                 f"{file} lacks the metadata key '{arch}.{gguf_key}' ({hf_key}); "
                 f"reconvert the model with llama.cpp's convert_hf_to_gguf.py"
             )
+    if spec.read_config is not None:
+        spec.read_config(config, file)
     config.setdefault("num_key_value_heads", config["num_attention_heads"])
     rope_dims = read_field(reader, f"{arch}.rope.dimension_count", file, None)
     heads = config["num_attention_heads"]
@@ -485,7 +612,8 @@ def hf_name(name: str, spec: GGUFArch, file: str) -> str:
     if m := _LAYER_NAME.fullmatch(name):
         layer, stem, kind = m.groups()
         if stem in spec.layer:
-            return f"{spec.layer_prefix.format(i=layer)}{spec.layer[stem]}.{kind}"
+            suffix = f".{kind}" if kind else ""
+            return f"{spec.layer_prefix.format(i=layer)}{spec.layer[stem]}{suffix}"
     elif (m := _GLOBAL_NAME.fullmatch(name)) and m.group(1) in spec.globals:
         return f"{spec.globals[m.group(1)]}.{m.group(2)}"
     raise WeightsError(
