@@ -21,6 +21,9 @@ class EngineConfig:
     num_kv_blocks: int = 1024  # total, including the reserved null block 0
     enable_prefix_caching: bool = True
     num_state_slots: int = 0  # per-sequence recurrent state slots (hybrid models); 0 = off
+    # hybrid models: slots for states saved at block boundaries, so that their prefix cache
+    # can resume (engine/state_snapshots.py); prefix caching needs at least one
+    num_state_snapshots: int = 0
     batch_invariant: bool = False  # a row's numbers do not depend on the rest of the step
     # every layer's queries see at most this many keys (None: some layer sees all): a
     # sequence's blocks that fall out of it are freed while it runs
@@ -61,12 +64,21 @@ class EngineConfig:
             )
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window={self.sliding_window} must be positive or None")
-        if self.num_state_slots < 0:
-            raise ValueError(f"num_state_slots={self.num_state_slots} must be >= 0")
-        if self.num_state_slots and self.enable_prefix_caching:
+        for name in ("num_state_slots", "num_state_snapshots"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name}={value!r} must be an integer >= 0")
+        if self.num_state_slots and self.enable_prefix_caching and not self.num_state_snapshots:
             raise ValueError(
-                "enable_prefix_caching must be False when num_state_slots > 0: "
-                "a recurrent state cannot be reused at block boundaries"
+                "enable_prefix_caching=True with recurrent state (num_state_slots > 0) needs "
+                "num_state_snapshots >= 1: a cached prefix resumes only from a saved state; "
+                "pass num_state_snapshots=1 or more, or enable_prefix_caching=False"
+            )
+        if self.num_state_snapshots and not (self.num_state_slots and self.enable_prefix_caching):
+            raise ValueError(
+                f"num_state_snapshots={self.num_state_snapshots} is for a hybrid model's prefix "
+                "cache: it needs num_state_slots > 0 and enable_prefix_caching=True; pass "
+                "num_state_snapshots=0"
             )
         if self.batch_invariant and self.num_state_slots:
             raise ValueError(BATCH_INVARIANT_HYBRID)

@@ -92,7 +92,20 @@ class LLM:
                     blocks * per_block,
                     "lower kv_cache_memory (or num_kv_blocks), max_num_seqs or max_model_len",
                 )
+            # a state slot per running sequence, a scratch slot, and (prefix caching) as many
+            # snapshot slots as running sequences
+            state_slots = 0
+            if net.needs_state_slots:
+                state_slots = max_num_seqs * (2 if enable_prefix_caching else 1) + 1
+            state_bytes = state_slots * net.state_elements_per_slot * itemsize
+            if self.backend.on_host and state_bytes:
+                check_fits(
+                    f"recurrent state of {state_slots} slots",
+                    state_bytes,
+                    "lower max_num_seqs, or pass enable_prefix_caching=False (which halves it)",
+                )
             sizes.update(per_block=per_block, num_kv_blocks=blocks, max_model_len=model_len)
+            sizes.update(state_slots=state_slots, state_bytes=state_bytes)
             return sizes["max_model_len"]
 
         loaded = load_model(model, self.backend, kv_sizing)
@@ -101,16 +114,18 @@ class LLM:
         per_block, num_kv_blocks = sizes["per_block"], sizes["num_kv_blocks"]
         max_model_len = sizes["max_model_len"]
         # a model with recurrent state (Granite 4.0-H) gets a state slot per running sequence,
-        # and its state cannot be reused at block boundaries: prefix caching is off for it
+        # and as many slots again for the states its prefix cache resumes from
         hybrid = self.model.needs_state_slots
+        snapshots = max_num_seqs if hybrid and enable_prefix_caching else 0
         self.config = EngineConfig(
             max_model_len=max_model_len,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             block_size=block_size,
             num_kv_blocks=num_kv_blocks,
-            enable_prefix_caching=enable_prefix_caching and not hybrid,
+            enable_prefix_caching=enable_prefix_caching,
             num_state_slots=max_num_seqs if hybrid else 0,
+            num_state_snapshots=snapshots,
             batch_invariant=batch_invariant,
             sliding_window=all_layers_window(self.model.layer_windows),
         )
@@ -133,6 +148,12 @@ class LLM:
                 f"{loaded.load_seconds:.1f}s; KV cache: {num_kv_blocks} blocks x {block_size} "
                 f"= {tokens} tokens, {num_kv_blocks * per_block / 2**20:.0f} MiB; "
                 f"max_model_len={max_model_len}"
+                + (
+                    f"; recurrent state: {sizes['state_slots']} slots, "
+                    f"{sizes['state_bytes'] / 2**20:.0f} MiB"
+                    if sizes["state_slots"]
+                    else ""
+                )
                 + (
                     f"; batch-invariant passes of {runner.row_block} rows"
                     if batch_invariant

@@ -4,6 +4,11 @@ The fake model keeps one integer per KV slot: the K/V "of" position p is a rolli
 the K/V at p - 1 (read back through the block table) and token p, and the sampled token is
 a function of the last one. So a wrong block table, a wrongly shared block or a stale
 prefix-cache hit changes the output, which is compared with a direct computation.
+
+With state slots (a hybrid model) it also keeps one integer per state slot, the same rolling
+hash carried from chunk to chunk as a Mamba layer carries its state, and checks that every
+chunk starts from the state of exactly the tokens before it: its own slot, or the snapshot
+a cached prefix resumes from, saved where the scheduler asked.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ class FakeModel:
         self.sched = sched
         self.bs = sched.config.block_size
         self.kv: list[int | None] = [None] * (sched.config.num_kv_blocks * self.bs)
+        self.state: dict[int, int] = {}  # state slot -> the rolling hash it holds
 
     def run(self, batch: Batch) -> list[int | None]:
         bs, blocks, out = self.bs, self.sched.block_manager.blocks, []
@@ -75,6 +81,15 @@ class FakeModel:
                 p = s.start - 1
                 prev = self.kv[s.block_table[p // bs] * bs + p % bs]
                 assert prev is not None
+            hybrid = s.seq.state_slot is not None
+            if hybrid and s.start:  # the state read is that of the tokens before the chunk
+                read = s.seq.state_slot if s.state_source is None else s.state_source
+                assert self.state.get(read) == prev, f"stale state in slot {read}"
+            if s.snapshot is not None:
+                offset, snap_slot = s.snapshot
+                assert hybrid and 0 < offset <= len(s.token_ids)
+                boundary = (s.seq.num_prompt_tokens - 1) // bs * bs
+                assert s.start + offset == boundary  # the prompt's last block boundary
             for pos, (tok, slot) in enumerate(
                 zip(s.token_ids, s.slot_mapping, strict=True), start=s.start
             ):
@@ -85,6 +100,10 @@ class FakeModel:
                 assert block.hash is None
                 prev = kv_step(prev, tok)
                 self.kv[slot] = prev
+                if s.snapshot is not None and pos + 1 == s.start + s.snapshot[0]:
+                    self.state[s.snapshot[1]] = prev
+            if hybrid:
+                self.state[s.seq.state_slot] = prev
             out.append(sample_from(prev, s.seq.index) if s.sample else None)
         return out
 
@@ -114,6 +133,15 @@ def check_invariants(sched: Scheduler, batch: Batch | None = None) -> None:
     slots = [s.state_slot for s in sched.running if s.state_slot is not None]
     assert len(set(slots)) == len(slots)
     assert sorted(slots + list(sched.free_state_slots)) == list(range(cfg.num_state_slots))
+    snaps = sched.snapshots
+    taken = [s.snapshot[1] for s in batch.seqs if s.snapshot] if batch else []
+    assert sorted([*snaps.free, *snaps.by_block.values(), *taken]) == snaps.slots  # no leak
+    readers = (
+        Counter(s.state_source for s in batch.seqs if s.state_source is not None)
+        if batch
+        else Counter()
+    )
+    assert snaps.pins == readers  # pinned exactly while a step reads them
     if batch is not None:
         assert len(batch.seqs) <= cfg.max_num_seqs
         assert batch.num_tokens <= cfg.max_num_batched_tokens
@@ -187,11 +215,14 @@ tokens = st.lists(st.integers(0, VOCAB - 1), max_size=20)
 
 
 @st.composite
-def workloads(draw):
+def workloads(draw, hybrid: bool = False):
+    """A config and requests; `hybrid`: with state slots and prefix caching, and prompts
+    that often repeat or extend an earlier one whole, so cached prefixes resume from saved
+    states."""
     bs = draw(st.sampled_from([1, 2, 3, 4, 8]))
     min_blocks = cdiv(MAX_LEN, bs) + 1
     num_seqs = draw(st.integers(1, 5))
-    slots = draw(st.sampled_from([0, 0, 0, 1, 3]))
+    slots = draw(st.sampled_from([1, 3] if hybrid else [0, 0, 0, 1, 3]))
     cfg = dict(
         max_model_len=MAX_LEN,
         block_size=bs,
@@ -199,12 +230,16 @@ def workloads(draw):
         max_num_batched_tokens=draw(st.integers(num_seqs, 3 * MAX_LEN // 2)),
         num_kv_blocks=draw(st.integers(min_blocks, min_blocks + 3)),
         num_state_slots=slots,
-        enable_prefix_caching=not slots and draw(st.booleans()),
     )
+    cfg["enable_prefix_caching"] = caching = hybrid or draw(st.booleans())
+    cfg["num_state_snapshots"] = draw(st.integers(1, 3)) if slots and caching else 0
     prefixes = draw(st.lists(tokens, min_size=1, max_size=3))
     reqs = []
     for i in range(draw(st.integers(2, 8))):
         prompt = (draw(st.sampled_from(prefixes)) + draw(tokens))[: MAX_LEN - 1] or [1]
+        if hybrid and reqs and draw(st.booleans()):  # an earlier prompt, again or extended
+            earlier = draw(st.sampled_from(reqs)).prompt
+            prompt = (earlier + draw(st.sampled_from([[], *prefixes])))[: MAX_LEN - 1]
         reqs.append(
             Req(
                 str(i),
@@ -223,11 +258,24 @@ def workloads(draw):
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads())
 def test_random_workloads_tiny_pool_matches_huge_pool(workload):
-    cfg, reqs = workload
+    check_tiny_pool_matches_huge_pool(*workload)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads(hybrid=True))
+def test_random_hybrid_workloads_resume_from_saved_states(workload):
+    """Hybrid models' prefix cache: every chunk starts from the state of exactly the tokens
+    before it (the fake model checks), with 1-3 snapshot slots reused under pressure,
+    preemption and aborts, and outputs equal a direct computation."""
+    check_tiny_pool_matches_huge_pool(*workload)
+
+
+def check_tiny_pool_matches_huge_pool(cfg: dict, reqs: list[Req]) -> None:
     tiny, sched = simulate(EngineConfig(**cfg), reqs)
     target(float(sched.num_preemptions))
     event(f"preemptions: {min(sched.num_preemptions, 3)}+")
     event(f"prefix-cache hits: {sched.block_manager.prefix_cache_hits > 0}")
+    event(f"resumed from a saved state: {sched.snapshots.num_resumed > 0}")
     event(f"aborted: {any(reason == 'abort' for reason, _ in tiny.values())}")
     huge_blocks = 1 + sum(r.n * cdiv(len(r.prompt) + r.max_tokens, cfg["block_size"]) for r in reqs)
     cfg["num_kv_blocks"] = max(cfg["num_kv_blocks"], huge_blocks)
@@ -512,6 +560,97 @@ def test_siblings_share_the_prompt_blocks(caching):
     assert len({s.block_table[2] for s in sibs}) == 3  # the partial block is never shared
     for s in sibs:
         assert_correct(s)
+
+
+def hybrid_scheduler(snapshots: int) -> tuple[Scheduler, FakeModel]:
+    cfg = EngineConfig(
+        max_model_len=32,
+        block_size=4,
+        num_kv_blocks=40,
+        max_num_seqs=3,
+        num_state_slots=3,
+        num_state_snapshots=snapshots,
+    )
+    sched = Scheduler(cfg)
+    return sched, FakeModel(sched)
+
+
+def run_to_end(sched: Scheduler, model: FakeModel, seqs: list[Sequence], max_tokens: int):
+    for s in seqs:
+        sched.add(s)
+    while any(not s.is_finished for s in seqs):
+        step(sched, model)
+        for s in seqs:
+            if not s.is_finished and s.num_output_tokens >= max_tokens:
+                sched.finish(s, "length")
+    for s in seqs:
+        assert_correct(s)
+
+
+def test_hybrid_prefix_resumes_from_the_state_saved_at_the_prompts_last_boundary():
+    """A 10-token prompt (blocks of 4) saves the state after 8 tokens; the same prompt again,
+    and a longer one that starts with it, resume there from the snapshot slot; a prompt that
+    shares only its first block finds no saved state and starts at 0."""
+    sched, model = hybrid_scheduler(snapshots=2)
+    prompt = [1, 2, 3, 4, 5, 1, 2, 3, 4, 5]
+    first = make(prompt, 0)
+    run_to_end(sched, model, [first], 3)
+    assert first.num_cached_tokens == 0 and sched.snapshots.num_saved == 1
+    (slot,) = sched.snapshots.by_block.values()
+    again, longer = make(prompt, 1), make(prompt + [3, 3, 1, 0, 2], 2)
+    sched.add(again)
+    batch = step(sched, model)
+    assert again.num_cached_tokens == 8 and batch.seqs[0].state_source == slot
+    run_to_end(sched, model, [longer], 4)
+    assert longer.num_cached_tokens == 8
+    while not again.is_finished:  # a decode in each of the steps above
+        step(sched, model)
+        if again.num_output_tokens >= 3:
+            sched.finish(again, "length")
+    assert_correct(again)
+    other = make(prompt[:4] + [0, 0, 0, 0, 0], 3)
+    run_to_end(sched, model, [other], 2)
+    assert other.num_cached_tokens == 0  # its chain (1 block) ends at no saved state
+    assert sched.snapshots.num_resumed == 2 and not sched.snapshots.pins
+
+
+def test_hybrid_snapshot_slots_are_reused_least_recently_used():
+    """One snapshot slot: b's state replaces a's, so a is computed again from position 0
+    (and saves its state again), while b resumes."""
+    sched, model = hybrid_scheduler(snapshots=1)
+    a, b = [1, 2, 3, 4, 5, 0, 1], [5, 4, 3, 2, 1, 0, 5]
+    for i, prompt in enumerate([a, b, a, a, b]):
+        seq = make(prompt, i)
+        run_to_end(sched, model, [seq], 2)
+        expected = {0: 0, 1: 0, 2: 0, 3: 4, 4: 0}[i]
+        assert seq.num_cached_tokens == expected, (i, seq.num_cached_tokens)
+    assert len(sched.snapshots.by_block) == 1 and not sched.snapshots.free
+
+
+def test_hybrid_samples_resume_from_sibling_zeros_state():
+    sched, model = hybrid_scheduler(snapshots=1)
+    prompt = list(range(1, 11))
+    sibs = [Sequence(i, "r", prompt, index=i) for i in range(3)]
+    run_to_end(sched, model, sibs, 4)
+    assert [s.num_cached_tokens for s in sibs] == [0, 8, 8]
+
+
+def test_a_failed_step_gives_back_its_snapshot_slots_and_pins():
+    """The model raised: discard() returns the slot the step would have saved into and the
+    pin of the state it read, and the aborted sequences free the rest."""
+    sched, model = hybrid_scheduler(snapshots=2)
+    prompt = [1, 2, 3, 4, 5, 1, 2, 3, 4, 5]
+    run_to_end(sched, model, [make(prompt, 0)], 1)
+    failing = [make(prompt, 1), make([4] * 9, 2)]  # resumes; saves a new state
+    for s in failing:
+        sched.add(s)
+    batch = sched.schedule()
+    assert batch.seqs[0].state_source is not None and batch.seqs[1].snapshot is not None
+    sched.discard(batch)
+    for s in failing:
+        sched.finish(s, "abort")
+    check_invariants(sched)
+    assert len(sched.snapshots.free) == 1 and len(sched.snapshots.by_block) == 1
 
 
 def test_siblings_go_on_when_sibling_zero_finishes_early():

@@ -200,12 +200,68 @@ def test_sequences_do_not_share_state(hybrid, backend):
 
 
 def test_engine_config(case, backend):
-    """State slots and no prefix caching for hybrids; all-attention keeps prefix caching."""
+    """Hybrids get a state slot and a snapshot slot per running sequence, and keep prefix
+    caching; without it they get no snapshot slots. All-attention models get neither."""
     llm = make_llm(case, backend, max_num_seqs=3)
     is_hybrid = "linear_attention" in case.model.config.layer_types
     assert llm.model.needs_state_slots == is_hybrid
     assert llm.config.num_state_slots == (3 if is_hybrid else 0)
-    assert llm.config.enable_prefix_caching == (not is_hybrid)
+    assert llm.config.num_state_snapshots == (3 if is_hybrid else 0)
+    assert llm.config.enable_prefix_caching
+    off = make_llm(case, backend, max_num_seqs=3, enable_prefix_caching=False)
+    assert off.config.num_state_snapshots == 0 and not off.config.enable_prefix_caching
+
+
+def check_greedy_logprobs(case, prompt, out, max_tokens: int) -> None:
+    """Greedy tokens equal transformers' (full recomputation), and so do their logprobs."""
+    tokens, rows = case.greedy(prompt, max_tokens)
+    assert out.token_ids == tokens, f"prompt of {len(prompt)}"
+    got = np.array([lp[t].logprob for lp, t in zip(out.logprobs, tokens)])
+    assert np.abs(got - rows[np.arange(len(tokens)), tokens]).max() < TOL
+
+
+def test_prefix_cache_resumes_from_the_saved_state(hybrid, backend):
+    """A 30-token prompt (blocks of 4, 16 tokens a step) saves its Mamba state after 28
+    tokens, inside its second chunk. The same prompt again, and a longer one that starts with
+    it, resume there: 7 blocks from the cache, the state from the snapshot, and tokens and
+    logprobs equal to transformers' and to a run without the cache."""
+    llm = make_llm(hybrid, backend)
+    bm, snaps = llm.engine.scheduler.block_manager, llm.engine.scheduler.snapshots
+    a = prompts(80, [30])[0]
+    longer = a + prompts(81, [9])[0]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+    cold = make_llm(hybrid, backend, enable_prefix_caching=False)
+    for prompt, hits in ((a, 0), (a, 7), (longer, 7)):
+        before = bm.prefix_cache_hits
+        (out,) = llm.generate([prompt], params, use_tqdm=False)
+        assert bm.prefix_cache_hits - before == hits, f"prompt of {len(prompt)}"
+        check_greedy_logprobs(hybrid, prompt, out.outputs[0], 8)
+        (ref,) = cold.generate([prompt], params, use_tqdm=False)
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+    assert snaps.num_resumed == 2 and not snaps.pins
+
+
+def test_prefix_cache_samples_and_eviction(hybrid, backend):
+    """n = 3 samples share sample 0's prompt state; with one snapshot slot (max_num_seqs=1) a
+    second prompt's state replaces the first's, which is then computed again, and every
+    output still equals transformers'."""
+    llm = make_llm(hybrid, backend, max_num_seqs=1)
+    sched = llm.engine.scheduler
+    a, b = prompts(90, [21, 17])
+    params = SamplingParams(n=3, temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+    before = sched.block_manager.prefix_cache_hits
+    (out,) = llm.generate([a], params, use_tqdm=False)
+    assert sched.block_manager.prefix_cache_hits - before == 2 * 5  # siblings 1, 2: 20 tokens
+    for sample in out.outputs:
+        check_greedy_logprobs(hybrid, a, sample, 6)
+    one = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+    for prompt, resumed in ((b, 0), (a, 0), (a, 1)):
+        before = sched.snapshots.num_resumed
+        (out,) = llm.generate([prompt], one, use_tqdm=False)
+        assert sched.snapshots.num_resumed - before == resumed
+        check_greedy_logprobs(hybrid, prompt, out.outputs[0], 6)
+    assert len(sched.snapshots.by_block) == 1 and not sched.snapshots.pins
+    assert sorted(sched.free_state_slots) == [0]
 
 
 def test_batch_invariant_is_refused_for_mamba_layers(hybrid, backend):

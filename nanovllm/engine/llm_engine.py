@@ -197,6 +197,7 @@ class LLMEngine:
         try:
             results = self.runner.execute(batch)
         except Exception as e:
+            self.scheduler.discard(batch)
             failed = list(dict.fromkeys(s.seq.request_id for s in batch.seqs))
             for rid in failed:
                 self.abort_request(rid)

@@ -25,6 +25,12 @@ that became full in the prefix cache, and appends the sampled tokens. Where ever
 slides (`sliding_window`), it also frees the blocks that fell out of the window: their
 table entries become the null block, so a long sequence holds about window / block_size
 blocks.
+
+A model with recurrent state (Mamba layers) resumes a cached prefix only where a state was
+saved (state_snapshots.py). One is saved per prompt, at its last block boundary
+((prompt length - 1) // block_size blocks): the longest prefix that the same prompt sent
+again, its other samples, or any longer prompt that starts with it (the next turn of a chat)
+can reuse. The chunk that crosses that boundary writes the state there into a snapshot slot.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from dataclasses import dataclass
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import FINISH_REASONS, Sequence, SequenceStatus
+from nanovllm.engine.state_snapshots import BlockKey, StateSnapshots
 
 
 @dataclass(slots=True)
@@ -46,6 +53,11 @@ class ScheduledSeq:
     block_table: list[int]  # the sequence's blocks (a copy), covering context_len tokens
     context_len: int  # start + len(token_ids)
     sample: bool  # sample a token after this chunk
+    # recurrent state (hybrid models): the slot this chunk starts from when it is not the
+    # sequence's own (a snapshot it resumes from), and (tokens into the chunk, slot) where the
+    # state after that many of its tokens is saved
+    state_source: int | None = None
+    snapshot: tuple[int, int] | None = None
 
 
 @dataclass(slots=True)
@@ -66,6 +78,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.free_state_slots: deque[int] = deque(range(config.num_state_slots))
+        # after the running sequences' slots comes one scratch slot (the runner's), then these
+        first = config.num_state_slots + 1
+        self.snapshots = StateSnapshots(range(first, first + config.num_state_snapshots))
         self.leaders: dict[str, Sequence] = {}  # request_id -> its unfinished sibling 0
         self.num_preemptions = 0
 
@@ -136,6 +151,9 @@ class Scheduler:
             if config.num_state_slots and not self.free_state_slots:
                 break
             cached = bm.cached_prefix(seq) if self._may_use_cache(seq) else None
+            source = None
+            if cached and config.num_state_slots:  # resume only where a state was saved
+                cached, source = self._resumable(cached)
             start = len(cached or ()) * self.block_size
             n = min(seq.num_tokens - start, budget)
             if not bm.can_allocate(cached or [], start + n):
@@ -146,8 +164,10 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             if config.num_state_slots:
                 seq.state_slot = self.free_state_slots.popleft()
+            if source is not None:
+                self.snapshots.pin(source)
             self.running.append(seq)
-            self._emit(batch, seq, n)
+            self._emit(batch, seq, n, source)
             budget -= n
         for seq in admitted:  # in queue order: usually its head
             if self.waiting[0] is seq:
@@ -155,9 +175,28 @@ class Scheduler:
             else:
                 self.waiting.remove(seq)
 
+    def _resumable(self, cached: list[int]) -> tuple[list[int], int | None]:
+        """The longest part of a cached chain that ends at a saved state, and that state's
+        slot (([], None) if no block of the chain has one)."""
+        blocks = self.block_manager.blocks
+        for i in range(len(cached), 0, -1):
+            slot = self.snapshots.find((cached[i - 1], blocks[cached[i - 1]].serial))
+            if slot is not None:
+                return cached[:i], slot
+        return [], None
+
+    def _snapshot_live(self, key: BlockKey) -> bool:
+        block = self.block_manager.blocks[key[0]]
+        return block.serial == key[1] and block.hash is not None
+
     def _sharing_siblings(self, seq: Sequence) -> bool:
-        # a recurrent state cannot be shared from blocks, so hybrid models compute each sibling
-        return seq.index > 0 and seq.use_prefix_cache and self.config.num_state_slots == 0
+        # a recurrent state is shared through a snapshot, so without them hybrid models
+        # compute each sibling
+        return (
+            seq.index > 0
+            and seq.use_prefix_cache
+            and (self.config.num_state_slots == 0 or bool(self.snapshots))
+        )
 
     def _held_back(self, seq: Sequence) -> bool:
         leader = self.leaders.get(seq.request_id)
@@ -170,15 +209,38 @@ class Scheduler:
             or self._sharing_siblings(seq)
         )
 
-    def _emit(self, batch: Batch, seq: Sequence, n: int) -> None:
+    def _emit(self, batch: Batch, seq: Sequence, n: int, source: int | None = None) -> None:
         bs, table, start = self.block_size, seq.block_table, seq.num_computed_tokens
         end = start + n
         slots = [table[p // bs] * bs + p % bs for p in range(start, end)]
         batch.seqs.append(
             ScheduledSeq(
-                seq, start, seq.token_ids[start:end], slots, list(table), end, end == seq.num_tokens
+                seq,
+                start,
+                seq.token_ids[start:end],
+                slots,
+                list(table),
+                end,
+                end == seq.num_tokens,
+                source,
+                self._snapshot_for(seq, start, end),
             )
         )
+
+    def _snapshot_for(self, seq: Sequence, start: int, end: int) -> tuple[int, int] | None:
+        """(offset, slot) if this chunk crosses the prompt's last block boundary and the state
+        there is not saved yet."""
+        if not self.snapshots or not seq.use_prefix_cache:  # it neither resumes nor saves
+            return None
+        bs = self.block_size
+        boundary = (seq.num_prompt_tokens - 1) // bs * bs
+        if not start < boundary <= end:
+            return None
+        block = self.block_manager.blocks[seq.block_table[boundary // bs - 1]]
+        if block.hash is not None and self.snapshots.find((block.block_id, block.serial)):
+            return None  # sealed before (a cached block) and saved already
+        slot = self.snapshots.take(self._snapshot_live)
+        return None if slot is None else (boundary - start, slot)
 
     def postprocess(self, batch: Batch, sampled: list[int | None]) -> None:
         if len(sampled) != len(batch.seqs):
@@ -192,13 +254,43 @@ class Scheduler:
         for s, token in zip(batch.seqs, sampled, strict=True):
             seq = s.seq
             if seq.status is not SequenceStatus.RUNNING:  # aborted since schedule()
+                self._release_state_refs(s)
                 continue
             seq.num_computed_tokens = s.context_len
             self.block_manager.cache_full_blocks(seq)
+            self._save_snapshot(s)
             if self.config.sliding_window is not None:
                 self.block_manager.free_out_of_window(seq, self.config.sliding_window)
             if s.sample and token is not None:
                 seq.append_token(token)
+
+    def _save_snapshot(self, s: ScheduledSeq) -> None:
+        """Bind the state this step saved to the block it ends at, now sealed: to the block the
+        prefix cache finds for the same tokens, which is another one where this sequence
+        computed again a prefix whose blocks were cached but whose state was not."""
+        if s.state_source is not None:
+            self.snapshots.unpin(s.state_source)
+        if s.snapshot is None:
+            return
+        bm, (offset, slot) = self.block_manager, s.snapshot
+        block = bm.blocks[s.block_table[(s.start + offset) // self.block_size - 1]]
+        found = bm.hash_to_block.get(block.hash) if block.hash is not None else None
+        if found is not None and bm.blocks[found].token_ids == block.token_ids:
+            self.snapshots.bind((found, bm.blocks[found].serial), slot)
+        else:
+            self.snapshots.release(slot)
+
+    def _release_state_refs(self, s: ScheduledSeq) -> None:
+        if s.state_source is not None:
+            self.snapshots.unpin(s.state_source)
+        if s.snapshot is not None:
+            self.snapshots.release(s.snapshot[1])
+
+    def discard(self, batch: Batch) -> None:
+        """A step that did not run (the model raised): give back the snapshot slots it took
+        and the pins it held; its sequences are aborted by the caller."""
+        for s in batch.seqs:
+            self._release_state_refs(s)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         if reason not in FINISH_REASONS:

@@ -27,16 +27,25 @@ class StateMetadata:
 
     decode_* have one entry per decode row (padding rows: the scratch slot); prefill_* one per
     sequence of the padded prefill part (padding sequences: the scratch slot, length 0).
-    `reset` is True where a sequence starts at position 0, so its slot's old state is ignored.
+    The state is read from `read_slots` (a sequence's own slot, or the snapshot a resumed
+    prefix starts from) and written to `slots`. `reset` is True where a sequence starts at
+    position 0, so the old state read is ignored. Where a step saves snapshots (a hybrid
+    model's prefix cache), the state after `snapshot_lens` tokens of each chunk (a decode's:
+    after it) is also written to `snapshot_slots` (the scratch slot where none is saved).
     """
 
     static_fields: ClassVar[tuple[str, ...]] = ("num_decode", "prefill_seqs", "prefill_steps")
     num_decode: int = 0  # rows of decode tokens (padding included) before the prefill rows
     decode_slots: Any = None  # [num_decode] int
+    decode_read_slots: Any = None  # [num_decode] int
     decode_reset: Any = None  # [num_decode] bool
+    decode_snapshot_slots: Any = None  # [num_decode] int, or None: no snapshot this step
     prefill_slots: Any = None  # [S] int
+    prefill_read_slots: Any = None  # [S] int
     prefill_reset: Any = None  # [S] bool
     prefill_lens: Any = None  # [S] int: tokens of each sequence in this chunk
+    prefill_snapshot_lens: Any = None  # [S] int, or None: no snapshot this step
+    prefill_snapshot_slots: Any = None  # [S] int
     prefill_seqs: int = 0  # S
     prefill_steps: int = 0  # Q
     prefill_query_index: Any = None  # [S*Q] prefill rows forming the padded [S, Q] view
@@ -74,10 +83,24 @@ def gated_rms_norm(xp, y, gate, weight, groups: int, eps: float):
     return xp.reshape(g, (T, n)) * weight  # [T, n]
 
 
-def _conv(xp, state, x, weight, bias, lens, device):
+def _conv_state_at(xp, seq, lens, K: int, device):
+    """The conv state after `lens` [S] steps: the K-1 inputs before each, from seq [S, K-1+Q, C]
+    (the old state, then the chunk's inputs)."""
+    S, n, C = seq.shape
+    rows = (
+        xp.arange(S, dtype=lens.dtype, device=device)[:, None] * n
+        + lens[:, None]
+        + xp.arange(K - 1, dtype=lens.dtype, device=device)[None, :]
+    )  # [S, K-1]
+    flat = xp.reshape(seq, (S * n, C))
+    return xp.reshape(xp.take(flat, xp.reshape(rows, (-1,)), axis=0), (S, K - 1, C))
+
+
+def _conv(xp, state, x, weight, bias, lens, device, snapshot_lens=None):
     """Causal depthwise conv + SiLU. state [S, K-1, C], x [S, Q, C], weight [K, C].
 
-    Returns the outputs [S, Q, C] and the new state: the last K-1 inputs up to each length.
+    Returns the outputs [S, Q, C], the new state (the last K-1 inputs up to each length) and,
+    with `snapshot_lens`, the state after that many steps (else None).
     """
     S, Q, C = x.shape
     K = weight.shape[0]
@@ -87,17 +110,9 @@ def _conv(xp, state, x, weight, bias, lens, device):
         out = out + seq[:, k : k + Q, :] * weight[k, :]
     if bias is not None:
         out = out + bias
-    if lens is None:
-        new_state = seq[:, Q:, :]  # [S, K-1, C]
-    else:
-        rows = (
-            xp.arange(S, dtype=lens.dtype, device=device)[:, None] * (K - 1 + Q)
-            + lens[:, None]
-            + xp.arange(K - 1, dtype=lens.dtype, device=device)[None, :]
-        )  # [S, K-1]
-        flat = xp.reshape(seq, (S * (K - 1 + Q), C))
-        new_state = xp.reshape(xp.take(flat, xp.reshape(rows, (-1,)), axis=0), (S, K - 1, C))
-    return silu(xp, out), new_state
+    new_state = seq[:, Q:, :] if lens is None else _conv_state_at(xp, seq, lens, K, device)
+    snapshot = None if snapshot_lens is None else _conv_state_at(xp, seq, snapshot_lens, K, device)
+    return silu(xp, out), new_state, snapshot
 
 
 def _by_head(xp, t, heads: int):
@@ -131,15 +146,30 @@ def _ssd_chunk(xp, h, x, dt, A, B, C, device):
     return y, h
 
 
-def _mix(xp, layer: dict, spec: Mamba2Spec, conv_state, h, xbc, dt, lens, device):
-    """xbc [S,Q,conv_dim], dt [S,Q,H] raw -> y [S,Q,I], new conv state, new ssm state.
+def _ssm_state_at(xp, h, x, dt, A, B, steps, device):
+    """The SSM state after `steps` [S] steps of the chunk, from the state h [S,H,P,N] before
+    it: the state update of _ssd_chunk over the whole chunk with dt = 0 from each sequence's
+    `steps` on. x [S,H,Q,P]; dt [S,H,Q]; B [S,H,Q,N]."""
+    Q = x.shape[2]
+    before = xp.arange(Q, dtype=steps.dtype, device=device)[None, :] < steps[:, None]  # [S,Q]
+    dt = xp.where(before[:, None, :], dt, 0.0)  # [S,H,Q]
+    acum = xp.cumulative_sum(dt * A[:, None], axis=-1)  # [S,H,Q]
+    last = acum[..., Q - 1 : Q]  # [S,H,1]
+    weights = xp.exp(last - acum) * dt  # [S,H,Q]
+    return h * xp.exp(last)[..., None] + xp.matrix_transpose(x * weights[..., None]) @ B
+
+
+def _mix(xp, layer: dict, spec: Mamba2Spec, conv_state, h, xbc, dt, lens, device, snap=None):
+    """xbc [S,Q,conv_dim], dt [S,Q,H] raw -> y [S,Q,I], new conv state, new ssm state, and
+    with `snap` [S] the (conv, ssm) state after that many steps of each sequence (else None).
 
     S sequences of Q steps; H heads of P = head_dim, N = d_state, G groups, I = H * P.
     """
     S, Q = xbc.shape[0], xbc.shape[1]
     H, P, N, G, I = spec.heads, spec.head_dim, spec.d_state, spec.groups, spec.intermediate
-    xbc, conv_state = _conv(
-        xp, conv_state, xbc, layer["conv_w"], layer["conv_b"], lens, device
+    h_before = h
+    xbc, conv_state, conv_snap = _conv(
+        xp, conv_state, xbc, layer["conv_w"], layer["conv_b"], lens, device, snap
     )  # [S,Q,conv_dim]
     dt = softplus(xp, dt + layer["dt_bias"])  # [S,Q,H]
     if spec.dt_min > 0.0 or spec.dt_max < float("inf"):
@@ -168,7 +198,10 @@ def _mix(xp, layer: dict, spec: Mamba2Spec, conv_state, h, xbc, dt, lens, device
     y = ys[0] if len(ys) == 1 else xp.concat(ys, axis=2)  # [S,H,Q,P]
     y = y + x * xp.reshape(layer["D"], (1, H, 1, 1))  # the D skip
     y = xp.reshape(xp.permute_dims(y, (0, 2, 1, 3)), (S, Q, I))  # [S,Q,I]
-    return y, conv_state, h
+    snapshot = None
+    if snap is not None:
+        snapshot = (conv_snap, _ssm_state_at(xp, h_before, x, dt, layer["A"], B, snap, device))
+    return y, conv_state, h, snapshot
 
 
 def _gather_state(xp, conv_pool, ssm_pool, slots, reset):
@@ -198,8 +231,10 @@ def mamba2_mixer(backend, layer: dict, spec: Mamba2Spec, x, cache, meta):
     num_decode = state.num_decode
     ys = []
     if state.decode_slots is not None:  # a decode row is one step of its sequence
-        conv, h = _gather_state(xp, conv_pool, ssm_pool, state.decode_slots, state.decode_reset)
-        y, conv, h = _mix(
+        conv, h = _gather_state(
+            xp, conv_pool, ssm_pool, state.decode_read_slots, state.decode_reset
+        )
+        y, conv, h, _ = _mix(
             xp,
             layer,
             spec,
@@ -212,10 +247,15 @@ def mamba2_mixer(backend, layer: dict, spec: Mamba2Spec, x, cache, meta):
         )  # [num_decode, 1, I]
         conv_pool = backend.scatter_rows(conv_pool, state.decode_slots, conv)
         ssm_pool = backend.scatter_rows(ssm_pool, state.decode_slots, h)
+        if state.decode_snapshot_slots is not None:
+            conv_pool = backend.scatter_rows(conv_pool, state.decode_snapshot_slots, conv)
+            ssm_pool = backend.scatter_rows(ssm_pool, state.decode_snapshot_slots, h)
         ys.append(y[:, 0, :])  # [num_decode, I]
     if state.prefill_slots is not None:
         S, Q = state.prefill_seqs, state.prefill_steps
-        conv, h = _gather_state(xp, conv_pool, ssm_pool, state.prefill_slots, state.prefill_reset)
+        conv, h = _gather_state(
+            xp, conv_pool, ssm_pool, state.prefill_read_slots, state.prefill_reset
+        )
         rows = state.prefill_query_index  # [S*Q]
         prefill_xbc = xp.reshape(
             xp.take(xbc[num_decode:, ...], rows, axis=0), (S, Q, conv_dim)
@@ -223,11 +263,15 @@ def mamba2_mixer(backend, layer: dict, spec: Mamba2Spec, x, cache, meta):
         prefill_dt = xp.reshape(
             xp.take(dt[num_decode:, ...], rows, axis=0), (S, Q, spec.heads)
         )  # [S, Q, H]
-        y, conv, h = _mix(
-            xp, layer, spec, conv, h, prefill_xbc, prefill_dt, state.prefill_lens, backend.device
-        )  # [S, Q, I]
+        y, conv, h, snapshot = _mix(
+            xp, layer, spec, conv, h, prefill_xbc, prefill_dt, state.prefill_lens,
+            backend.device, state.prefill_snapshot_lens,
+        )  # [S, Q, I]  # fmt: skip
         conv_pool = backend.scatter_rows(conv_pool, state.prefill_slots, conv)
         ssm_pool = backend.scatter_rows(ssm_pool, state.prefill_slots, h)
+        if snapshot is not None:
+            conv_pool = backend.scatter_rows(conv_pool, state.prefill_snapshot_slots, snapshot[0])
+            ssm_pool = backend.scatter_rows(ssm_pool, state.prefill_snapshot_slots, snapshot[1])
         ys.append(
             xp.take(xp.reshape(y, (S * Q, I)), state.prefill_output_index, axis=0)
         )  # [num_prefill_rows, I]

@@ -55,6 +55,11 @@ class CausalLM(Protocol):
         """The layers that keep K/V in the paged pool (what the KV cache is sized by)."""
         return self.num_layers
 
+    @property
+    def state_elements_per_slot(self) -> int:
+        """Numbers in one state slot, over every layer with recurrent state (0: none)."""
+        return 0
+
     def allocate_cache(self, backend, num_kv_slots: int, num_state_slots: int) -> list:
         """Per layer, a (K pool, V pool) pair of [num_kv_slots, kv_heads, head_dim]."""
         shape = (num_kv_slots, self.num_kv_heads, self.head_dim)

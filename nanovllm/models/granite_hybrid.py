@@ -3,8 +3,9 @@
 Each layer: x += r * mixer(norm(x)), mixer = Mamba2 or attention (RoPE or none); then
 x += r * (shared_mlp(norm(x)) + moe(norm(x))). The Granite multipliers are folded into the weights
 at load as in granite.py. Mamba layers keep conv and SSM state per sequence in state slots, so a
-model with any Mamba layer asks the engine for state slots (`needs_state_slots`) and runs without
-prefix caching. The all-attention variants (granite-4.0-350m / 1b) use plain paged attention.
+model with any Mamba layer asks the engine for state slots (`needs_state_slots`); its prefix cache
+resumes from states saved at block boundaries (engine/state_snapshots.py). The all-attention
+variants (granite-4.0-350m / 1b) use plain paged attention.
 The MoE runs every expert on every token, masked by the routing weights (see layers/moe.py).
 """
 
@@ -261,6 +262,12 @@ class GraniteMoeHybridForCausalLM(CausalLM):
     @property
     def num_kv_layers(self) -> int:
         return self.cfg.layer_kinds.count(ATTENTION)
+
+    @property
+    def state_elements_per_slot(self) -> int:
+        m = self.cfg.mamba
+        per_layer = (m.d_conv - 1) * m.conv_dim + m.heads * m.head_dim * m.d_state
+        return per_layer * self.cfg.layer_kinds.count(MAMBA)
 
     def allocate_cache(self, backend, num_kv_slots: int, num_state_slots: int) -> list:
         """Per layer: (K pool, V pool) for attention, (conv, ssm) state pools for Mamba."""

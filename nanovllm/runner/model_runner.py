@@ -75,9 +75,12 @@ class ModelRunner:
         self.xp = backend.xp
         self.block_size = config.block_size
         slots = config.num_kv_blocks * config.block_size
-        # one extra state slot, owned by no sequence, takes the padding rows' state writes
+        # one extra state slot, owned by no sequence, takes the padding rows' state writes;
+        # the snapshot slots of a hybrid model's prefix cache come after it
         self.scratch_state_slot = config.num_state_slots
-        self.kv_caches = model.allocate_cache(backend, slots, config.num_state_slots + 1)
+        self.kv_caches = model.allocate_cache(
+            backend, slots, config.num_state_slots + 1 + config.num_state_snapshots
+        )
         self.rng = np.random.default_rng(seed)
         self.token_bits = unpack_index(backend, model.vocab_size)  # for structured outputs
         # a jitting backend wants few distinct shapes: it rounds sizes up to buckets
@@ -239,24 +242,39 @@ class ModelRunner:
         return backend.index(ids), backend.index(pos), meta, first
 
     def _state_metadata(self, decode, num_decode_rows: int, prefill) -> StateMetadata:
-        """Each sequence's state slot, reset flag (start == 0) and chunk length; padding rows
-        and padding sequences use the scratch slot."""
+        """Each sequence's state slot, the slot its state is read from (its own, or the
+        snapshot it resumes from), reset flag (start == 0) and chunk length, and where a
+        chunk saves a snapshot; padding rows and padding sequences use the scratch slot."""
         backend, scratch = self.backend, self.scratch_state_slot
         st = StateMetadata(num_decode=num_decode_rows)
+
+        def read(s) -> int:
+            return s.seq.state_slot if s.state_source is None else s.state_source
+
         if decode:
             pad = num_decode_rows - len(decode)
             st.decode_slots = backend.index([s.seq.state_slot for s in decode] + [scratch] * pad)
+            st.decode_read_slots = backend.index([read(s) for s in decode] + [scratch] * pad)
             st.decode_reset = backend.step_input(
                 np.array([s.start == 0 for s in decode] + [True] * pad)
             )
+            if any(s.snapshot for s in decode):  # a decode's snapshot is its state after it
+                st.decode_snapshot_slots = backend.index(
+                    [s.snapshot[1] if s.snapshot else scratch for s in decode] + [scratch] * pad
+                )
         if prefill:
             S, Q, qi, oi = self._padded_prefill(prefill)
             pad = S - len(prefill)
             st.prefill_slots = backend.index([s.seq.state_slot for s in prefill] + [scratch] * pad)
+            st.prefill_read_slots = backend.index([read(s) for s in prefill] + [scratch] * pad)
             st.prefill_reset = backend.step_input(
                 np.array([s.start == 0 for s in prefill] + [True] * pad)
             )
             st.prefill_lens = backend.index([len(s.token_ids) for s in prefill] + [0] * pad)
+            if any(s.snapshot for s in prefill):
+                snaps = [s.snapshot or (0, scratch) for s in prefill] + [(0, scratch)] * pad
+                st.prefill_snapshot_lens = backend.index([n for n, _ in snaps])
+                st.prefill_snapshot_slots = backend.index([slot for _, slot in snaps])
             st.prefill_seqs, st.prefill_steps = S, Q
             st.prefill_query_index, st.prefill_output_index = backend.index(qi), backend.index(oi)
         return st
