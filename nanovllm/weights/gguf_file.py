@@ -337,9 +337,9 @@ def _granite_hybrid_tensors(config: dict, tensors: dict[str, np.ndarray]) -> Non
     shared = tensors.get("model.layers.0.shared_mlp.output_linear.weight")
     if shared is not None:
         config["shared_intermediate_size"] = int(shared.shape[1])
-    config["mamba_conv_bias"] = "model.layers.0.mamba.conv1d.bias" in tensors or not any(
+    config["mamba_conv_bias"] = any(".mamba.conv1d.bias" in n for n in tensors) or not any(
         ".mamba.conv1d." in n for n in tensors
-    )
+    )  # any Mamba layer: layer 0 may be attention
     config["mamba_proj_bias"] = any(".mamba.in_proj.bias" in n for n in tensors)
 
 
