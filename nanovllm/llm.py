@@ -94,9 +94,8 @@ class LLM:
                 )
             # a state slot per running sequence, a scratch slot, and (prefix caching) as many
             # snapshot slots as running sequences
-            state_slots = 0
-            if net.needs_state_slots:
-                state_slots = max_num_seqs * (2 if enable_prefix_caching else 1) + 1
+            snapshots = max_num_seqs if net.needs_state_slots and enable_prefix_caching else 0
+            state_slots = max_num_seqs + 1 + snapshots if net.needs_state_slots else 0
             state_bytes = state_slots * net.state_elements_per_slot * itemsize
             if self.backend.on_host and state_bytes:
                 check_fits(
@@ -105,7 +104,7 @@ class LLM:
                     "lower max_num_seqs, or pass enable_prefix_caching=False (which halves it)",
                 )
             sizes.update(per_block=per_block, num_kv_blocks=blocks, max_model_len=model_len)
-            sizes.update(state_slots=state_slots, state_bytes=state_bytes)
+            sizes.update(snapshots=snapshots, state_slots=state_slots, state_bytes=state_bytes)
             return sizes["max_model_len"]
 
         loaded = load_model(model, self.backend, kv_sizing)
@@ -116,7 +115,6 @@ class LLM:
         # a model with recurrent state (Granite 4.0-H) gets a state slot per running sequence,
         # and as many slots again for the states its prefix cache resumes from
         hybrid = self.model.needs_state_slots
-        snapshots = max_num_seqs if hybrid and enable_prefix_caching else 0
         self.config = EngineConfig(
             max_model_len=max_model_len,
             max_num_seqs=max_num_seqs,
@@ -125,7 +123,7 @@ class LLM:
             num_kv_blocks=num_kv_blocks,
             enable_prefix_caching=enable_prefix_caching,
             num_state_slots=max_num_seqs if hybrid else 0,
-            num_state_snapshots=snapshots,
+            num_state_snapshots=sizes["snapshots"],
             batch_invariant=batch_invariant,
             sliding_window=all_layers_window(self.model.layer_windows),
         )

@@ -228,17 +228,13 @@ class Scheduler:
         )
 
     def _snapshot_for(self, seq: Sequence, start: int, end: int) -> tuple[int, int] | None:
-        """(offset, slot) if this chunk crosses the prompt's last block boundary and the state
-        there is not saved yet."""
+        """(offset, slot) if this chunk crosses the prompt's last block boundary. A state saved
+        there already would have been resumed from, so the chunk would start at it."""
         if not self.snapshots or not seq.use_prefix_cache:  # it neither resumes nor saves
             return None
-        bs = self.block_size
-        boundary = (seq.num_prompt_tokens - 1) // bs * bs
+        boundary = (seq.num_prompt_tokens - 1) // self.block_size * self.block_size
         if not start < boundary <= end:
             return None
-        block = self.block_manager.blocks[seq.block_table[boundary // bs - 1]]
-        if block.hash is not None and self.snapshots.find((block.block_id, block.serial)):
-            return None  # sealed before (a cached block) and saved already
         slot = self.snapshots.take(self._snapshot_live)
         return None if slot is None else (boundary - start, slot)
 
