@@ -51,9 +51,10 @@ def llguidance_figures(tokenizer, vocab: int, eos: list[int], answer: list[int])
         figures[f"compile_{name}_s"] = seconds + timed(lambda g=grammar: compiler.matcher(g))[0]
     grammar = compiler.grammar(StructuredOutputsParams(json=PERSON))
     matchers = [compiler.matcher(grammar) for _ in range(BATCH)]
+    work = [(m, i, []) for i, m in enumerate(matchers)]
     steps = []
     for token in answer:
-        steps.append(timed(lambda: fill_bitmask(matchers, BATCH, vocab))[0])
+        steps.append(timed(lambda: fill_bitmask(work, BATCH, vocab))[0])
         for m in matchers:
             assert m.consume_token(token), m.get_error()
     figures["mask_step_16_ms"] = 1000 * statistics.median(steps)

@@ -7,7 +7,8 @@ numpy,jax` loads both and interleaves their runs, then prints each one's ratio t
 Also per engine: batch-1 decode at a long context against a short one (`--long-context`), the
 time to first token of a request whose long prefix an earlier one computed, against the same
 request cold (`--shared-prefix`), and the decode roofline: the bytes one batch-1 decode step
-must read (weights and KV), over the matrix-vector bandwidth measured on this machine.
+must read (weights and KV), over the matrix-vector bandwidth measured on this machine. And
+batch-1 chats with and without speculative decoding (bench_speculative.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from .bench_speculative import speculative_rows
 from .cli import add_model_args, make_llm
+from .config import SpeculativeConfig
 from .sampling_params import SamplingParams
 
 
@@ -189,6 +192,11 @@ def main(argv: list[str]) -> None:
         "--shared-prefix", type=int, default=1024,
         help="prefix length of the hot/cold time-to-first-token pair (0 skips it)",
     )  # fmt: skip
+    p.add_argument(
+        "--spec-tokens", type=int, default=256,
+        help="greedy tokens of each speculative-decoding chat, with and without speculation "
+        "as --speculative-config gives it (default: ngram, 4 tokens); 0 skips them",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the figures as JSON lines")
     p.add_argument(
         "--vs-batch-invariant",
@@ -197,6 +205,9 @@ def main(argv: list[str]) -> None:
     )
     args = p.parse_args(argv)
     args.no_prefix_caching = True  # every run must compute its prompts
+    # the engines decode plainly; the speculative rows turn it on for their own runs
+    spec = SpeculativeConfig.parse(args.speculative_config) or SpeculativeConfig()
+    args.speculative_config = None
     # several engines (--backend numpy,jax) are loaded together and their runs interleaved,
     # so that each ratio compares figures taken under the same machine load
     llms, labels = [], []
@@ -272,6 +283,8 @@ def main(argv: list[str]) -> None:
                 f"ttft_prefix{args.shared_prefix}_hot_s": med(r["hot"]),
                 "ttft_cold_over_hot": med(r["cold"]) / med(r["hot"]),
             }
+        if args.spec_tokens:
+            figures |= speculative_rows(llm, spec, args.repeats, args.spec_tokens)
         if llm.backend.jits:
             figures["compilations"] = llm.backend.compilations()
         table.append(figures)
@@ -287,7 +300,7 @@ def main(argv: list[str]) -> None:
         return
     for figures in table:
         for k, v in figures.items():
-            print(f"{k:>28}: {v:.2f}" if isinstance(v, float) else f"{k:>28}: {v}")
+            print(f"{k:>34}: {v:.2f}" if isinstance(v, float) else f"{k:>34}: {v}")
         print()
     if len(table) > 1:
         base = table[0]

@@ -54,6 +54,13 @@ def add_model_args(p: argparse.ArgumentParser, backend_help: str = "") -> None:
         help="outputs that do not depend on the batch, chunking or prefix-cache hits "
         "(slower: see README)",
     )
+    p.add_argument(
+        "--speculative-config",
+        default=None,
+        help='speculative decoding as JSON, e.g. \'{"method": "ngram", '
+        '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' '
+        "(n-gram prompt lookup: faster where the answer quotes its input; see README)",
+    )
 
 
 def make_llm(args: argparse.Namespace):
@@ -72,6 +79,7 @@ def make_llm(args: argparse.Namespace):
         kv_cache_memory=args.kv_cache_memory,
         enable_prefix_caching=not args.no_prefix_caching,
         batch_invariant=args.batch_invariant,
+        speculative_config=args.speculative_config,
     )
 
 

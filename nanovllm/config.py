@@ -12,6 +12,101 @@ BATCH_INVARIANT_HYBRID = (
 )
 
 
+SPEC_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+MAX_SPECULATIVE_TOKENS = 16  # more proposals per step than this cost more than they can win
+
+
+@dataclass(frozen=True, slots=True)
+class SpeculativeConfig:
+    """Speculative decoding by n-gram prompt lookup (vLLM's `{"method": "ngram", ...}`): each
+    decoding sequence proposes up to `num_speculative_tokens` tokens that followed the latest
+    earlier occurrence of its last n tokens (prompt_lookup_max >= n >= prompt_lookup_min), and
+    one step checks them all."""
+
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+    method: str = "ngram"
+
+    @classmethod
+    def parse(cls, value) -> SpeculativeConfig | None:
+        """A SpeculativeConfig from a dict, a JSON string (the CLI's), one, or None (off)."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            import json
+
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise ValueError(
+                    f"speculative_config {value!r} is not JSON ({e}); pass e.g. "
+                    '{"method": "ngram", "num_speculative_tokens": 4}'
+                ) from None
+        if not isinstance(value, dict):
+            raise ValueError(
+                f"speculative_config must be a dict, not {type(value).__name__}; pass e.g. "
+                '{"method": "ngram", "num_speculative_tokens": 4}'
+            )
+        if "model" in value:
+            raise ValueError(
+                f"speculative_config model={value['model']!r}: a draft model is not supported; "
+                'use {"method": "ngram"} (prompt lookup)'
+            )
+        unknown = sorted(set(value) - set(SPEC_KEYS))
+        if unknown:
+            raise ValueError(
+                f"speculative_config has unknown keys {unknown}; the keys are {list(SPEC_KEYS)}"
+            )
+        method = value.get("method", "ngram")
+        if method != "ngram":
+            raise ValueError(f"speculative_config method={method!r} is not supported; use 'ngram'")
+        # one of the two lookup sizes given alone sets the other where the default would not fit
+        n_max = value.get("prompt_lookup_max")
+        n_min = value.get("prompt_lookup_min")
+        if n_max is None:
+            n_max = max(4, n_min) if isinstance(n_min, int) else 4
+        if n_min is None:
+            n_min = min(2, n_max) if isinstance(n_max, int) else 2
+        config = cls(value.get("num_speculative_tokens", 4), n_max, n_min)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        for name, limit in (
+            ("num_speculative_tokens", MAX_SPECULATIVE_TOKENS),
+            ("prompt_lookup_max", 1 << 10),
+            ("prompt_lookup_min", 1 << 10),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+                raise ValueError(
+                    f"speculative_config {name}={value!r} must be an integer in [1, {limit}]"
+                )
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(
+                f"speculative_config prompt_lookup_min={self.prompt_lookup_min} is above "
+                f"prompt_lookup_max={self.prompt_lookup_max}; pass min <= max"
+            )
+
+    def describe(self) -> str:
+        return (
+            f"ngram speculation: {self.num_speculative_tokens} tokens, "
+            f"lookup {self.prompt_lookup_min}-{self.prompt_lookup_max}"
+        )
+
+
+SPEC_HYBRID = (
+    "speculative decoding is not supported for models with Mamba layers (Granite 4.0-H): a "
+    "rejected proposal would leave its tokens in the recurrent state; pass "
+    "speculative_config=None"
+)
+SPEC_BATCH_INVARIANT = (
+    "speculative decoding is not supported with batch_invariant=True: its passes of fixed "
+    "rows sample one row per sequence; pass one of the two"
+)
+
+
 @dataclass(slots=True)
 class EngineConfig:
     max_model_len: int = 2048
@@ -28,6 +123,7 @@ class EngineConfig:
     # every layer's queries see at most this many keys (None: some layer sees all): a
     # sequence's blocks that fall out of it are freed while it runs
     sliding_window: int | None = None
+    speculative: SpeculativeConfig | None = None  # n-gram speculative decoding; None: off
 
     def __post_init__(self) -> None:
         self.validate()
@@ -82,6 +178,12 @@ class EngineConfig:
             )
         if self.batch_invariant and self.num_state_slots:
             raise ValueError(BATCH_INVARIANT_HYBRID)
+        if self.speculative is not None:
+            self.speculative.validate()
+            if self.num_state_slots:
+                raise ValueError(SPEC_HYBRID)
+            if self.batch_invariant:
+                raise ValueError(SPEC_BATCH_INVARIANT)
 
 
 def all_layers_window(layer_windows: tuple[int | None, ...]) -> int | None:

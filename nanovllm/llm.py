@@ -10,7 +10,10 @@ from typing import cast
 from .backend import get_backend
 from .config import (
     BATCH_INVARIANT_HYBRID,
+    SPEC_BATCH_INVARIANT,
+    SPEC_HYBRID,
     EngineConfig,
+    SpeculativeConfig,
     all_layers_window,
     kv_cache_bytes_per_block,
     size_kv_cache,
@@ -44,6 +47,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         seed: int = 0,
         batch_invariant: bool = False,
+        speculative_config: dict | str | SpeculativeConfig | None = None,
         verbose: bool = True,
     ):
         # sizes are checked before loading weights (the slow part) and before deriving others
@@ -67,6 +71,9 @@ class LLM:
         ):
             if not isinstance(value, bool):
                 raise TypeError(f"{name}={value!r} must be True or False")
+        speculative = SpeculativeConfig.parse(speculative_config)
+        if speculative is not None and batch_invariant:
+            raise ValueError(SPEC_BATCH_INVARIANT)
         self.backend = get_backend(backend, device=device, dtype=dtype)
         itemsize = self.backend.itemsize
         sizes: dict[str, int] = {}
@@ -76,6 +83,8 @@ class LLM:
             are placed); the position tables are then sized by max_model_len."""
             if batch_invariant and net.needs_state_slots:
                 raise ValueError(BATCH_INVARIANT_HYBRID)
+            if speculative is not None and net.needs_state_slots:
+                raise ValueError(SPEC_HYBRID)
             per_block = kv_cache_bytes_per_block(net, block_size, itemsize)
             blocks, model_len = size_kv_cache(
                 per_block,
@@ -126,6 +135,7 @@ class LLM:
             num_state_snapshots=sizes["snapshots"],
             batch_invariant=batch_invariant,
             sliding_window=all_layers_window(self.model.layer_windows),
+            speculative=speculative,
         )
         runner = ModelRunner(self.model, self.backend, self.config, loaded.eos_token_ids, seed)
         grammars = None
@@ -156,7 +166,8 @@ class LLM:
                     f"; batch-invariant passes of {runner.row_block} rows"
                     if batch_invariant
                     else ""
-                ),
+                )
+                + (f"; {speculative.describe()}" if speculative else ""),
                 file=sys.stderr,
             )
 

@@ -129,14 +129,20 @@ class GrammarCompiler:
 _executor: Any = None  # llguidance's thread pool for filling masks, made on first use
 
 
-def fill_bitmask(matchers: list, rows: int, vocab_size: int) -> np.ndarray:
-    """[rows, bitmask_width(vocab_size)] int32: row i packs the tokens matchers[i] allows (bit
-    t % 32 of word t // 32); rows past the matchers, or whose matcher is None, allow all."""
+def fill_bitmask(work: list[tuple], rows: int, vocab_size: int) -> np.ndarray:
+    """[rows, bitmask_width(vocab_size)] int32 masks from `work`, (matcher, row, proposals)
+    triples: row `row` packs the tokens the matcher allows now (bit t % 32 of word t // 32),
+    and row `row + j` those it would allow after the first j proposals (speculative
+    decoding; the matcher itself is left as it was). Other rows allow every token."""
     global _executor
     mask = np.full((rows, bitmask_width(vocab_size)), -1, dtype=np.int32)
-    work = [(m, i) for i, m in enumerate(matchers) if m is not None]
     if work:
         if _executor is None:
             _executor = llguidance.LLExecutor()
-        llg_numpy.fill_next_token_bitmask_par(_executor, work, mask)
+        if any(draft for _, _, draft in work):
+            llg_numpy.fill_next_token_bitmask_par_with_draft_tokens(
+                _executor, [(m, i, list(d)) for m, i, d in work], mask
+            )
+        else:
+            llg_numpy.fill_next_token_bitmask_par(_executor, [(m, i) for m, i, _ in work], mask)
     return mask

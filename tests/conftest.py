@@ -214,12 +214,12 @@ def train_tokenizer():
     return tok
 
 
-def with_tokenizer(tiny_llama, name: str = "chat_llama", seed: int = 11):
+def with_tokenizer(tiny_llama, name: str = "chat_llama", seed: int = 11, **overrides):
     """The conftest tiny Llama (vocab = the tokenizer's) with tokenizer + ChatML saved beside."""
     from transformers import PreTrainedTokenizerFast
 
     tok = train_tokenizer()
-    tm = tiny_llama(name, seed=seed, vocab_size=tok.get_vocab_size())
+    tm = tiny_llama(name, seed=seed, vocab_size=tok.get_vocab_size(), **overrides)
     if not (tm.path / "tokenizer.json").is_file():
         fast = PreTrainedTokenizerFast(
             tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"

@@ -138,3 +138,26 @@ def test_bench_serve_reports_server_and_offline_figures(tiny_llama, backend, cap
     ):
         assert figures[key] > 0, key
     assert figures["blas"]
+
+
+def test_bench_gives_speculative_rows_beside_plain_decoding(tiny_llama, backend, capsys):
+    from conftest import with_tokenizer
+
+    tiny = with_tokenizer(tiny_llama, "chat_llama_1k", max_position_embeddings=1024)
+    main(
+        [
+            "--model", str(tiny.path), "--backend", backend, "--repeats", "1",
+            "--num-requests", "2", "--input-len", "4", "8", "--output-len", "2", "3",
+            "--decode-tokens", "3", "--prefill-len", "8", "--long-context", "0",
+            "--shared-prefix", "0", "--spec-tokens", "24",
+            "--speculative-config", '{"num_speculative_tokens": 3, "prompt_lookup_min": 1}',
+            "--json",
+        ]
+    )  # fmt: skip
+    [figures] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for name in ("code_rename", "quote_passage", "free_story"):
+        assert figures[f"spec_{name}_plain_tok_s"] > 0 and figures[f"spec_{name}_spec_tok_s"] > 0
+        assert figures[f"spec_{name}_same_text"] is True
+        assert 0 <= figures[f"spec_{name}_acceptance"] <= 1
+        assert figures[f"spec_{name}_tokens_per_step"] >= 1
+    assert any(figures[f"spec_{n}_acceptance"] > 0 for n in ("code_rename", "quote_passage"))

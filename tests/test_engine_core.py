@@ -16,7 +16,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from itertools import count
 
@@ -24,7 +24,12 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings, target
 from hypothesis import strategies as st
 
-from nanovllm.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig, size_kv_cache
+from nanovllm.config import (
+    DEFAULT_KV_CACHE_MEMORY,
+    EngineConfig,
+    SpeculativeConfig,
+    size_kv_cache,
+)
 from nanovllm.engine import block_manager as block_manager_module
 from nanovllm.engine.block_manager import NULL_BLOCK, BlockManager
 from nanovllm.engine.scheduler import Batch, Scheduler
@@ -70,12 +75,17 @@ class FakeModel:
         self.kv: list[int | None] = [None] * (sched.config.num_kv_blocks * self.bs)
         self.state: dict[int, int] = {}  # state slot -> the rolling hash it holds
 
-    def run(self, batch: Batch) -> list[int | None]:
+    def run(self, batch: Batch) -> list[int | list[int] | None]:
+        """Per chunk, its sampled token (None when it does not sample); for a chunk with
+        proposals, the ones the model itself would have produced, then its next token."""
         bs, blocks, out = self.bs, self.sched.block_manager.blocks, []
         for s in batch.seqs:
-            assert s.token_ids == s.seq.token_ids[s.start : s.context_len]
+            own = len(s.token_ids) - s.num_draft  # the sequence's tokens; proposals after
+            assert s.token_ids[:own] == s.seq.token_ids[s.start : s.start + own]
             assert len(s.block_table) == cdiv(s.context_len, bs)
-            assert s.sample == (s.context_len == s.seq.num_tokens)
+            assert s.sample == (s.start + own == s.seq.num_tokens)
+            assert not s.num_draft or own == 1  # only a decode proposes
+            sampled_at = []  # the token sampled after each position of the chunk
             prev = 0
             if s.start:
                 p = s.start - 1
@@ -102,9 +112,18 @@ class FakeModel:
                 self.kv[slot] = prev
                 if s.snapshot is not None and pos + 1 == s.start + s.snapshot[0]:
                     self.state[s.snapshot[1]] = prev
+                sampled_at.append(sample_from(prev, s.seq.index))
             if hybrid:
                 self.state[s.seq.state_slot] = prev
-            out.append(sample_from(prev, s.seq.index) if s.sample else None)
+            if not s.sample:
+                out.append(None)
+                continue
+            kept = [sampled_at[own - 1]]
+            for j, proposed in enumerate(s.token_ids[own:]):
+                if kept[-1] != proposed:
+                    break
+                kept.append(sampled_at[own + j])
+            out.append(kept if s.num_draft else kept[0])
         return out
 
 
@@ -173,13 +192,16 @@ def simulate(cfg: EngineConfig, reqs: list[Req]) -> tuple[dict, Scheduler]:
     model = FakeModel(sched)
     by_id = {r.rid: r for r in reqs}
     seqs: list[Sequence] = []
+    outputs: dict[Sequence, list[int]] = defaultdict(list)  # what the engine would return
     step, last_arrival = 0, max(r.arrival for r in reqs)
     while step <= last_arrival or sched.has_unfinished():
         assert step < 5000, "no progress"
         for r in reqs:
             if r.arrival == step:
                 for i in range(r.n):
-                    seq = Sequence(next(seq_ids), r.rid, r.prompt, r, i, r.use_prefix_cache)
+                    seq = Sequence(
+                        next(seq_ids), r.rid, r.prompt, r, i, r.use_prefix_cache, r.max_tokens
+                    )
                     seqs.append(seq)
                     sched.add(seq)
             if r.abort_at == step:
@@ -190,22 +212,29 @@ def simulate(cfg: EngineConfig, reqs: list[Req]) -> tuple[dict, Scheduler]:
         assert batch.seqs or not sched.has_unfinished()
         sampled = model.run(batch)
         sched.postprocess(batch, sampled)
-        for s, token in zip(batch.seqs, sampled, strict=True):
-            if token is None:
+        for s, got in zip(batch.seqs, sampled, strict=True):
+            if got is None or s.seq.is_finished:
                 continue
             seq, r = s.seq, by_id[s.seq.request_id]
-            assert token == reference_next(seq.token_ids[:-1], seq.index)
-            if r.stop and token == STOP:
-                sched.finish(seq, "stop")
-            elif seq.num_output_tokens >= r.max_tokens:
-                sched.finish(seq, "length")
+            got = [got] if isinstance(got, int) else got
+            assert seq.num_output_tokens <= r.max_tokens  # proposals stop short of it
+            first = seq.num_tokens - len(got)
+            for j, token in enumerate(got):  # as the engine: one by one, a stop ends the run
+                assert token == reference_next(seq.token_ids[: first + j], seq.index)
+                outputs[seq].append(token)
+                if r.stop and token == STOP:
+                    sched.finish(seq, "stop")
+                elif len(outputs[seq]) >= r.max_tokens:
+                    sched.finish(seq, "length")
+                if seq.is_finished:
+                    break
         check_invariants(sched)
         step += 1
     bm = sched.block_manager
     assert len(bm.free_blocks) == cfg.num_kv_blocks - 1
     assert all(b.ref_count == 0 for b in bm.blocks)
     assert all(s.is_finished and s.finish_reason and not s.block_table for s in seqs)
-    return {(s.request_id, s.index): (s.finish_reason, s.output_token_ids) for s in seqs}, sched
+    return {(s.request_id, s.index): (s.finish_reason, outputs[s]) for s in seqs}, sched
 
 
 # ---- generated workloads -----------------------------------------------------------------
@@ -233,6 +262,11 @@ def workloads(draw, hybrid: bool = False):
     )
     cfg["enable_prefix_caching"] = caching = hybrid or draw(st.booleans())
     cfg["num_state_snapshots"] = draw(st.integers(1, 3)) if slots and caching else 0
+    if not slots and draw(st.booleans()):  # speculative decoding (not with recurrent state)
+        n_max = draw(st.integers(1, 3))
+        cfg["speculative"] = SpeculativeConfig(
+            draw(st.integers(1, 5)), n_max, draw(st.integers(1, n_max))
+        )
     prefixes = draw(st.lists(tokens, min_size=1, max_size=3))
     reqs = []
     for i in range(draw(st.integers(2, 8))):
@@ -277,6 +311,8 @@ def check_tiny_pool_matches_huge_pool(cfg: dict, reqs: list[Req]) -> None:
     event(f"prefix-cache hits: {sched.block_manager.prefix_cache_hits > 0}")
     event(f"resumed from a saved state: {sched.snapshots.num_resumed > 0}")
     event(f"aborted: {any(reason == 'abort' for reason, _ in tiny.values())}")
+    if cfg.get("speculative"):
+        event(f"proposals accepted: {min(sched.num_accepted_tokens, 10) // 5 * 5}+")
     huge_blocks = 1 + sum(r.n * cdiv(len(r.prompt) + r.max_tokens, cfg["block_size"]) for r in reqs)
     cfg["num_kv_blocks"] = max(cfg["num_kv_blocks"], huge_blocks)
     huge, sched = simulate(EngineConfig(**cfg), reqs)

@@ -139,6 +139,8 @@ def test_health_version_and_metrics_answer_without_a_key(server):
         "num_preemptions_total",
         "prefix_cache_queries_total",
         "prefix_cache_hits_total",
+        "spec_decode_num_draft_tokens_total",
+        "spec_decode_num_accepted_tokens_total",
         "time_to_first_token_seconds_bucket",
         "inter_token_latency_seconds_bucket",
         "e2e_request_latency_seconds_bucket",
@@ -687,3 +689,46 @@ def test_extra_body_structured_outputs_choice_and_regex(client):
         extra_body={"structured_outputs": {"regex": r"\d{4}-\d{2}-\d{2}"}},
     )  # fmt: skip
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", reply.choices[0].text), reply.choices[0].text
+
+
+# ---- speculative decoding ----------------------------------------------------------------------
+
+CODE = (
+    "def area(width, height):\n    return width * height\n\n\n"
+    "def describe(width, height):\n    print('area:', area(width, height))\n"
+)
+RENAME = [{"role": "user", "content": f"Rename area to surface in this code:\n\n{CODE}"}]
+
+
+def test_speculative_serving_gives_the_offline_text_and_counts_proposals(
+    default_gguf, tmp_path_factory, offline
+):
+    """`serve --speculative-config`: the greedy chat answer equals the offline engine's
+    without speculation, streamed or not, and /metrics counts what was proposed and taken."""
+    srv = start_server(
+        [
+            "--model", str(default_gguf), "--served-model-name", "smol",
+            "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", str(KV_MEMORY),
+            "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 4}',
+            "--no-access-log",
+        ],
+        tmp_path_factory.mktemp("spec") / "server.log",
+    )  # fmt: skip
+    try:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0)
+        want = offline.chat(RENAME, SamplingParams(temperature=0, max_tokens=80), use_tqdm=False)
+        reply = client.chat.completions.create(
+            model="smol", messages=RENAME, max_tokens=80, temperature=0
+        )
+        assert reply.choices[0].message.content == want[0].outputs[0].text
+        stream = client.chat.completions.create(
+            model="smol", messages=RENAME, max_tokens=80, temperature=0, stream=True
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert text == want[0].outputs[0].text
+        values = metrics(srv)
+        drafted = next(v for k, v in values.items() if "spec_decode_num_draft_tokens_total" in k)
+        taken = next(v for k, v in values.items() if "spec_decode_num_accepted_tokens_total" in k)
+        assert 0 < taken <= drafted
+    finally:
+        assert srv.stop() == 0, srv.output()

@@ -100,6 +100,13 @@ class BlockManager:
             block.ref_count = 1
             seq.block_table.append(block_id)
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Shrink seq's block table to the blocks num_tokens tokens need (speculative
+        decoding: the tail blocks that held only rejected proposals, never sealed)."""
+        keep = -(-num_tokens // self.block_size)
+        while len(seq.block_table) > keep:
+            self._release(seq.block_table.pop())
+
     def _release(self, block_id: int) -> None:
         block = self.blocks[block_id]
         block.ref_count -= 1

@@ -138,6 +138,7 @@ class LLMEngine:
                 params,
                 index=i,
                 use_prefix_cache=params.prompt_logprobs is None,
+                max_tokens=params.max_tokens,
             )
             for i in range(params.n)
         ]
@@ -192,7 +193,8 @@ class LLMEngine:
             if self.requests:
                 raise RuntimeError("the scheduler could not schedule any waiting request")
             return []
-        decode = sum(1 for s in batch.seqs if len(s.token_ids) == 1)
+        # a decode computes its token and any proposals after it
+        decode = sum(len(s.token_ids) for s in batch.seqs if len(s.token_ids) == 1 + s.num_draft)
         self.last_step_tokens = (batch.num_tokens - decode, decode)
         try:
             results = self.runner.execute(batch)
@@ -202,7 +204,9 @@ class LLMEngine:
             for rid in failed:
                 self.abort_request(rid)
             raise StepError(failed, e) from e
-        self.scheduler.postprocess(batch, [r.token_id for r in results])
+        self.scheduler.postprocess(
+            batch, [None if r.token_id is None else r.token_ids() for r in results]
+        )
         touched: dict[str, Request] = {}
         for sched, res in zip(batch.seqs, results):
             seq = sched.seq
@@ -210,8 +214,19 @@ class LLMEngine:
             touched[req.request_id] = req
             if res.prompt_logprobs is not None and seq.index == 0:
                 self._add_prompt_logprobs(req, sched.start, res.prompt_logprobs)
-            if res.token_id is not None:
-                self._on_token(req, seq, res)
+            if res.token_id is None:
+                continue
+            if res.error is not None:  # this sample cannot go on; the others in the step can
+                out = req.completions[seq.index]
+                out.finish_reason, out.error = "error", res.error
+                self._finish(req, seq, "error")
+                continue
+            # one token, or with speculation the accepted proposals and the model's next one:
+            # each is taken as if it had come alone, and a stop among them ends the run there
+            for token, logprobs in [(res.token_id, res.logprobs), *res.more]:
+                if seq.is_finished:
+                    break
+                self._on_token(req, seq, token, logprobs)
         return [r.output() for r in touched.values()]
 
     def _logprob_dict(self, entries: dict[int, tuple[float, int]]) -> dict[int, Logprob]:
@@ -229,17 +244,13 @@ class LLMEngine:
             if start + 1 + j == len(req.prompt_logprobs):
                 req.prompt_logprobs.append(self._logprob_dict(entries))
 
-    def _on_token(self, req: Request, seq: Sequence, res) -> None:
-        p, out, token = req.params, req.completions[seq.index], res.token_id
-        if res.error is not None:  # this sample cannot go on; the others in the step can
-            out.finish_reason, out.error = "error", res.error
-            self._finish(req, seq, "error")
-            return
+    def _on_token(self, req: Request, seq: Sequence, token: int, logprobs) -> None:
+        p, out = req.params, req.completions[seq.index]
         out.token_ids.append(token)
-        if res.logprobs is not None:
+        if logprobs is not None:
             assert out.logprobs is not None  # a list when the request asked for logprobs
-            out.logprobs.append(self._logprob_dict(res.logprobs))
-            lp = res.logprobs[token][0]
+            out.logprobs.append(self._logprob_dict(logprobs))
+            lp = logprobs[token][0]
             out.cumulative_logprob = (out.cumulative_logprob or 0.0) + lp
         reason, stop_reason = None, None
         matcher = seq.matcher

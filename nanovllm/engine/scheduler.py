@@ -31,6 +31,14 @@ saved (state_snapshots.py). One is saved per prompt, at its last block boundary
 ((prompt length - 1) // block_size blocks): the longest prefix that the same prompt sent
 again, its other samples, or any longer prompt that starts with it (the next turn of a chat)
 can reuse. The chunk that crosses that boundary writes the state there into a snapshot slot.
+
+With speculative decoding (`config.speculative`), a decoding sequence's chunk is its last
+token followed by up to k proposed tokens (ngram.py), each with a KV slot and counted in the
+token budget; what is left of the budget after every decode's own token is shared out in
+order. The runner samples at every one of those positions and keeps the proposals the model
+itself would have produced, plus its next token; `postprocess()` then counts only those as
+computed (so only accepted tokens are ever sealed into the prefix cache) and gives back the
+blocks that held nothing but rejected ones.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from dataclasses import dataclass
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.ngram import propose
 from nanovllm.engine.sequence import FINISH_REASONS, Sequence, SequenceStatus
 from nanovllm.engine.state_snapshots import BlockKey, StateSnapshots
 
@@ -58,6 +67,9 @@ class ScheduledSeq:
     # state after that many of its tokens is saved
     state_source: int | None = None
     snapshot: tuple[int, int] | None = None
+    # speculative decoding: the last this many of token_ids are proposals, not yet the
+    # sequence's; the chunk is sampled at each of them and at the token before them
+    num_draft: int = 0
 
 
 @dataclass(slots=True)
@@ -83,6 +95,8 @@ class Scheduler:
         self.snapshots = StateSnapshots(range(first, first + config.num_state_snapshots))
         self.leaders: dict[str, Sequence] = {}  # request_id -> its unfinished sibling 0
         self.num_preemptions = 0
+        self.num_draft_tokens = 0  # speculative decoding: tokens proposed
+        self.num_accepted_tokens = 0  # of those, accepted
 
     @property
     def num_running(self) -> int:
@@ -106,21 +120,46 @@ class Scheduler:
         batch = Batch([], [])
         budget = self.config.max_num_batched_tokens
         scheduled: set[Sequence] = set()
-        for seq in sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens > 1):
+        ordered = sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens > 1)
+        # speculation may use what is left of the budget once every decode has its token
+        spare = budget - sum(1 for s in ordered if s.num_tokens - s.num_computed_tokens == 1)
+        for seq in ordered:
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted for an earlier one
                 continue
+            draft = self._draft(seq, spare) if self.config.speculative else []
             n = self._reserve(
-                seq, min(seq.num_tokens - seq.num_computed_tokens, budget), scheduled, batch
+                seq,
+                min(seq.num_tokens - seq.num_computed_tokens + len(draft), budget),
+                scheduled,
+                batch,
             )
             if n:
-                self._emit(batch, seq, n)
+                draft = draft[: n - 1] if draft else draft  # fewer where blocks ran short
+                self._emit(batch, seq, n - len(draft), draft=draft)
                 scheduled.add(seq)
                 budget -= n
+                spare -= len(draft)
         if not batch.preempted:
             self._admit(batch, budget)
         return batch
+
+    def _draft(self, seq: Sequence, spare: int) -> list[int]:
+        """The tokens proposed for a decoding sequence: as many as the speculative config,
+        the spare budget, max_model_len and the request's max_tokens leave room for (its own
+        next token comes after them)."""
+        spec = self.config.speculative
+        assert spec is not None
+        if seq.num_tokens - seq.num_computed_tokens != 1:  # a prompt chunk, not a decode
+            return []
+        k = min(
+            spec.num_speculative_tokens,
+            spare,
+            self.config.max_model_len - seq.num_tokens - 1,
+            (seq.max_tokens or 1 << 62) - seq.num_output_tokens - 1,
+        )
+        return propose(seq.token_ids, k, spec.prompt_lookup_min, spec.prompt_lookup_max)
 
     def _reserve(self, seq: Sequence, n: int, scheduled: set[Sequence], batch: Batch) -> int:
         """Get blocks for up to n more tokens of a running seq, preempting if none are left."""
@@ -209,21 +248,31 @@ class Scheduler:
             or self._sharing_siblings(seq)
         )
 
-    def _emit(self, batch: Batch, seq: Sequence, n: int, source: int | None = None) -> None:
+    def _emit(
+        self,
+        batch: Batch,
+        seq: Sequence,
+        n: int,
+        source: int | None = None,
+        draft: list[int] | None = None,
+    ) -> None:
+        """Schedule seq's next n tokens, then the proposed `draft` tokens after them."""
         bs, table, start = self.block_size, seq.block_table, seq.num_computed_tokens
-        end = start + n
+        draft = draft or []
+        end = start + n + len(draft)
         slots = [table[p // bs] * bs + p % bs for p in range(start, end)]
         batch.seqs.append(
             ScheduledSeq(
                 seq,
                 start,
-                seq.token_ids[start:end],
+                seq.token_ids[start : start + n] + draft,
                 slots,
                 list(table),
                 end,
-                end == seq.num_tokens,
+                start + n == seq.num_tokens,
                 source,
                 self._snapshot_for(seq, start, end),
+                len(draft),
             )
         )
 
@@ -238,27 +287,45 @@ class Scheduler:
         slot = self.snapshots.take(self._snapshot_live)
         return None if slot is None else (boundary - start, slot)
 
-    def postprocess(self, batch: Batch, sampled: list[int | None]) -> None:
+    def postprocess(self, batch: Batch, sampled: list[int | list[int] | None]) -> None:
+        """After the step: per scheduled chunk, the sampled token (None if not sampled), or
+        for a chunk with proposals the tokens kept: the accepted proposals, then the model's
+        own next token (one more than the number accepted)."""
         if len(sampled) != len(batch.seqs):
             raise ValueError(
                 f"got {len(sampled)} sampled tokens for a batch of "
                 f"{len(batch.seqs)} sequences; pass one entry per ScheduledSeq"
             )
+        kept: list[list[int]] = []
         for s, token in zip(batch.seqs, sampled, strict=True):
-            if s.sample and token is None and s.seq.status is SequenceStatus.RUNNING:
+            tokens = [] if token is None else [token] if isinstance(token, int) else list(token)
+            running = s.seq.status is SequenceStatus.RUNNING
+            if s.sample and not tokens and running:
                 raise ValueError(f"sequence {s.seq.seq_id} was to be sampled but got None")
-        for s, token in zip(batch.seqs, sampled, strict=True):
+            if len(tokens) > 1 + s.num_draft or (tokens and not s.sample):
+                raise ValueError(
+                    f"sequence {s.seq.seq_id} got {len(tokens)} tokens for a chunk with "
+                    f"{s.num_draft} proposals; pass at most {1 + s.num_draft}"
+                )
+            kept.append(tokens)
+        for s, tokens in zip(batch.seqs, kept, strict=True):
             seq = s.seq
             if seq.status is not SequenceStatus.RUNNING:  # aborted since schedule()
                 self._release_state_refs(s)
                 continue
-            seq.num_computed_tokens = s.context_len
+            # the proposals after the accepted ones were computed, but are not the sequence's
+            rejected = s.num_draft - max(len(tokens) - 1, 0)
+            seq.num_computed_tokens = s.context_len - rejected
+            self.num_draft_tokens += s.num_draft
+            self.num_accepted_tokens += s.num_draft - rejected
+            for token in tokens:  # first: the accepted proposals are hashed into full blocks
+                seq.append_token(token)
             self.block_manager.cache_full_blocks(seq)
             self._save_snapshot(s)
             if self.config.sliding_window is not None:
                 self.block_manager.free_out_of_window(seq, self.config.sliding_window)
-            if s.sample and token is not None:
-                seq.append_token(token)
+            if rejected:  # blocks that held only rejected proposals go back
+                self.block_manager.trim(seq, seq.num_computed_tokens)
 
     def _save_snapshot(self, s: ScheduledSeq) -> None:
         """Bind the state this step saved to the block it ends at, now sealed: to the block the

@@ -23,6 +23,7 @@ class Sequence:
     params: Any = None  # sampling parameters; opaque to the engine core
     index: int = 0  # which of the request's n samples this is
     use_prefix_cache: bool = True  # False when every prompt position must be computed
+    max_tokens: int | None = None  # output tokens at most (speculation proposes no more)
     token_ids: list[int] = field(init=False, default_factory=list)  # prompt + generated
     status: SequenceStatus = field(init=False, default=SequenceStatus.WAITING)
     num_computed_tokens: int = field(init=False, default=0)  # tokens whose K/V is in the cache

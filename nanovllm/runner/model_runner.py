@@ -7,7 +7,7 @@ host.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -28,6 +28,12 @@ class SeqResult:
     # prompt positions start+1 .. : per position, token id -> (logprob, rank)
     prompt_logprobs: list[dict[int, tuple[float, int]]] | None = None
     error: str | None = None  # the row's logits were not finite: no token could be sampled
+    # speculative decoding: the tokens kept after token_id (accepted proposals, then the
+    # model's own next token), each with its logprobs entries (None when not asked for)
+    more: list[tuple[int, dict[int, tuple[float, int]] | None]] = field(default_factory=list)
+
+    def token_ids(self) -> list[int]:
+        return [] if self.token_id is None else [self.token_id, *(t for t, _ in self.more)]
 
 
 QUERY_TILE = 64  # tiled parts (jitting backends): queries per item
@@ -313,9 +319,10 @@ class ModelRunner:
                 prompt_rows[id(s)] = len(rows)
                 rows.extend(range(offset, offset + n))
             if s.sample:
+                # the last row, and with proposals the row before each of them too
                 if not wants_prompt:
-                    rows.append(offset + n - 1)
-                sample_at[id(s)] = len(rows) - 1
+                    rows.extend(range(offset + n - 1 - s.num_draft, offset + n))
+                sample_at[id(s)] = len(rows) - 1 - s.num_draft
         results = {id(s): SeqResult() for s in seqs}
         if not rows:  # nothing to sample: still write the K/V
             rows = [0]
@@ -332,29 +339,53 @@ class ModelRunner:
         return [results[id(s)] for s in seqs]
 
     def _sample_rows(self, logits, sampled, at, results) -> None:
+        """Sample each chunk's row, and with proposals each row before one too (row j as if
+        the first j proposals had been sampled: its own uniform, penalties, min_tokens and
+        grammar mask); keep the proposals the model itself produced, and its next token."""
         xp, backend = self.xp, self.backend
-        n = self.rows_bucket(len(at))
+        # one sampled row per (chunk, j): j proposals of the chunk come before the row
+        chunks = [s for s in sampled for _ in range(1 + s.num_draft)]
+        offsets = [j for s in sampled for j in range(1 + s.num_draft)]
+        rows = [a + j for s, a in zip(sampled, at) for j in range(1 + s.num_draft)]
+        n = self.rows_bucket(len(rows))
         tensors = sampling_tensors(
-            sampled, backend, self.model.vocab_size, n, self.eos_token_ids, self.rng,
-            self.token_bits,
+            chunks, backend, self.model.vocab_size, n, self.eos_token_ids, self.rng,
+            self.token_bits, offsets,
         )  # fmt: skip
-        tokens, finite = self._sample(logits, backend.index(at + [0] * (n - len(at))), tensors)
+        tokens, finite = self._sample(logits, backend.index(rows + [0] * (n - len(rows))), tensors)
         tokens, finite = backend.to_host(tokens).tolist(), backend.to_host(finite).tolist()
-        want = [i for i, s in enumerate(sampled) if s.seq.params.logprobs is not None]
+        kept: list[list[int]] = []  # per chunk, the rows (indices into `rows`) it keeps
+        i = 0
+        for s in sampled:
+            draft = s.token_ids[len(s.token_ids) - s.num_draft :]
+            keep = [i]
+            for j, proposed in enumerate(draft):  # a non-finite row is left to a later step
+                if tokens[i + j] != proposed or not finite[i + j + 1]:
+                    break
+                keep.append(i + j + 1)
+            kept.append(keep)
+            i += 1 + s.num_draft
+        want = [r for s, keep in zip(sampled, kept) if s.seq.params.logprobs is not None
+                for r in keep]  # fmt: skip
         if want:
-            rows = [at[i] for i in want]
-            rows += [0] * (self.rows_bucket(len(rows)) - len(rows))
-            lp = backend.to_host(log_softmax(xp, xp.take(logits, backend.index(rows), axis=0)))
-        for i, s in enumerate(sampled):
-            results[id(s)].token_id = int(tokens[i])
-            if not finite[i]:
-                results[id(s)].error = (
+            lp_rows = [rows[r] for r in want]
+            lp_rows += [0] * (self.rows_bucket(len(lp_rows)) - len(lp_rows))
+            lp = backend.to_host(log_softmax(xp, xp.take(logits, backend.index(lp_rows), axis=0)))
+            lp_of = {r: lp[j] for j, r in enumerate(want)}
+        for s, keep in zip(sampled, kept):
+            k = s.seq.params.logprobs
+            entries = [
+                (int(tokens[r]), None if k is None else top_logprobs(lp_of[r], k, [tokens[r]]))
+                for r in keep
+            ]
+            res = results[id(s)]
+            (res.token_id, res.logprobs), res.more = entries[0], entries[1:]
+            if not finite[keep[0]]:
+                res.error = (
                     f"the model computed non-finite logits (NaN or infinity) at position "
-                    f"{s.context_len - 1} of this sequence, so no token could be sampled"
+                    f"{s.context_len - 1 - s.num_draft} of this sequence, so no token could be "
+                    "sampled"
                 )
-        for j, i in enumerate(want):
-            s = sampled[i]
-            results[id(s)].logprobs = top_logprobs(lp[j], s.seq.params.logprobs, [tokens[i]])
 
     def _prompt_logprobs(self, logits, seqs, prompt_rows, results) -> None:
         lp = self.backend.to_host(log_softmax(self.xp, logits))  # every row: one shape

@@ -30,13 +30,27 @@ def unpack_index(b, V: int) -> tuple:
 
 
 def sampling_tensors(
-    rows, b, V: int, n: int, eos_token_ids: list[int], rng, token_bits: tuple = ()
+    rows,
+    b,
+    V: int,
+    n: int,
+    eos_token_ids: list[int],
+    rng,
+    token_bits: tuple = (),
+    offsets: list[int] | None = None,
 ) -> SamplingTensors:
     """The sampling parameters of the scheduled chunks `rows`, padded to n rows, on backend b.
 
     A seeded request's uniform is drawn from a generator keyed by (seed, sample index, output
     position), so it never depends on the batch; unseeded ones take the runner's `rng`.
+
+    Speculative decoding: `offsets[i]` says how many of the chunk's proposals come before row
+    i; the row is then sampled as if they had been sampled already (its output position,
+    penalties, min_tokens and grammar state count them). A chunk's rows are consecutive, from
+    offset 0 up.
     """
+    offsets = offsets or [0] * len(rows)
+    drafts = [s.token_ids[len(s.token_ids) - s.num_draft :][:j] for s, j in zip(rows, offsets)]
     params = [s.seq.params for s in rows]
     temp = np.zeros(n, dtype=np.float32)
     temp[: len(rows)] = [p.temperature for p in params]
@@ -50,7 +64,7 @@ def sampling_tensors(
     for i, s in enumerate(rows):
         p = s.seq.params
         if p.seed is not None:
-            key = [p.seed & 0xFFFFFFFFFFFFFFFF, s.seq.index, s.seq.num_output_tokens]
+            key = [p.seed & 0xFFFFFFFFFFFFFFFF, s.seq.index, s.seq.num_output_tokens + offsets[i]]
             uniform[i] = np.random.default_rng(key).random()
         else:
             uniform[i] = rng.random()
@@ -61,9 +75,9 @@ def sampling_tensors(
         counts = np.zeros((n, V), dtype=np.float32)
         seen = np.zeros((n, V), dtype=bool)
         for i, s in enumerate(rows):
-            out = np.asarray(s.seq.output_token_ids, dtype=np.int64)
+            out = np.asarray(s.seq.output_token_ids + drafts[i], dtype=np.int64)
             counts[i] = np.bincount(out, minlength=V)[:V]
-            seen[i, s.seq.token_ids] = True
+            seen[i, s.seq.token_ids + drafts[i]] = True
 
         def column(field: str, fill: float):
             values = np.full(n, fill, dtype=np.float32)
@@ -79,8 +93,8 @@ def sampling_tensors(
         )
     banned = None
     # min_tokens bans the stop tokens, except under a grammar (it decides where output ends)
-    short = [s.seq.num_output_tokens < s.seq.params.min_tokens and s.seq.matcher is None
-             for s in rows]  # fmt: skip
+    short = [s.seq.num_output_tokens + j < s.seq.params.min_tokens and s.seq.matcher is None
+             for s, j in zip(rows, offsets)]  # fmt: skip
     if any(short):
         mask = np.zeros((n, V), dtype=bool)
         for i, s in enumerate(rows):
@@ -97,7 +111,13 @@ def sampling_tensors(
         bias = b.step_input(dense)
     allowed = None
     if any(s.seq.matcher is not None for s in rows):  # structured outputs: packed masks
-        packed = fill_bitmask([s.seq.matcher for s in rows], n, V)  # [n, ceil(V/32)] int32
+        # a chunk's matcher fills its first row, and a row after each of its proposals
+        work = [
+            (s.seq.matcher, i, s.token_ids[len(s.token_ids) - s.num_draft :])
+            for i, (s, j) in enumerate(zip(rows, offsets))
+            if s.seq.matcher is not None and j == 0
+        ]
+        packed = fill_bitmask(work, n, V)  # [n, ceil(V/32)] int32
         allowed = (b.step_input(packed), *token_bits)
     return SamplingTensors(
         b.step_input(temp),

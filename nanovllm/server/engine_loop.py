@@ -314,6 +314,8 @@ class EngineLoop:
             preemptions=scheduler.num_preemptions,
             prefix_queries=blocks.prefix_cache_queries,
             prefix_hits=blocks.prefix_cache_hits,
+            spec_drafts=scheduler.num_draft_tokens,
+            spec_accepted=scheduler.num_accepted_tokens,
         )
 
 

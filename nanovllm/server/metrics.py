@@ -62,6 +62,16 @@ class Metrics:
         self.prefix_hits = make(
             Counter, "prefix_cache_hits_total", "Full prompt blocks found in the prefix cache."
         )
+        self.spec_drafts = make(
+            Counter,
+            "spec_decode_num_draft_tokens_total",
+            "Tokens proposed by speculative decoding (n-gram lookup).",
+        )
+        self.spec_accepted = make(
+            Counter,
+            "spec_decode_num_accepted_tokens_total",
+            "Proposed tokens that the model accepted.",
+        )
         success = Counter(
             "nanovllm:request_success_total",
             "Finished requests by reason.",
@@ -90,7 +100,13 @@ class Metrics:
             "Arrival to first scheduled step.",
             buckets=LATENCY_BUCKETS,
         )
-        self._seen = {"preemptions": 0, "prefix_queries": 0, "prefix_hits": 0}
+        self._seen = {
+            "preemptions": 0,
+            "prefix_queries": 0,
+            "prefix_hits": 0,
+            "spec_drafts": 0,
+            "spec_accepted": 0,
+        }
 
     # ---- written by the engine loop ----------------------------------------------------
     def scheduled(self, queue_seconds: float, prompt_tokens: int) -> None:
