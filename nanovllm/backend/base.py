@@ -45,6 +45,11 @@ class Backend:
         """A float weight from the host, cast to the compute dtype."""
         return self.asarray(np.ascontiguousarray(host), dtype=self.dtype)
 
+    def linear_weight(self, w: Any) -> Any:
+        """A linear layer's weight, laid out [in, out], as this backend multiplies by it
+        (numpy: a view whose products with a few rows go by cache-sized panels)."""
+        return w
+
     def step_input(self, host: np.ndarray, dtype: Any = None) -> Any:
         """Per-step host data (indices, masks, sampling parameters) as the step takes it."""
         return self.asarray(host, dtype=dtype)

@@ -6,6 +6,41 @@ import numpy as np
 from ..errors import BackendError
 from .base import Backend
 
+# A product of a few rows (a speculative verification, a small batch) with a weight is taken
+# in column blocks of about CHUNK_BYTES of the weight. For such a product OpenBLAS packs the
+# whole weight first, which reads it from memory three times over; a block that stays in the
+# cache is read once. Measured on SkylakeX, 2 threads, SmolLM2's 30 layers and head: 2 rows
+# in 0.59x the time, 5 rows in 0.79x, 8 in 0.95x; from 16 rows on, whole is faster.
+FEW_ROWS = range(2, 9)
+CHUNK_BYTES = 256 << 10
+
+
+class LinearWeight(np.ndarray):
+    """A linear layer's [in, out] weight whose products with 2-8 rows go by column blocks;
+    any other product, and everything else, is numpy's own."""
+
+    def __rmatmul__(self, x):
+        w = self.view(np.ndarray)
+        if not (isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[0] in FEW_ROWS):
+            return np.matmul(x, w)
+        return blocked_matmul(x, w)
+
+
+def blocked_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x [M, K] @ w [K, N], by blocks of w's columns of about CHUNK_BYTES each (w is the
+    transposed view of an [N, K] array, so each block is contiguous)."""
+    m, (k, n) = x.shape[0], w.shape
+    out = np.empty((m, n), dtype=np.result_type(x, w))
+    cols = max(16, CHUNK_BYTES // (k * w.itemsize))
+    for c in range(0, n, cols):
+        np.matmul(x, w[:, c : c + cols], out=out[:, c : c + cols])
+    return out
+
+
+class NumpyBackend(Backend):
+    def linear_weight(self, w):
+        return w.view(LinearWeight)
+
 
 def make(device: str | None, dtype: str) -> Backend:
     if device not in (None, "cpu"):
@@ -18,4 +53,4 @@ def make(device: str | None, dtype: str) -> Backend:
             f"dtype={dtype!r}: the numpy backend computes in float32 only "
             "(OpenBLAS has no fast float16/bfloat16); pass dtype='float32'"
         )
-    return Backend("numpy", xp, "cpu", np.float32, np.int64)
+    return NumpyBackend("numpy", xp, "cpu", np.float32, np.int64)

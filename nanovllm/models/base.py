@@ -159,7 +159,7 @@ def build_params(table, ignored: set[str], tensors: dict[str, Any], backend, sou
                 tensors.pop(n)
         if w.prepare is not None:
             x = w.prepare(x)
-        return prepare_linear(xp, x) if w.linear else x
+        return backend.linear_weight(prepare_linear(xp, x)) if w.linear else x
 
     def walk(t):
         if isinstance(t, Weight):

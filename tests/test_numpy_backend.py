@@ -1,0 +1,33 @@
+"""The numpy backend's linear weights: a product with 2-8 rows goes by column blocks (faster
+on OpenBLAS, see numpy_backend.py) and gives numpy's own product, to float32 rounding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nanovllm.backend import get_backend
+from nanovllm.backend.numpy_backend import LinearWeight
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 33])  # 2-8 go by blocks
+@pytest.mark.parametrize("k, n", [(576, 49152 // 8), (1536, 576), (7, 3)])
+def test_few_row_products_equal_numpys(rows, k, n):
+    rng = np.random.default_rng(rows)
+    hf = rng.standard_normal((n, k), dtype=np.float32)  # [out, in], as checkpoints hold it
+    w = get_backend("numpy").linear_weight(hf.T)
+    assert isinstance(w, LinearWeight)
+    x = rng.standard_normal((rows, k), dtype=np.float32)
+    got, want = x @ w, x @ hf.T
+    assert type(got) is np.ndarray and got.shape == (rows, n) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.sqrt(k))
+
+
+def test_the_models_linear_weights_are_numpys_blocked_kind(tiny_llama, backend):
+    from nanovllm import LLM
+    from nanovllm.models.base import linear_weights
+
+    if backend != "numpy":
+        pytest.skip("a numpy backend detail")
+    llm = LLM(str(tiny_llama("gqa").path), verbose=False)
+    assert all(isinstance(w, LinearWeight) for w in linear_weights(llm.model))
