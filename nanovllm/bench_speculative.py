@@ -47,8 +47,7 @@ PASSAGE = (
 WORKLOADS = {
     "code_rename": f"Rename the function compute_total to paid_total in this code, and print "
     f"the whole code:\n\n{CODE}",
-    "quote_passage": f"Here is a passage:\n\n{PASSAGE}\n\nRepeat the passage word for word, "
-    "then say in one sentence what it is about.",
+    "quote_passage": f"Copy the following passage exactly, word for word:\n\n{PASSAGE}",
     "free_story": "Write a short story about a dragon who learns to paint.",
 }
 

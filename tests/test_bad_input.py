@@ -16,7 +16,6 @@ from nanovllm import LLM, SamplingParams
 
 MAX_MODEL_LEN = 64
 GOOD = [20, 21, 22, 23, 24]
-DEFAULT_GGUF = Path.home() / ".cache" / "nanovllm" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")
@@ -274,11 +273,9 @@ def test_gguf_magic_then_garbage(tmp_path, backend, llm, want):
     assert_still_serves(llm, want)
 
 
-def test_truncated_real_gguf(tmp_path, backend, llm, want):
-    if not DEFAULT_GGUF.is_file():
-        pytest.skip(f"{DEFAULT_GGUF} is not cached")
+def test_truncated_real_gguf(tmp_path, backend, llm, want, default_gguf):
     f = tmp_path / "smol-truncated.gguf"
-    with open(DEFAULT_GGUF, "rb") as src:
+    with open(default_gguf, "rb") as src:
         f.write_bytes(src.read(1 << 20))
     with pytest.raises(ValueError) as e:
         LLM(str(f), backend=backend, verbose=False)
@@ -541,11 +538,9 @@ def test_nan_in_one_safetensors_weight_is_named(tiny, tmp_path, backend, llm, wa
     assert_still_serves(llm, want)
 
 
-def real_gguf_copy(tmp_path) -> Path:
-    if not DEFAULT_GGUF.is_file():
-        pytest.skip(f"{DEFAULT_GGUF} is not cached")
+def real_gguf_copy(tmp_path, default_gguf) -> Path:
     f = tmp_path / "smol-changed.gguf"
-    shutil.copy(DEFAULT_GGUF, f)
+    shutil.copy(default_gguf, f)
     return f
 
 
@@ -557,11 +552,11 @@ def real_gguf_copy(tmp_path) -> Path:
     ],
 )
 def test_gguf_metadata_with_impossible_sizes_fails_naming_the_field(
-    tmp_path, backend, llm, want, key, value, words
+    tmp_path, backend, llm, want, key, value, words, default_gguf
 ):
     import gguf
 
-    f = real_gguf_copy(tmp_path)
+    f = real_gguf_copy(tmp_path, default_gguf)
     reader = gguf.GGUFReader(f, "r+")
     field = reader.fields[key]
     field.parts[field.data[0]][0] = value
@@ -572,10 +567,10 @@ def test_gguf_metadata_with_impossible_sizes_fails_naming_the_field(
     assert_still_serves(llm, want)
 
 
-def test_random_bytes_over_gguf_tensor_data_are_caught(tmp_path, backend, llm, want):
+def test_random_bytes_over_gguf_tensor_data_are_caught(tmp_path, backend, llm, want, default_gguf):
     import gguf
 
-    f = real_gguf_copy(tmp_path)
+    f = real_gguf_copy(tmp_path, default_gguf)
     tensor = next(t for t in gguf.GGUFReader(f).tensors if t.name == "blk.3.ffn_down.weight")
     with open(f, "r+b") as out:
         out.seek(tensor.data_offset + 4096)
@@ -611,18 +606,18 @@ def test_non_finite_logits_fail_that_request_and_the_engine_goes_on(tiny, backen
     assert_still_serves(sick, want)
 
 
-def test_a_kv_cache_larger_than_the_machine_fails_with_the_numbers(backend, llm, want):
+def test_a_kv_cache_larger_than_the_machine_fails_with_the_numbers(
+    backend, llm, want, default_gguf
+):
     from nanovllm.errors import OutOfMemoryError
     from nanovllm.memory import available_bytes
 
-    if not DEFAULT_GGUF.is_file():
-        pytest.skip(f"{DEFAULT_GGUF} is not cached")
     if available_bytes() is None:
         pytest.skip("this system does not report its available memory (/proc/meminfo)")
     # 4096 full-length SmolLM2 sequences: 8192 tokens x 46 KB each, about 1.4 TiB
     with pytest.raises(OutOfMemoryError) as e:
         LLM(
-            str(DEFAULT_GGUF),
+            str(default_gguf),
             backend=backend,
             verbose=False,
             max_num_seqs=4096,

@@ -831,3 +831,31 @@ def test_kv_pool_sizing_rule():
     assert size(per_block=DEFAULT_KV_CACHE_MEMORY // 100, max_num_seqs=64)[0] == 100
     with pytest.raises(ValueError, match="max_model_len=4096 exceeds .*pass at most 2048"):
         size(max_model_len=4096)
+
+
+def test_speculation_backs_off_after_proposals_rejected_whole():
+    """A decode whose proposals were all rejected proposes nothing for 1, 2, 4, ... steps
+    (each miss cost a verification of several rows for one token); a hit ends the back-off."""
+    cfg = EngineConfig(
+        max_model_len=200, block_size=4, num_kv_blocks=60, speculative=SpeculativeConfig(3, 2, 1)
+    )
+    sched = Scheduler(cfg)
+    model = FakeModel(sched)
+    seq = make([1, 2, 3, 1, 2, 3, 1, 2], 0, max_tokens=150)
+    sched.add(seq)
+    step(sched, model)
+    history = []  # per step: (proposed, accepted)
+    while seq.num_tokens < 150:
+        batch = step(sched, model)
+        drafted = batch.seqs[0].num_draft
+        history.append((drafted, seq.num_computed_tokens - batch.seqs[0].start - 1))
+    assert_correct(seq)
+    misses = 0
+    for i, (drafted, accepted) in enumerate(history[:-1]):
+        if drafted and not accepted:
+            misses += 1
+            skip = (1 << min(misses, 5)) // 2
+            assert all(d == 0 for d, _ in history[i + 1 : i + 1 + skip]), (i, history)
+        elif drafted:
+            misses = 0
+    assert any(d and not a for d, a in history) and any(a for _, a in history), history

@@ -426,13 +426,9 @@ def test_spm_leading_space_stream(spm_dir):
 
 
 @pytest.mark.slow
-def test_smollm2_tokenizer_from_default_gguf(tmp_path):
+def test_smollm2_tokenizer_from_default_gguf(tmp_path, default_gguf):
     """The default model's real tokenizer, as transformers converts it from the GGUF."""
-    from nanovllm.weights.default_model import DEFAULT_GGUF_NAME, cache_dir
-
-    gguf = cache_dir() / DEFAULT_GGUF_NAME
-    if not gguf.is_file():
-        pytest.skip(f"{gguf} is not cached")
+    gguf = default_gguf
     transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(
         tmp_path
     )

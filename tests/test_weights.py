@@ -16,13 +16,15 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 from nanovllm.weights import WeightsError, load_gguf, load_hf_dir
+from nanovllm.weights.default_model import DEFAULT_GGUF_NAME, cache_dir
 from nanovllm.weights.gguf_file import dequantize, dequantize_tensor, open_gguf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-REAL_GGUF = Path("/root/.cache/nanovllm/SmolLM2-135M-Instruct.Q4_1.gguf")
-needs_real_gguf = pytest.mark.skipif(not REAL_GGUF.is_file(), reason=f"{REAL_GGUF} not present")
+REAL_GGUF = cache_dir() / DEFAULT_GGUF_NAME
+# the default SmolLM2 GGUF, fetched into the cache first where it is not there yet
+needs_real_gguf = pytest.mark.usefixtures("default_gguf")
 
 
 def tiny_llama(**overrides) -> tuple[transformers.LlamaConfig, dict[str, np.ndarray]]:
@@ -826,12 +828,12 @@ def test_gguf_byte_level_digits(tmp_path, pre, expected):
 
 
 @pytest.fixture(scope="module")
-def real_gguf():
-    return load_gguf(REAL_GGUF)
+def real_gguf(default_gguf):
+    return load_gguf(default_gguf)
 
 
 @pytest.fixture(scope="module")
-def real_transformers():
+def real_transformers(default_gguf):
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(REAL_GGUF.parent), gguf_file=REAL_GGUF.name, dtype=torch.float32
     )

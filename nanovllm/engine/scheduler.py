@@ -38,7 +38,10 @@ token budget; what is left of the budget after every decode's own token is share
 order. The runner samples at every one of those positions and keeps the proposals the model
 itself would have produced, plus its next token; `postprocess()` then counts only those as
 computed (so only accepted tokens are ever sealed into the prefix cache) and gives back the
-blocks that held nothing but rejected ones.
+blocks that held nothing but rejected ones. A sequence whose proposals were rejected whole
+decodes plainly for the next 1, 2, 4, 8, then 16 steps: a verification of k + 1 rows costs
+more than one row's decode (about 2x on numpy), so free text, where lookups rarely hit, pays
+little for it.
 """
 
 from __future__ import annotations
@@ -152,6 +155,9 @@ class Scheduler:
         spec = self.config.speculative
         assert spec is not None
         if seq.num_tokens - seq.num_computed_tokens != 1:  # a prompt chunk, not a decode
+            return []
+        if seq.spec_skip:  # its last proposals were all rejected: decode plainly a while
+            seq.spec_skip -= 1
             return []
         k = min(
             spec.num_speculative_tokens,
@@ -318,6 +324,9 @@ class Scheduler:
             seq.num_computed_tokens = s.context_len - rejected
             self.num_draft_tokens += s.num_draft
             self.num_accepted_tokens += s.num_draft - rejected
+            if s.num_draft:  # a miss backs off for 1, 2, 4, 8, 16 steps; a hit ends it
+                seq.spec_misses = seq.spec_misses + 1 if rejected == s.num_draft else 0
+                seq.spec_skip = (1 << min(seq.spec_misses, 5)) // 2
             for token in tokens:  # first: the accepted proposals are hashed into full blocks
                 seq.append_token(token)
             self.block_manager.cache_full_blocks(seq)

@@ -33,6 +33,10 @@ class Sequence:
     finish_reason: str | None = field(init=False, default=None)
     state_slot: int | None = field(init=False, default=None)
     num_preemptions: int = field(init=False, default=0)
+    # speculative decoding: proposals rejected whole in a row, and decode steps left before
+    # the next proposal (a miss costs a verification of several rows for one token)
+    spec_misses: int = field(init=False, default=0)
+    spec_skip: int = field(init=False, default=0)
     # structured outputs: the grammar matcher of this sample, advanced with each of its tokens
     # (opaque here; see nanovllm/structured_outputs.py). It survives preemption as is: the
     # tokens it has consumed are kept and recomputed, never sampled again.
