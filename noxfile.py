@@ -6,6 +6,7 @@ nox -s lint
 nox -s typecheck
 """
 
+import os
 import shutil
 
 import nox
@@ -51,4 +52,8 @@ def tests(session: nox.Session, backend: str) -> None:
     # transformers (torch, OpenMP) and numpy (OpenBLAS) share the process: one thread each
     # keeps them from oversubscribing a small machine, which slows both by 10-100x
     env = {"NANOVLLM_BACKEND": backend, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    session.run("python", "-m", "pytest", "-q", "-ra", *session.posargs, env=env)
+    # one single-threaded pytest-xdist worker per core (at most 4: each holds transformers and
+    # its models), a whole test file per worker so that its module fixtures are built once
+    workers = str(max(1, min(4, os.cpu_count() or 1)))
+    xdist = ["-n", workers, "--dist", "loadfile"]
+    session.run("python", "-m", "pytest", "-q", "-ra", *xdist, *session.posargs, env=env)

@@ -80,7 +80,8 @@ def speculative_rows(llm, spec: SpeculativeConfig, repeats: int, max_tokens: int
     identical text or not, accepted / proposed tokens, and output tokens per engine step."""
     if llm.tokenizer is None or llm.config.batch_invariant or llm.config.num_state_slots:
         return {}  # no chat, or an engine that cannot speculate
-    config, sched, figures = llm.config, llm.engine.scheduler, {}
+    config, sched = llm.config, llm.engine.scheduler
+    figures: dict[str, float | bool] = {}
     for name, prompt in WORKLOADS.items():
         times: dict[str, list[float]] = {"plain": [], "spec": []}
         texts, steps = {}, {}

@@ -252,7 +252,8 @@ class LLMEngine:
             out.logprobs.append(self._logprob_dict(logprobs))
             lp = logprobs[token][0]
             out.cumulative_logprob = (out.cumulative_logprob or 0.0) + lp
-        reason, stop_reason = None, None
+        reason: str | None = None
+        stop_reason: int | str | None = None  # the stop token id or stop string
         matcher = seq.matcher
         if matcher is not None and not matcher.consume_token(token):
             out.finish_reason, out.error = (
