@@ -40,7 +40,7 @@ itself would have produced, plus its next token; `postprocess()` then counts onl
 computed (so only accepted tokens are ever sealed into the prefix cache) and gives back the
 blocks that held nothing but rejected ones. A sequence whose proposals were rejected whole
 decodes plainly for the next 1, 2, 4, 8, then 16 steps: a verification of k + 1 rows costs
-more than one row's decode (about 2x on numpy), so free text, where lookups rarely hit, pays
+more than one row's decode (about 1.8x on numpy), so free text, where lookups rarely hit, pays
 little for it.
 """
 
