@@ -269,6 +269,15 @@ def test_bad_serve_options_exit_2():
         )
         assert result.returncode == 2, (args, result.stderr)
         assert args[0] in result.stderr, result.stderr
+    # a bad speculative config is refused before the port is opened
+    result = subprocess.run(
+        [sys.executable, "-m", "nanovllm", "serve", "--speculative-config", '{"method": "x"}'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "speculative_config method='x'" in result.stderr
+    assert "Uvicorn running" not in result.stderr + result.stdout
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])

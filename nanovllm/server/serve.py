@@ -124,6 +124,9 @@ def main(argv: list[str]) -> int:
             f"--max-waiting-requests {args.max_waiting_requests} is negative; "
             "pass 0 or more, or leave it out for no limit"
         )
+    from ..config import SpeculativeConfig
+
+    SpeculativeConfig.parse(args.speculative_config)  # a bad one fails before the port opens
     name = args.served_model_name or served_name(args.model)
     defaults = sampling_defaults(args.model, args.override_generation_config)
     state = ServerState(name, Metrics(name), args.api_key or None, defaults)
