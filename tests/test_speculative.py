@@ -138,6 +138,31 @@ def test_stop_strings_and_max_tokens_cut_an_accepted_run(plain, spec, pick_stop)
             assert len(got.outputs[0].token_ids) == params.max_tokens
 
 
+@pytest.mark.parametrize("max_len", [16, 21])
+def test_a_fully_accepted_run_up_to_max_model_len_keeps_every_token(
+    tiny, backend, monkeypatch, max_len
+):
+    """An oracle proposes plain decoding's own continuation, so every proposal is accepted and
+    runs end exactly where max_model_len is reached: all their tokens are kept."""
+    import nanovllm.engine.scheduler as scheduler
+
+    prompt, params = PROMPTS[0], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
+    want = run(make_llm(tiny, backend, max_model_len=max_len), [prompt], params)[0]
+    full = prompt + want.outputs[0].token_ids
+    assert len(full) == max_len
+
+    def oracle(ids, k, n_min, n_max):
+        assert ids == full[: len(ids)]
+        return full[len(ids) : len(ids) + k]
+
+    monkeypatch.setattr(scheduler, "propose", oracle)
+    llm = make_llm(tiny, backend, SPEC, max_model_len=max_len)
+    got = run(llm, [prompt], params)[0].outputs[0]
+    assert (got.token_ids, got.finish_reason) == (want.outputs[0].token_ids, "length")
+    drafted, accepted = counts(llm)
+    assert drafted == accepted > 0
+
+
 def chi_square_critical(df: int, z: float = 3.09) -> float:
     """The chi-square value that df degrees of freedom exceed with probability ~0.001
     (Wilson-Hilferty)."""

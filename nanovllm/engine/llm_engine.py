@@ -280,7 +280,8 @@ class LLMEngine:
             reason = "stop"  # the grammar allows nothing more: the answer is complete
         if reason is None and (
             len(out.token_ids) >= (p.max_tokens or 1 << 62)
-            or seq.num_tokens >= self.config.max_model_len
+            # (the prompt and the output so far: with speculation, seq holds the whole run)
+            or seq.num_prompt_tokens + len(out.token_ids) >= self.config.max_model_len
         ):
             reason = "length"
         if reason is not None:

@@ -124,14 +124,18 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: set[Sequence] = set()
         ordered = sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens > 1)
-        # speculation may use what is left of the budget once every decode has its token
-        spare = budget - sum(1 for s in ordered if s.num_tokens - s.num_computed_tokens == 1)
+        # speculation may use what is left of the budget once every decode has its token, and
+        # the free blocks beyond one for each decode after it (proposals never preempt)
+        decodes = sum(1 for s in ordered if s.num_tokens - s.num_computed_tokens == 1)
+        spare = budget - decodes
         for seq in ordered:
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted for an earlier one
                 continue
-            draft = self._draft(seq, spare) if self.config.speculative else []
+            is_decode = seq.num_tokens - seq.num_computed_tokens == 1
+            decodes -= is_decode
+            draft = self._draft(seq, spare, decodes) if self.config.speculative else []
             n = self._reserve(
                 seq,
                 min(seq.num_tokens - seq.num_computed_tokens + len(draft), budget),
@@ -148,23 +152,28 @@ class Scheduler:
             self._admit(batch, budget)
         return batch
 
-    def _draft(self, seq: Sequence, spare: int) -> list[int]:
+    def _draft(self, seq: Sequence, spare: int, decodes_after: int) -> list[int]:
         """The tokens proposed for a decoding sequence: as many as the speculative config,
-        the spare budget, max_model_len and the request's max_tokens leave room for (its own
-        next token comes after them)."""
+        the spare budget, the free blocks (beyond one for each of the `decodes_after` decodes
+        still to schedule), max_model_len and the request's max_tokens leave room for (its
+        own next token comes after them)."""
         spec = self.config.speculative
         assert spec is not None
         if seq.num_tokens - seq.num_computed_tokens != 1:  # a prompt chunk, not a decode
             return []
-        if seq.spec_skip:  # its last proposals were all rejected: decode plainly a while
-            seq.spec_skip -= 1
-            return []
+        free = max(self.block_manager.num_free_blocks - decodes_after, 0)
         k = min(
             spec.num_speculative_tokens,
             spare,
+            (len(seq.block_table) + free) * self.block_size - seq.num_tokens,
             self.config.max_model_len - seq.num_tokens - 1,
             (seq.max_tokens or 1 << 62) - seq.num_output_tokens - 1,
         )
+        if k <= 0:
+            return []
+        if seq.spec_skip:  # its last proposals were all rejected: decode plainly a while
+            seq.spec_skip -= 1
+            return []
         return propose(seq.token_ids, k, spec.prompt_lookup_min, spec.prompt_lookup_max)
 
     def _reserve(self, seq: Sequence, n: int, scheduled: set[Sequence], batch: Batch) -> int:

@@ -360,7 +360,7 @@ class ModelRunner:
             draft = s.token_ids[len(s.token_ids) - s.num_draft :]
             keep = [i]
             for j, proposed in enumerate(draft):  # a non-finite row is left to a later step
-                if tokens[i + j] != proposed or not finite[i + j + 1]:
+                if not finite[i + j] or tokens[i + j] != proposed or not finite[i + j + 1]:
                     break
                 keep.append(i + j + 1)
             kept.append(keep)
