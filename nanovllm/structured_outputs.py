@@ -139,10 +139,11 @@ def fill_bitmask(work: list[tuple], rows: int, vocab_size: int) -> np.ndarray:
     if work:
         if _executor is None:
             _executor = llguidance.LLExecutor()
-        if any(draft for _, _, draft in work):
-            llg_numpy.fill_next_token_bitmask_par_with_draft_tokens(
-                _executor, [(m, i, list(d)) for m, i, d in work], mask
-            )
-        else:
-            llg_numpy.fill_next_token_bitmask_par(_executor, [(m, i) for m, i, _ in work], mask)
+        # llguidance takes rows with proposals (which must be non-empty) and without apart
+        drafted = [(m, i, list(d)) for m, i, d in work if d]
+        plain = [(m, i) for m, i, d in work if not d]
+        if drafted:
+            llg_numpy.fill_next_token_bitmask_par_with_draft_tokens(_executor, drafted, mask)
+        if plain:
+            llg_numpy.fill_next_token_bitmask_par(_executor, plain, mask)
     return mask

@@ -229,3 +229,24 @@ def test_the_compiled_grammar_cache_is_bounded(llm, monkeypatch):
         compiler.grammar(constrained(regex=word))
     kept = [json.loads(key)[1] for key in compiler._grammars]
     assert kept[-2:] == ["beta", "gamma"] and len(kept) == 2
+
+
+def test_masks_of_rows_with_and_without_proposals_in_one_step(llm):
+    """Speculative decoding: one matcher fills a row after each of its proposals, another
+    (no proposal this step) only its own row, in one call; the matchers are left as they were."""
+    from nanovllm.structured_outputs import fill_bitmask
+
+    grammars = llm.engine.grammars
+    grammar = grammars.grammar(constrained(regex=r"(ab)+c"))
+    a, b, z = (llm.tokenizer.encode(t, add_special_tokens=False)[0] for t in ("a", "b", "z"))
+    first, second = grammars.matcher(grammar), grammars.matcher(grammar)
+    V = llm.model.vocab_size
+    mask = fill_bitmask([(first, 0, [a, z]), (second, 3, [])], 4, V)
+
+    def allowed(row: int, token: int) -> bool:
+        return bool((int(mask[row, token // 32]) >> (token % 32)) & 1)
+
+    assert [allowed(0, t) for t in (a, b, z)] == [True, False, False]  # first, now
+    assert [allowed(1, t) for t in (a, b, z)] == [False, True, False]  # first, after a
+    assert [allowed(3, t) for t in (a, b, z)] == [True, False, False]  # second, now
+    assert first.consume_token(a) and first.consume_token(b)  # unchanged by the masks
