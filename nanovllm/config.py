@@ -14,6 +14,7 @@ BATCH_INVARIANT_HYBRID = (
 
 SPEC_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
 MAX_SPECULATIVE_TOKENS = 16  # more proposals per step than this cost more than they can win
+NGRAM_DEFAULTS = (4, 4, 2)  # num_speculative_tokens, prompt_lookup_max, prompt_lookup_min
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,9 +24,9 @@ class SpeculativeConfig:
     earlier occurrence of its last n tokens (prompt_lookup_max >= n >= prompt_lookup_min), and
     one step checks them all."""
 
-    num_speculative_tokens: int = 4
-    prompt_lookup_max: int = 4
-    prompt_lookup_min: int = 2
+    num_speculative_tokens: int = NGRAM_DEFAULTS[0]
+    prompt_lookup_max: int = NGRAM_DEFAULTS[1]
+    prompt_lookup_min: int = NGRAM_DEFAULTS[2]
     method: str = "ngram"
 
     @classmethod
@@ -62,13 +63,17 @@ class SpeculativeConfig:
         if method != "ngram":
             raise ValueError(f"speculative_config method={method!r} is not supported; use 'ngram'")
         # one of the two lookup sizes given alone sets the other where the default would not fit
-        n_max = value.get("prompt_lookup_max")
-        n_min = value.get("prompt_lookup_min")
-        if n_max is None:
-            n_max = max(4, n_min) if isinstance(n_min, int) else 4
-        if n_min is None:
-            n_min = min(2, n_max) if isinstance(n_max, int) else 2
-        config = cls(value.get("num_speculative_tokens", 4), n_max, n_min)
+        k, n_max, n_min = NGRAM_DEFAULTS
+        given_max, given_min = value.get("prompt_lookup_max"), value.get("prompt_lookup_min")
+        if given_max is None and isinstance(given_min, int):
+            n_max = max(n_max, given_min)
+        if given_min is None and isinstance(given_max, int):
+            n_min = min(n_min, given_max)
+        config = cls(
+            value.get("num_speculative_tokens", k),
+            n_max if given_max is None else given_max,
+            n_min if given_min is None else given_min,
+        )
         config.validate()
         return config
 
