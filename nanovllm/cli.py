@@ -62,6 +62,13 @@ def add_model_args(p: argparse.ArgumentParser, backend_help: str = "") -> None:
         "(n-gram prompt lookup: faster where the answer quotes its input; see README)",
     )
 
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="split the model across this many devices (jax backend; see README: Scaling out)",
+    )
+
 
 def make_llm(args: argparse.Namespace):
     from .llm import LLM
@@ -80,6 +87,7 @@ def make_llm(args: argparse.Namespace):
         enable_prefix_caching=not args.no_prefix_caching,
         batch_invariant=args.batch_invariant,
         speculative_config=args.speculative_config,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 

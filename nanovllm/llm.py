@@ -48,6 +48,7 @@ class LLM:
         seed: int = 0,
         batch_invariant: bool = False,
         speculative_config: dict | str | SpeculativeConfig | None = None,
+        tensor_parallel_size: int = 1,
         verbose: bool = True,
     ):
         # sizes are checked before loading weights (the slow part) and before deriving others
@@ -74,7 +75,7 @@ class LLM:
         speculative = SpeculativeConfig.parse(speculative_config)
         if speculative is not None and batch_invariant:
             raise ValueError(SPEC_BATCH_INVARIANT)
-        self.backend = get_backend(backend, device=device, dtype=dtype)
+        self.backend = get_backend(backend, device, dtype, tensor_parallel_size)
         itemsize = self.backend.itemsize
         sizes: dict[str, int] = {}
 

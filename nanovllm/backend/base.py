@@ -50,6 +50,11 @@ class Backend:
         (numpy: a view whose products with a few rows go by cache-sized panels)."""
         return w
 
+    def shard(self, w: Any, axis: int | None) -> Any:
+        """A weight placed for tensor parallelism, cut along `axis` across the devices where
+        the backend runs on several (None: each device holds it whole); else as it is."""
+        return w
+
     def step_input(self, host: np.ndarray, dtype: Any = None) -> Any:
         """Per-step host data (indices, masks, sampling parameters) as the step takes it."""
         return self.asarray(host, dtype=dtype)
@@ -68,6 +73,11 @@ class Backend:
 
     def zeros(self, shape: tuple[int, ...], dtype: Any = None) -> Any:
         return self.xp.zeros(shape, dtype=dtype or self.dtype, device=self.device)
+
+    def kv_pool(self, shape: tuple[int, int, int]) -> Any:
+        """A zeroed K or V pool [slots, kv_heads, head_dim] (cut by KV head across the devices
+        where the backend runs on several)."""
+        return self.zeros(shape)
 
     def register_step_dataclass(self, cls: type) -> None:
         """Tell a jitting backend about a dataclass the step takes (see its `static_fields`)."""

@@ -2,6 +2,14 @@
 
 Sizes are rounded up to powers of two (`bucket`), so a run compiles a bounded number of
 times; `compilations()` counts them.
+
+With tensor_parallel_size N the backend runs on a 1-D mesh of N devices (`TensorParallel`):
+weights are placed cut along the axis their `Weight.split` names (column-parallel q|k|v and
+gate|up, row-parallel o and down, the vocabulary of the embedding and the head), the KV pools by
+KV head, and everything else whole on every device. The model code is unchanged: jax.jit
+compiles the step for those placements and XLA adds the collectives (the all-reduce after a
+row-parallel product, the gathers where a split activation is needed whole). A size that does
+not divide by N is placed whole on every device, and `describe()` says which.
 """
 
 from __future__ import annotations
@@ -61,7 +69,76 @@ class JaxBackend(Backend):
         return sum(f._cache_size() for f in self.jitted)
 
 
-def make(device: str | None, dtype: str) -> Backend:
+class TensorParallel(JaxBackend):
+    def __init__(self, name, xp, devices, dtype, int_dtype) -> None:
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        super().__init__(name, xp, devices[0], dtype, int_dtype)
+        self.size = len(devices)
+        self.mesh = Mesh(np.array(devices), ("tp",))
+        self.whole = NamedSharding(self.mesh, PartitionSpec())
+        self._pools: dict[tuple, object] = {}  # pool shape -> its sharding
+        self.unsplit: dict[str, int] = {}  # what could not be cut, and how many, for describe()
+
+    def _cut(self, axis: int):
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        return NamedSharding(self.mesh, PartitionSpec(*([None] * axis), "tp"))
+
+    def _whole(self, what: str):
+        self.unsplit[what] = self.unsplit.get(what, 0) + 1
+        return self.whole
+
+    def asarray(self, host, dtype=None):
+        return jax.device_put(jnp.asarray(host, dtype=dtype), self.whole)
+
+    def zeros(self, shape, dtype=None):
+        return jnp.zeros(shape, dtype=dtype or self.dtype, device=self.whole)
+
+    def shard(self, w, axis):
+        if axis is None:
+            return w
+        if w.shape[axis] % self.size:
+            self._whole(f"weights of {w.shape[axis]} along the cut axis")
+            return w
+        return jax.device_put(w, self._cut(axis))
+
+    def kv_pool(self, shape):
+        kv_heads = shape[1]
+        if kv_heads % self.size:
+            sharding = self._whole(f"K/V pools of {kv_heads} KV heads")
+        else:
+            sharding = self._cut(1)
+        self._pools[tuple(shape)] = sharding
+        return jnp.zeros(shape, dtype=self.dtype, device=sharding)
+
+    def scatter_rows(self, pool, slots, rows):
+        # the written pool keeps the placement it came in with (so it is donated in place)
+        written = super().scatter_rows(pool, slots, rows)
+        sharding = self._pools.get(tuple(pool.shape), self.whole)
+        return jax.lax.with_sharding_constraint(written, sharding)
+
+    def to_host(self, x):
+        if not x.is_fully_addressable:  # several hosts: gather it whole onto each first
+            x = jax.jit(lambda a: a, out_shardings=self.whole)(x)
+            return np.asarray(x.addressable_data(0))
+        return super().to_host(x)
+
+    def describe(self) -> str:
+        whole = ", ".join(f"{n} {what}" for what, n in self.unsplit.items())
+        whole = (
+            f"; whole on every device, as they do not divide by {self.size}: {whole}"
+            if whole
+            else ""
+        )
+        return (
+            f"jax (tensor_parallel_size={self.size} over {self.device.platform} devices "
+            f"{', '.join(str(d.id) for d in self.mesh.devices.flat)}, dtype="
+            f"{getattr(self.dtype, '__name__', self.dtype)}{whole})"
+        )
+
+
+def make(device: str | None, dtype: str, tensor_parallel_size: int = 1) -> Backend:
     if dtype not in DTYPES:
         raise BackendError(
             f"dtype={dtype!r} is not supported by the jax backend; choose one "
@@ -76,4 +153,19 @@ def make(device: str | None, dtype: str) -> Backend:
             "device='cpu', or install jax[cuda] on a GPU machine"
         ) from exc
     index = int(device.split(":")[1]) if device and ":" in device else 0
+    if tensor_parallel_size > 1:
+        if len(devices) - index < tensor_parallel_size:
+            kind = devices[0].platform
+            raise BackendError(
+                f"tensor_parallel_size={tensor_parallel_size}, but jax sees "
+                f"{len(devices) - index} {kind} device(s) from index {index}; pass at most that"
+                + (
+                    ", or on a CPU set XLA_FLAGS=--xla_force_host_platform_device_count="
+                    f"{tensor_parallel_size} before Python starts (host devices for testing)"
+                    if kind == "cpu"
+                    else ""
+                )
+            )
+        chosen = devices[index : index + tensor_parallel_size]
+        return TensorParallel("jax", jnp, chosen, DTYPES[dtype], jnp.int32)
     return JaxBackend("jax", jnp, devices[index], DTYPES[dtype], jnp.int32)

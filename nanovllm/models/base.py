@@ -63,7 +63,7 @@ class CausalLM(Protocol):
     def allocate_cache(self, backend, num_kv_slots: int, num_state_slots: int) -> list:
         """Per layer, a (K pool, V pool) pair of [num_kv_slots, kv_heads, head_dim]."""
         shape = (num_kv_slots, self.num_kv_heads, self.head_dim)
-        return [(backend.zeros(shape), backend.zeros(shape)) for _ in range(self.num_layers)]
+        return [(backend.kv_pool(shape), backend.kv_pool(shape)) for _ in range(self.num_layers)]
 
     def expected_shapes(self) -> tuple[dict[str, tuple[int, ...]], set[str]]:
         """Every Hugging Face tensor the table reads, with its shape; and the ignored names."""
@@ -77,6 +77,13 @@ class CausalLM(Protocol):
         self.params = build_params(table, ignored, tensors, self.backend, source)
 
 
+# Tensor parallelism (a backend over several devices) cuts a weight along one axis of the array
+# as loaded: a linear's [in, out] by its outputs (column-parallel: q|k|v, gate|up, the head's
+# vocabulary) or by its inputs (row-parallel: o, down); a column-parallel bias and an
+# embedding's vocabulary rows along axis 0.
+COLUMNS, ROWS = 1, 0
+
+
 @dataclass(frozen=True, slots=True)
 class Weight:
     """One array of a model's params: the Hugging Face tensors it is made of (joined along
@@ -86,16 +93,23 @@ class Weight:
     shapes: tuple[tuple[int, ...], ...]
     linear: bool = False  # a [out, in] weight, laid out [in, out] for `x @ w`
     prepare: Callable | None = None  # applied on the backend after joining, before the layout
+    split: int | None = None  # the axis tensor parallelism cuts (None: every device has it all)
 
 
 def weight(
-    name: str, shape: tuple[int, ...], linear: bool = False, prepare: Callable | None = None
+    name: str,
+    shape: tuple[int, ...],
+    linear: bool = False,
+    prepare: Callable | None = None,
+    split: int | None = None,
 ) -> Weight:
-    return Weight((name,), (shape,), linear, prepare)
+    return Weight((name,), (shape,), linear, prepare, split)
 
 
-def fused(names: list[str], shapes: list[tuple[int, ...]], linear: bool = False) -> Weight:
-    return Weight(tuple(names), tuple(shapes), linear)
+def fused(
+    names: list[str], shapes: list[tuple[int, ...]], linear: bool = False, split: int | None = None
+) -> Weight:
+    return Weight(tuple(names), tuple(shapes), linear, split=split)
 
 
 def attention_weights(prefix: str, hidden: int, q: int, kv: int, bias: bool) -> dict:
@@ -104,9 +118,10 @@ def attention_weights(prefix: str, hidden: int, q: int, kv: int, bias: bool) -> 
     names = [prefix + p for p in ("q_proj.", "k_proj.", "v_proj.")]
     return {
         "qkv": fused([n + "weight" for n in names], [(q, hidden), (kv, hidden), (kv, hidden)],
-                     linear=True),
-        "qkv_b": fused([n + "bias" for n in names], [(q,), (kv,), (kv,)]) if bias else None,
-        "o": weight(prefix + "o_proj.weight", (hidden, q), linear=True),
+                     linear=True, split=COLUMNS),
+        "qkv_b": fused([n + "bias" for n in names], [(q,), (kv,), (kv,)], split=0)
+        if bias else None,
+        "o": weight(prefix + "o_proj.weight", (hidden, q), linear=True, split=ROWS),
         "o_b": weight(prefix + "o_proj.bias", (hidden,)) if bias else None,
     }  # fmt: skip
 
@@ -116,7 +131,8 @@ def lm_head(embed: Weight, tied: bool, ignored: set[str]) -> Weight:
     checkpoint may still carry is then ignored), else `lm_head.weight` of the same shape."""
     if tied:
         ignored.add("lm_head.weight")
-    return Weight(embed.names if tied else ("lm_head.weight",), embed.shapes, linear=True)
+    names = embed.names if tied else ("lm_head.weight",)
+    return Weight(names, embed.shapes, linear=True, split=COLUMNS)
 
 
 def table_weights(table) -> list[Weight]:
@@ -159,7 +175,9 @@ def build_params(table, ignored: set[str], tensors: dict[str, Any], backend, sou
                 tensors.pop(n)
         if w.prepare is not None:
             x = w.prepare(x)
-        return backend.linear_weight(prepare_linear(xp, x)) if w.linear else x
+        if w.linear:
+            x = backend.linear_weight(prepare_linear(xp, x))
+        return backend.shard(x, w.split)
 
     def walk(t):
         if isinstance(t, Weight):
@@ -231,6 +249,8 @@ def check_tensors(
 
 
 __all__ = [
+    "COLUMNS",
+    "ROWS",
     "CausalLM",
     "UnsupportedFeatureError",
     "Weight",

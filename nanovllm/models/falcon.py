@@ -16,7 +16,7 @@ from ..layers.erf import gelu_erf
 from ..layers.linear import embedding, linear
 from ..layers.norm import layer_norm
 from ..layers.rotary import RotaryEmbedding, rope_spec
-from .base import CausalLM, lm_head, require, weight
+from .base import COLUMNS, ROWS, CausalLM, lm_head, require, weight
 
 ACTIVATIONS = {"gelu": gelu_erf, "gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh}
 
@@ -144,9 +144,14 @@ class FalconForCausalLM(CausalLM):
         def norm(name):
             return (weight(name + ".weight", (H,)), weight(name + ".bias", (H,)))
 
-        def lin(name, shape, reorder=None):  # reorder: the fused q/k/v rows -> [Q | K | V]
-            bias = weight(name + ".bias", shape[:1], prepare=reorder) if c.bias else None
-            return (weight(name + ".weight", shape, linear=True, prepare=reorder), bias)
+        def lin(name, shape, split, reorder=None):  # reorder: fused q/k/v rows -> [Q | K | V]
+            bias_split = 0 if split == COLUMNS else None
+            bias = (
+                weight(name + ".bias", shape[:1], prepare=reorder, split=bias_split)
+                if c.bias
+                else None
+            )
+            return (weight(name + ".weight", shape, True, reorder, split), bias)
 
         ignored: set[str] = set()
         layers = []
@@ -155,13 +160,15 @@ class FalconForCausalLM(CausalLM):
             layers.append(
                 {
                     "norms": [norm(p + n) for n in self._norm_names()],
-                    "qkv": lin(p + "self_attention.query_key_value", (qkv, H), self._qkv_rows),
-                    "o": lin(p + "self_attention.dense", (H, H)),
-                    "up": lin(p + "mlp.dense_h_to_4h", (c.intermediate_size, H)),
-                    "down": lin(p + "mlp.dense_4h_to_h", (H, c.intermediate_size)),
+                    "qkv": lin(
+                        p + "self_attention.query_key_value", (qkv, H), COLUMNS, self._qkv_rows
+                    ),
+                    "o": lin(p + "self_attention.dense", (H, H), ROWS),
+                    "up": lin(p + "mlp.dense_h_to_4h", (c.intermediate_size, H), COLUMNS),
+                    "down": lin(p + "mlp.dense_4h_to_h", (H, c.intermediate_size), ROWS),
                 }
             )
-        embed = weight("transformer.word_embeddings.weight", (c.vocab_size, H))
+        embed = weight("transformer.word_embeddings.weight", (c.vocab_size, H), split=0)
         return {
             "embed": embed,
             "layers": layers,

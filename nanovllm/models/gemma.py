@@ -22,7 +22,17 @@ from ..layers.attention import paged_attention, write_kv
 from ..layers.linear import embedding, linear
 from ..layers.norm import rms_norm
 from ..layers.rotary import RopeSpec, RotaryEmbedding, rope_spec
-from .base import CausalLM, Weight, attention_weights, fused, lm_head, require, weight
+from .base import (
+    COLUMNS,
+    ROWS,
+    CausalLM,
+    Weight,
+    attention_weights,
+    fused,
+    lm_head,
+    require,
+    weight,
+)
 from .sliding import layer_windows
 
 
@@ -109,7 +119,7 @@ class Gemma2ForCausalLM(CausalLM):
         c = self.cfg
         E, I, D = c.hidden_size, c.intermediate_size, c.head_dim
         q, kv = c.num_heads * D, c.num_kv_heads * D
-        embed = weight("model.embed_tokens.weight", (c.vocab_size, E))
+        embed = weight("model.embed_tokens.weight", (c.vocab_size, E), split=0)
         ignored: set[str] = set()
         layers = []
         for i in range(c.num_layers):
@@ -126,9 +136,12 @@ class Gemma2ForCausalLM(CausalLM):
                 "post_mlp_norm": norm("post_feedforward_layernorm"),
                 **attention_weights(a, E, q, kv, c.attention_bias),
                 "gate_up": fused(
-                    [m + "gate_proj.weight", m + "up_proj.weight"], [(I, E), (I, E)], linear=True
+                    [m + "gate_proj.weight", m + "up_proj.weight"],
+                    [(I, E), (I, E)],
+                    linear=True,
+                    split=COLUMNS,
                 ),
-                "down": weight(m + "down_proj.weight", (E, I), linear=True),
+                "down": weight(m + "down_proj.weight", (E, I), linear=True, split=ROWS),
             }
             if self.qk_norm:
                 layer["qk_norm"] = Weight(

@@ -10,7 +10,7 @@ from ..layers.attention import paged_attention, write_kv
 from ..layers.erf import gelu_erf
 from ..layers.linear import embedding, linear
 from ..layers.norm import layer_norm
-from .base import CausalLM, lm_head, require, weight
+from .base import COLUMNS, ROWS, CausalLM, lm_head, require, weight
 
 ACTIVATIONS = {
     "gelu_new": gelu_tanh,
@@ -96,8 +96,12 @@ class GPT2LMHeadModel(CausalLM):
         def norm(name):
             return (weight(name + ".weight", (H,)), weight(name + ".bias", (H,)))
 
-        def conv1d(name, n_in, n_out):  # stored [in, out]: already laid out for `x @ w`
-            return (weight(name + ".weight", (n_in, n_out)), weight(name + ".bias", (n_out,)))
+        def conv1d(name, n_in, n_out, split):  # stored [in, out]: laid out for `x @ w`
+            bias_split = 0 if split == COLUMNS else None
+            return (
+                weight(name + ".weight", (n_in, n_out), split=split),
+                weight(name + ".bias", (n_out,), split=bias_split),
+            )
 
         ignored: set[str] = set()
         layers = []
@@ -107,14 +111,14 @@ class GPT2LMHeadModel(CausalLM):
                 {
                     "ln_1": norm(p + "ln_1"),
                     "ln_2": norm(p + "ln_2"),
-                    "qkv": conv1d(p + "attn.c_attn", H, 3 * H),
-                    "o": conv1d(p + "attn.c_proj", H, H),
-                    "fc": conv1d(p + "mlp.c_fc", H, inner),
-                    "proj": conv1d(p + "mlp.c_proj", inner, H),
+                    "qkv": conv1d(p + "attn.c_attn", H, 3 * H, COLUMNS),
+                    "o": conv1d(p + "attn.c_proj", H, H, ROWS),
+                    "fc": conv1d(p + "mlp.c_fc", H, inner, COLUMNS),
+                    "proj": conv1d(p + "mlp.c_proj", inner, H, ROWS),
                 }
             )
             ignored |= {p + "attn.bias", p + "attn.masked_bias"}  # causal-mask buffers
-        wte = weight(t + "wte.weight", (c.vocab_size, H))
+        wte = weight(t + "wte.weight", (c.vocab_size, H), split=0)
         return {
             "wte": wte,
             "wpe": weight(t + "wpe.weight", (c.max_position_embeddings, H)),

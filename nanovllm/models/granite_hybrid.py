@@ -22,7 +22,7 @@ from ..layers.mamba2 import Mamba2Spec, mamba2_mixer
 from ..layers.moe import moe
 from ..layers.norm import rms_norm
 from ..layers.rotary import RotaryEmbedding, rope_spec
-from .base import CausalLM, Weight, attention_weights, lm_head, require, weight
+from .base import COLUMNS, ROWS, CausalLM, Weight, attention_weights, lm_head, require, weight
 
 MAMBA, ATTENTION = "mamba", "attention"
 LAYER_KINDS = {
@@ -177,8 +177,12 @@ class GraniteMoeHybridForCausalLM(CausalLM):
             layer: dict[str, Weight | None] = {
                 "in_norm": weight(p + "input_layernorm.weight", (H,)),
                 "mlp_norm": weight(p + "post_attention_layernorm.weight", (H,)),
-                "shared_in": weight(p + "shared_mlp.input_linear.weight", (2 * S, H), linear=True),
-                "shared_out": weight(p + "shared_mlp.output_linear.weight", (H, S), linear=True),
+                "shared_in": weight(
+                    p + "shared_mlp.input_linear.weight", (2 * S, H), linear=True, split=COLUMNS
+                ),
+                "shared_out": weight(
+                    p + "shared_mlp.output_linear.weight", (H, S), linear=True, split=ROWS
+                ),
             }
             if c.num_experts:
                 E, I = c.num_experts, c.intermediate_size
@@ -221,7 +225,7 @@ class GraniteMoeHybridForCausalLM(CausalLM):
                     "out_proj_b": weight(a + "out_proj.bias", (H,)) if c.mamba_proj_bias else None,
                 }
             layers.append(layer)
-        embed = weight("model.embed_tokens.weight", (c.vocab_size, H))
+        embed = weight("model.embed_tokens.weight", (c.vocab_size, H), split=0)
         return {
             "embed": embed,
             "layers": layers,
@@ -276,7 +280,7 @@ class GraniteMoeHybridForCausalLM(CausalLM):
         conv = (num_state_slots, m.d_conv - 1, m.conv_dim)
         ssm = (num_state_slots, m.heads, m.head_dim, m.d_state)
         return [
-            (backend.zeros(kv), backend.zeros(kv))
+            (backend.kv_pool(kv), backend.kv_pool(kv))
             if kind == ATTENTION
             else (backend.zeros(conv), backend.zeros(ssm))
             for kind in c.layer_kinds

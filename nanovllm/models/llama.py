@@ -10,7 +10,7 @@ from ..layers.attention import paged_attention, write_kv
 from ..layers.linear import embedding, linear
 from ..layers.norm import rms_norm
 from ..layers.rotary import RotaryEmbedding, rope_spec
-from .base import CausalLM, attention_weights, fused, lm_head, require, weight
+from .base import COLUMNS, ROWS, CausalLM, attention_weights, fused, lm_head, require, weight
 
 
 @dataclass(slots=True)
@@ -72,7 +72,7 @@ class LlamaForCausalLM(CausalLM):
         c = self.cfg
         H, I = c.hidden_size, c.intermediate_size
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        embed = weight("model.embed_tokens.weight", (c.vocab_size, H))
+        embed = weight("model.embed_tokens.weight", (c.vocab_size, H), split=0)
         ignored: set[str] = set()
         layers = []
         for i in range(c.num_layers):
@@ -87,11 +87,14 @@ class LlamaForCausalLM(CausalLM):
                         [m + "gate_proj.weight", m + "up_proj.weight"],
                         [(I, H), (I, H)],
                         linear=True,
+                        split=COLUMNS,
                     ),
-                    "gate_up_b": fused([m + "gate_proj.bias", m + "up_proj.bias"], [(I,), (I,)])
+                    "gate_up_b": fused(
+                        [m + "gate_proj.bias", m + "up_proj.bias"], [(I,), (I,)], split=0
+                    )
                     if mlp_bias
                     else None,
-                    "down": weight(m + "down_proj.weight", (H, I), linear=True),
+                    "down": weight(m + "down_proj.weight", (H, I), linear=True, split=ROWS),
                     "down_b": weight(m + "down_proj.bias", (H,)) if mlp_bias else None,
                 }
             )
