@@ -82,19 +82,7 @@ class LLMEngine:
         return None, list(prompt)
 
     def validate_prompt(self, ids: list[int]) -> None:
-        limit, vocab = self.config.max_model_len, self.model.vocab_size
-        if not ids:
-            raise InvalidRequestError("the prompt is empty; pass at least one token or character")
-        if len(ids) >= limit:
-            raise InvalidRequestError(
-                f"the prompt has {len(ids)} tokens, but max_model_len={limit} leaves room for at "
-                f"most {limit - 1} prompt tokens; shorten the prompt or raise max_model_len"
-            )
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(
-                f"token id {bad[0]} is outside the vocabulary [0, {vocab}); pass ids below {vocab}"
-            )
+        check_prompt(ids, self.config.max_model_len, self.model.vocab_size)
 
     def add_request(
         self,
@@ -302,3 +290,20 @@ def find_stop(text: str, new: int, stops: list[str], include: bool) -> tuple[str
         if i != -1:
             return text[: i + len(stop) if include else i], stop
     return None
+
+
+def check_prompt(ids: list[int], limit: int, vocab: int) -> None:
+    """A prompt of token ids fits: not empty, shorter than max_model_len (`limit`), every id in
+    the vocabulary; else an InvalidRequestError that names the value, the limit and the fix."""
+    if not ids:
+        raise InvalidRequestError("the prompt is empty; pass at least one token or character")
+    if len(ids) >= limit:
+        raise InvalidRequestError(
+            f"the prompt has {len(ids)} tokens, but max_model_len={limit} leaves room for at "
+            f"most {limit - 1} prompt tokens; shorten the prompt or raise max_model_len"
+        )
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise InvalidRequestError(
+            f"token id {bad[0]} is outside the vocabulary [0, {vocab}); pass ids below {vocab}"
+        )

@@ -1,5 +1,6 @@
-"""The FastAPI app: OpenAI's routes over one EngineLoop, with auth, readiness and OpenAI's
-error shape `{"error": {"message", "type", "param", "code"}}` for every failure."""
+"""The FastAPI app: OpenAI's routes over one EngineLoop (or, data-parallel, a ReplicaSet shaped
+like one), with auth, readiness and OpenAI's error shape
+`{"error": {"message", "type", "param", "code"}}` for every failure."""
 
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ from .protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from .served_model import ServedModel
 
 if TYPE_CHECKING:
-    from ..llm import LLM
+    from .replicas import ReplicaSet
 from .responses import (
     Choices,
     chat_logprobs,
@@ -44,15 +46,20 @@ class ServerState:
     metrics: Metrics
     api_key: str | None = None
     sampling_defaults: dict[str, float] = field(default_factory=dict)  # generation config
-    llm: LLM | None = None  # set once the model is loaded
-    loop: EngineLoop | None = None
+    model: ServedModel | None = None  # set once the model is loaded
+    loop: EngineLoop | ReplicaSet | None = None
+    replicas: ReplicaSet | None = None  # the same object as `loop`, when data-parallel
     created: int = field(default_factory=now)
 
     def attach(self, llm, max_waiting: int | None = None) -> None:
         """The model is loaded: start its engine loop and begin serving."""
         loop = EngineLoop(llm.engine, self.metrics, max_waiting)
         loop.start()
-        self.llm, self.loop = llm, loop
+        self.model, self.loop = ServedModel.of(llm), loop
+
+    def attach_replicas(self, replicas: ReplicaSet) -> None:
+        """The replicas are up (data parallelism): route requests to them."""
+        self.model, self.loop, self.replicas = replicas.model, replicas, replicas
 
 
 @dataclass(frozen=True)
@@ -60,8 +67,8 @@ class Serving:
     """A server whose model is loaded and whose engine is healthy: what the routes use."""
 
     state: ServerState
-    llm: LLM
-    loop: EngineLoop
+    model: ServedModel
+    loop: EngineLoop | ReplicaSet
 
 
 class APIError(Exception):
@@ -154,7 +161,7 @@ def build_app(state: ServerState) -> FastAPI:
             )
 
     def ready() -> Serving:
-        if state.llm is None or state.loop is None:
+        if state.model is None or state.loop is None:
             raise APIError(
                 503,
                 "the model is still loading; retry in a few seconds",
@@ -165,7 +172,7 @@ def build_app(state: ServerState) -> FastAPI:
             raise APIError(
                 503, f"the engine cannot serve: {state.loop.dead}", "service_unavailable"
             )
-        return Serving(state, state.llm, state.loop)
+        return Serving(state, state.model, state.loop)
 
     def check_model(name: str | None) -> None:
         if name is not None and name != state.served_model_name:
@@ -184,6 +191,13 @@ def build_app(state: ServerState) -> FastAPI:
     async def health():
         if state.loop is None:
             return JSONResponse({"status": "loading"}, status_code=503)
+        if state.replicas is not None:  # one line per replica: a dead one is named
+            report = await state.replicas.check()
+            up = sum(r["status"] == "ok" for r in report)
+            status = "ok" if up == len(report) else "degraded" if up else "error"
+            return JSONResponse(
+                {"status": status, "replicas": report}, status_code=200 if up else 503
+            )
         if not state.loop.healthy:
             return JSONResponse({"status": "error", "reason": state.loop.dead}, status_code=503)
         return {"status": "ok"}
@@ -194,9 +208,12 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        return Response(
-            state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        text = (
+            state.metrics.render()
+            if state.replicas is None
+            else await state.replicas.render_metrics()  # every replica's, labelled engine="i"
         )
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # ---- guarded routes ------------------------------------------------------------------
     @app.get("/v1/models", dependencies=guarded)
@@ -210,8 +227,8 @@ def build_app(state: ServerState) -> FastAPI:
                     "object": "model",
                     "created": s.state.created,
                     "owned_by": "nanovllm",
-                    "root": str(s.llm.model_path),
-                    "max_model_len": s.llm.config.max_model_len,
+                    "root": s.model.path,
+                    "max_model_len": s.model.max_model_len,
                 }
             ],
         }
@@ -226,13 +243,13 @@ def build_app(state: ServerState) -> FastAPI:
             ids = chat_ids(s, body.messages, body.add_generation_prompt)
         elif body.prompt is not None:
             ids = encode(s, body.prompt, body.add_special_tokens)
-        return {"tokens": ids, "count": len(ids), "max_model_len": s.llm.config.max_model_len}
+        return {"tokens": ids, "count": len(ids), "max_model_len": s.model.max_model_len}
 
     @app.post("/detokenize", dependencies=guarded)
     async def detokenize(body: DetokenizeRequest):
         s = ready()
         check_model(body.model)
-        vocab = s.llm.model.vocab_size
+        vocab = s.model.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise APIError(
@@ -450,9 +467,9 @@ def build_app(state: ServerState) -> FastAPI:
 
 
 def tokenizer(s: Serving):
-    if s.llm.tokenizer is None:
+    if s.model.tokenizer is None:
         raise APIError(400, "this model has no tokenizer: pass token ids, not text", param="prompt")
-    return s.llm.tokenizer
+    return s.model.tokenizer
 
 
 def encode(s: Serving, text: str, add_special_tokens: bool) -> list[int]:
@@ -465,7 +482,7 @@ def encode(s: Serving, text: str, add_special_tokens: bool) -> list[int]:
 def chat_ids(s: Serving, messages, add_generation_prompt: bool) -> list[int]:
     tokenizer(s)
     try:
-        text = s.llm.chat_text([m.as_dict() for m in messages], add_generation_prompt)
+        text = s.model.chat_text([m.as_dict() for m in messages], add_generation_prompt)
     except Exception as e:  # the template's own errors (raise_exception, undefined, ...)
         raise APIError(
             400,
@@ -486,10 +503,10 @@ def sampling(s: Serving, body, max_tokens: int | None, logprobs: int | None):
 
 def check_fits(s: Serving, ids: list[int], max_tokens: int | None, param: str) -> None:
     try:
-        s.llm.engine.validate_prompt(ids)
+        s.model.validate_prompt(ids)
     except ValueError as e:
         raise APIError(400, str(e), param=param) from None
-    limit = s.llm.config.max_model_len
+    limit = s.model.max_model_len
     if max_tokens is not None and len(ids) + max_tokens > limit:
         over = len(ids) + max_tokens - limit
         raise APIError(

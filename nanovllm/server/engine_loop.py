@@ -35,6 +35,9 @@ class ServerError(Exception):
         super().__init__(message)
         self.status, self.kind = status, kind
 
+    def __reduce__(self):  # sent from a replica's process whole (status and kind too)
+        return ServerError, (str(self), self.status, self.kind)
+
 
 @dataclass(frozen=True, slots=True)
 class ChoiceUpdate:

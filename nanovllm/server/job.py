@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from ..sampling_params import SamplingParams
 from .engine_loop import EngineLoop, Update
 
+if TYPE_CHECKING:
+    from .replicas import ReplicaSet
+
 
 class Job:
-    def __init__(self, loop: EngineLoop):
+    def __init__(self, loop: EngineLoop | ReplicaSet):
         self.loop = loop
         self.queue: asyncio.Queue[Update] = asyncio.Queue()
         self.index: dict[str, int] = {}  # request id -> prompt index

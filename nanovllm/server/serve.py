@@ -1,4 +1,5 @@
-"""python -m nanovllm serve: an OpenAI-compatible HTTP server over one LLM.
+"""python -m nanovllm serve: an OpenAI-compatible HTTP server over one LLM, or over N engine
+replicas on Ray (--data-parallel-size N; server/replicas.py).
 
 The port opens at once and /health answers 503 until the model is loaded (in a thread).
 SIGTERM or Ctrl-C stop accepting, abort what runs (each request gets an error), and exit 0.
@@ -67,6 +68,25 @@ def build_parser() -> argparse.ArgumentParser:
         "model's generation_config.json, e.g. '{\"temperature\": 0.7}'; keys: "
         + ", ".join(GENERATION_FIELDS),
     )
+    p.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        help="engine replicas, each a whole engine in a Ray actor, on any node of the Ray "
+        "cluster; requests go to the least loaded (1: one engine in this process)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="the Ray cluster the replicas run on, e.g. 10.0.0.1:6379 or auto (default: a "
+        "local Ray instance started for this server); implies Ray even with one replica",
+    )
+    p.add_argument(
+        "--num-cpus-per-replica",
+        type=float,
+        default=1.0,
+        help="CPUs Ray reserves for each replica, and the threads its numpy BLAS uses (1)",
+    )
     p.add_argument("--log-level", default="info", help="uvicorn's log level (info)")
     p.add_argument("--no-access-log", action="store_true", help="do not log every request")
     return p
@@ -127,6 +147,20 @@ def main(argv: list[str]) -> int:
     from ..config import SpeculativeConfig
 
     SpeculativeConfig.parse(args.speculative_config)  # a bad one fails before the port opens
+    if args.data_parallel_size < 1:
+        raise ValueError(
+            f"--data-parallel-size {args.data_parallel_size} must be 1 or more (the number "
+            "of engine replicas)"
+        )
+    if args.num_cpus_per_replica <= 0:
+        raise ValueError(f"--num-cpus-per-replica {args.num_cpus_per_replica} must be above 0")
+    on_ray = args.data_parallel_size > 1 or args.ray_address is not None
+    if on_ray:
+        from .replicas import connect_ray
+
+        # on this (main) thread: the processes of a local Ray instance end with the thread
+        # that started them
+        connect_ray(args.ray_address)
     name = args.served_model_name or served_name(args.model)
     defaults = sampling_defaults(args.model, args.override_generation_config)
     state = ServerState(name, Metrics(name), args.api_key or None, defaults)
@@ -151,13 +185,26 @@ def main(argv: list[str]) -> int:
 
     def load() -> None:
         try:
-            state.attach(make_llm(args), args.max_waiting_requests)
+            if on_ray:
+                from .replicas import start_replicas
+
+                replicas = start_replicas(
+                    vars(args),
+                    name,
+                    args.data_parallel_size,
+                    args.num_cpus_per_replica,
+                    args.max_waiting_requests,
+                )
+                state.attach_replicas(replicas)
+            else:
+                state.attach(make_llm(args), args.max_waiting_requests)
         except BaseException as e:  # reported by main once the server is down
             failure.append(e)
             server.should_exit = True
             return
+        where = f" on {args.data_parallel_size} Ray replica(s)" if on_ray else ""
         print(
-            f"nanovllm: serving {name!r} at http://{args.host}:{args.port}/v1; sampling "
+            f"nanovllm: serving {name!r}{where} at http://{args.host}:{args.port}/v1; sampling "
             f"defaults {defaults or 'of SamplingParams'}",
             file=sys.stderr,
             flush=True,
@@ -175,6 +222,10 @@ def main(argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, previous)
         if state.loop is not None:
             state.loop.stop()
+        if on_ray:
+            import ray
+
+            ray.shutdown()  # ends the replicas (and the local Ray instance, if it started one)
     if failure:
         raise failure[0]
     return 0
