@@ -4,6 +4,7 @@ nox                                  # every session
 nox -s "tests(backend='numpy')"      # one backend
 nox -s lint
 nox -s typecheck
+nox -s distributed                   # tensor parallelism (4 jax host devices) and Ray
 """
 
 import os
@@ -37,6 +38,21 @@ def typecheck(session: nox.Session) -> None:
     # typed as Any where absent); settings in pyproject.toml [tool.mypy]
     session.install("-e", ".", "mypy")
     session.run("mypy")
+
+
+@nox.session
+def distributed(session: nox.Session) -> None:
+    # jax pretends to have 4 CPU devices (tensor parallelism at 2 and 4); the Ray tests start a
+    # two-node local cluster of their own and stop it
+    session.install("-e", ".[test,jax,ray]")
+    env = {
+        "NANOVLLM_BACKEND": "jax",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "OPENBLAS_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    tests = ["tests/test_tensor_parallel.py", "tests/test_ray.py"]
+    session.run("python", "-m", "pytest", "-q", "-ra", *tests, *session.posargs, env=env)
 
 
 @nox.session

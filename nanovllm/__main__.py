@@ -120,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(exc: BaseException) -> bool:
-    from .errors import DefaultModelError
+    from .errors import ClusterError, DefaultModelError
 
-    return isinstance(exc, DefaultModelError)
+    return isinstance(exc, DefaultModelError | ClusterError)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,10 @@ class DefaultModelError(RuntimeError):
     """The default model could not be fetched or read (offline, no pip, a broken download)."""
 
 
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot be reached, or an engine replica could not start on it."""
+
+
 class ConfigError(ValueError):
     """A model config whose sizes cannot be right."""
 

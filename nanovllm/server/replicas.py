@@ -25,6 +25,7 @@ from itertools import count
 
 from prometheus_client import CollectorRegistry, generate_latest
 
+from ..errors import ClusterError
 from ..ray import require_ray
 from ..sampling_params import SamplingParams
 from .engine_loop import EngineLoop, ServerError, Update
@@ -246,14 +247,27 @@ def connect_ray(address: str | None) -> None:
     """Connects to the Ray cluster at `address` (None: starts a local instance, whose processes
     end with the thread that calls this)."""
     ray = require_ray("--data-parallel-size")
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        return
+    host, _, port = (address or "").rpartition(":")
+    if host and port.isdigit():  # host:port: fail now, not after Ray's minute of retries
+        import socket
+
         try:
-            ray.init(address=address, include_dashboard=False)
-        except ConnectionError as e:
-            raise ConnectionError(
-                f"--ray-address {address!r}: no Ray cluster answers there ({e}); start one "
-                "with `ray start --head`, or leave --ray-address out for a local instance"
-            ) from None
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as e:
+            raise ClusterError(_no_cluster(address, e)) from None
+    try:
+        ray.init(address=address, include_dashboard=False)
+    except ConnectionError as e:
+        raise ClusterError(_no_cluster(address, e)) from None
+
+
+def _no_cluster(address: str | None, e: BaseException) -> str:
+    return (
+        f"--ray-address {address!r}: no Ray cluster answers there ({e}); start one with "
+        "`ray start --head`, or leave --ray-address out for a local instance"
+    )
 
 
 def start_replicas(
@@ -269,6 +283,9 @@ def start_replicas(
     except ray.exceptions.RayActorError as e:
         for a in actors:
             ray.kill(a)
-        cause = getattr(e, "cause", None) or e
-        raise RuntimeError(f"an engine replica could not start: {cause}") from None
+        # the message ends with the replica's own error (its traceback comes before)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ClusterError(
+            f"an engine replica could not start: {lines[-1] if lines else type(e).__name__}"
+        ) from None
     return ReplicaSet(actors, infos)
