@@ -47,6 +47,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--output-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
     p.add_argument("--repeats", type=int, default=3, help="runs of each (median)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        help="the server's engine replicas on a local Ray instance (1: one engine, no Ray); "
+        "the offline peer is always one engine",
+    )
     p.add_argument("--json", action="store_true", help="print the figures as one JSON line")
     return p.parse_args(argv)
 
@@ -70,6 +77,8 @@ def start_server(args: argparse.Namespace, log) -> tuple[subprocess.Popen, str]:
         "warning",
         *model_argv(args, model=model),
     ]
+    if args.data_parallel_size > 1:
+        command += ["--data-parallel-size", str(args.data_parallel_size)]
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -193,7 +202,7 @@ def main(argv: list[str]) -> int:
         f"{args.num_requests} requests, input {args.input_len[0]}-{args.input_len[1]}, "
         f"output {args.output_len[0]}-{args.output_len[1]} tokens, concurrency "
         f"{args.concurrency}, rate {args.request_rate}/s; BLAS: {table['blas']}; "
-        f"medians of {args.repeats}"
+        f"medians of {args.repeats}; server: {args.data_parallel_size} engine replica(s)"
     )
     print(f"{'figure':>16} {'offline':>10} {'server':>10} {'server/offline':>15}")
     for k in ("total_tok_s", "output_tok_s"):

@@ -276,7 +276,11 @@ def start_replicas(
     """Starts `size` EngineReplica actors of `cpus` CPUs each on the connected Ray cluster,
     and waits until every one has loaded its model."""
     ray = require_ray("--data-parallel-size")
-    actor = ray.remote(num_cpus=cpus, max_concurrency=1000)(EngineReplica)
+    threads = str(max(1, int(cpus)))  # BLAS threads: as many as the CPUs Ray set aside
+    env = {"OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
+    actor = ray.remote(num_cpus=cpus, max_concurrency=1000, runtime_env={"env_vars": env})(
+        EngineReplica
+    )
     actors = [actor.remote(i, model_args, served_name, max_waiting) for i in range(size)]
     try:
         infos = ray.get([a.describe.remote() for a in actors])
