@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             generate(build_parser().parse_args(argv))
     except KeyboardInterrupt:
         return 130
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
-        if isinstance(exc, (TypeError, RuntimeError)) and not _is_user_error(exc):
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError) as exc:
+        if isinstance(exc, (TypeError, RuntimeError, ImportError)) and not _is_user_error(exc):
             raise
         print(f"nanovllm: error: {exc}", file=sys.stderr)
         return 2
@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
 def _is_user_error(exc: BaseException) -> bool:
     from .errors import ClusterError, DefaultModelError
 
+    if isinstance(exc, ImportError):  # an optional dependency, named with its extra
+        return "pip install 'nanovllm[" in str(exc)
     return isinstance(exc, DefaultModelError | ClusterError)
 
 

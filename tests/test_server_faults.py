@@ -280,6 +280,22 @@ def test_bad_serve_options_exit_2():
     assert "Uvicorn running" not in result.stderr + result.stdout
 
 
+def test_data_parallel_without_ray_names_the_extra():
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is not None:
+        pytest.skip("Ray is installed here; tests/test_ray.py covers data parallelism")
+    result = subprocess.run(
+        [sys.executable, "-m", "nanovllm", "serve", "--data-parallel-size", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "pip install 'nanovllm[ray]'" in result.stderr
+    assert "Uvicorn running" not in result.stderr + result.stdout
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_a_signal_aborts_what_runs_and_exits_0_within_seconds(default_gguf, tmp_path, sig):
     srv = start_server(
