@@ -92,14 +92,18 @@ def test_ray_data_pipeline_gives_the_texts_of_llm_generate(cluster, chat_model, 
 
     ray.init(address=cluster)
     try:
-        ds = ray.data.from_items([{"prompt": p, "row": i} for i, p in enumerate(PROMPTS)])
-        out = ds.map_batches(
-            LLMPredictor,
-            concurrency=2,
-            batch_size=2,
-            fn_constructor_kwargs={"model": str(chat_model.path), "sampling_params": GREEDY},
-        )
-        rows = sorted(out.take_all(), key=lambda r: r["row"])
+
+        def predicted(items: list[dict], concurrency: int, batch_size: int) -> list[dict]:
+            """The rows (each with a "row" index) through LLMPredictor, in their order."""
+            out = ray.data.from_items(items).map_batches(
+                LLMPredictor,
+                concurrency=concurrency,
+                batch_size=batch_size,
+                fn_constructor_kwargs={"model": str(chat_model.path), "sampling_params": GREEDY},
+            )
+            return sorted(out.take_all(), key=lambda r: r["row"])
+
+        rows = predicted([{"prompt": p, "row": i} for i, p in enumerate(PROMPTS)], 2, 2)
         assert [r["text"] for r in rows] == expected
         assert [r["prompt"] for r in rows] == PROMPTS  # the input columns are kept
         assert all(r["finish_reason"] == "length" and len(r["token_ids"]) == 12 for r in rows)
@@ -110,14 +114,8 @@ def test_ray_data_pipeline_gives_the_texts_of_llm_generate(cluster, chat_model, 
         want = [
             o.outputs[0].text for o in llm.chat(chats, SamplingParams(**GREEDY), use_tqdm=False)
         ]
-        got = ray.data.from_items([{"messages": c, "row": i} for i, c in enumerate(chats)])
-        got = got.map_batches(
-            LLMPredictor,
-            concurrency=1,
-            batch_size=3,
-            fn_constructor_kwargs={"model": str(chat_model.path), "sampling_params": GREEDY},
-        )
-        assert [r["text"] for r in sorted(got.take_all(), key=lambda r: r["row"])] == want
+        got = predicted([{"messages": c, "row": i} for i, c in enumerate(chats)], 1, 3)
+        assert [r["text"] for r in got] == want
 
         # a row with neither column is refused, naming what a row needs
         bad = ray.data.from_items([{"text": "x"}]).map_batches(

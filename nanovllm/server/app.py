@@ -8,7 +8,6 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,10 +24,7 @@ from .protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
-from .served_model import ServedModel
-
-if TYPE_CHECKING:
-    from .replicas import ReplicaSet
+from .replicas import ReplicaSet
 from .responses import (
     Choices,
     chat_logprobs,
@@ -38,6 +34,7 @@ from .responses import (
     prompt_logprobs_json,
     sse,
 )
+from .served_model import ServedModel
 
 
 @dataclass
@@ -48,8 +45,12 @@ class ServerState:
     sampling_defaults: dict[str, float] = field(default_factory=dict)  # generation config
     model: ServedModel | None = None  # set once the model is loaded
     loop: EngineLoop | ReplicaSet | None = None
-    replicas: ReplicaSet | None = None  # the same object as `loop`, when data-parallel
     created: int = field(default_factory=now)
+
+    @property
+    def replicas(self) -> ReplicaSet | None:
+        """The engine replicas when data-parallel (the loop itself), else None."""
+        return self.loop if isinstance(self.loop, ReplicaSet) else None
 
     def attach(self, llm, max_waiting: int | None = None) -> None:
         """The model is loaded: start its engine loop and begin serving."""
@@ -59,7 +60,7 @@ class ServerState:
 
     def attach_replicas(self, replicas: ReplicaSet) -> None:
         """The replicas are up (data parallelism): route requests to them."""
-        self.model, self.loop, self.replicas = replicas.model, replicas, replicas
+        self.model, self.loop = replicas.model, replicas
 
 
 @dataclass(frozen=True)

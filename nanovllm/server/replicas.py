@@ -182,11 +182,8 @@ class ReplicaSet:
         ray = require_ray()
 
         async def ping(i: int) -> None:
-            async def answer():
-                return await self.actors[i].health.remote()
-
             try:
-                why = await asyncio.wait_for(answer(), HEALTH_TIMEOUT)
+                why = await asyncio.wait_for(self.actors[i].health.remote(), HEALTH_TIMEOUT)
             except ray.exceptions.RayActorError as e:
                 self._mark_down(i, e)
                 return
