@@ -548,6 +548,31 @@ def test_eviction_takes_unsealed_then_least_recently_freed_blocks():
     assert bm.blocks[a_table[2]].ref_count == 1
 
 
+def test_a_growing_sequence_takes_the_block_after_its_last_when_it_is_free():
+    # its context stays one run of consecutive slots, which attention reads as a slice
+    bm = BlockManager(num_blocks=10, block_size=2)
+    a, b = Sequence(0, "a", [1, 2, 3]), Sequence(1, "b", [4, 5])
+    bm.allocate(a, 3)  # blocks 1, 2
+    bm.allocate(b, 2)  # block 3
+    bm.append(a, 5)  # 3 is taken: the least recently freed, 4
+    bm.free(b)  # 3 is free again, and first in line
+    bm.append(a, 7)  # 5 (after 4) beats 3
+    assert a.block_table == [1, 2, 4, 5]
+    c = Sequence(2, "c", [6])
+    bm.allocate(c, 1)
+    assert c.block_table == [3]  # others still take the least recently freed
+    # a cached block after the last is left to the prefix cache
+    d = Sequence(3, "d", [7, 8, 9])
+    bm.allocate(d, 3)
+    assert d.block_table == [6, 7]
+    d.num_computed_tokens = 2
+    bm.cache_full_blocks(d)  # block 6 holds [7, 8]
+    bm.free(d)
+    bm.append(a, 9)  # 6 follows a's last block, 5, but is cached: 7 instead
+    assert a.block_table == [1, 2, 4, 5, 7]
+    assert bm.cached_prefix(Sequence(4, "f", [7, 8, 1])) == [6]
+
+
 # ---- state slots, siblings, abort ----------------------------------------------------------
 
 

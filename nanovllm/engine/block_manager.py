@@ -92,7 +92,14 @@ class BlockManager:
     def append(self, seq: Sequence, num_tokens: int) -> None:
         """Grow seq's block table to cover num_tokens tokens."""
         for _ in range(self.blocks_needed(seq, num_tokens)):
-            block_id, _ = self.free_blocks.popitem(last=False)  # least recently freed
+            after = seq.block_table[-1] + 1 if seq.block_table else None
+            if after in self.free_blocks and not self._is_cached(after):
+                # the block after the sequence's last: its context stays one run of slots,
+                # which the attention reads as a slice of the pool instead of gathering it
+                block_id = after
+                del self.free_blocks[after]
+            else:
+                block_id, _ = self.free_blocks.popitem(last=False)  # least recently freed
             block = self.blocks[block_id]
             if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
                 del self.hash_to_block[block.hash]
@@ -112,8 +119,13 @@ class BlockManager:
         block.ref_count -= 1
         if block.ref_count == 0:
             self.free_blocks[block_id] = None
-            if block.hash is None or self.hash_to_block.get(block.hash) != block_id:
+            if not self._is_cached(block_id):
                 self.free_blocks.move_to_end(block_id, last=False)  # useless: reuse first
+
+    def _is_cached(self, block_id: int) -> bool:
+        """The block holds a prefix the cache can still hand out."""
+        block = self.blocks[block_id]
+        return block.hash is not None and self.hash_to_block.get(block.hash) == block_id
 
     def free(self, seq: Sequence) -> None:
         for block_id in reversed(seq.block_table):  # the tail is evicted first
