@@ -176,3 +176,46 @@ def test_tiny_llama_through_small_tiles_matches_transformers(tiny_llama, backend
     for out, prompt in zip(outs, batch, strict=True):
         want, _ = case.greedy(prompt, 8)
         assert out.outputs[0].token_ids == want, f"prompt of {len(prompt)} tokens"
+
+
+@pytest.mark.parametrize(
+    "blocks, runs",
+    [
+        ([3, 4, 5, 6, 7, 8, 9, 10], 1),  # consecutive: one slice of each pool
+        ([3, 4, 5, 20, 21, 9, 10, 11], 3),  # three slices
+        ([2, 9, 4, 11, 6, 13, 8, 15, 10], None),  # past MAX_RUNS: gathered through the slots
+    ],
+    ids=["one_run", "three_runs", "gathered"],
+)
+@pytest.mark.parametrize("query_len", [1, 5], ids=["decode", "chunk"])
+def test_a_lone_sequence_reads_runs_of_consecutive_slots_as_slices(
+    backend, blocks, runs, query_len
+):
+    """An exact part of one sequence reads each run of consecutive pool slots as a slice (a
+    decode query through its own path); the result is the naive attention whichever way."""
+    if runs is None:
+        assert len(blocks) > layout.MAX_RUNS
+    rng = np.random.default_rng(len(blocks) + query_len)
+    b = get_backend(backend)
+    ctx = len(blocks) * BS - 1
+    start = ctx - query_len
+    slots = [blocks[p // BS] * BS + p % BS for p in range(start, ctx)]
+    s = ScheduledSeq(None, start, [0] * query_len, slots, blocks, ctx, True)
+    k_host = rng.standard_normal((NUM_BLOCKS * BS, KV_HEADS, D)).astype(np.float32)
+    v_host = rng.standard_normal((NUM_BLOCKS * BS, KV_HEADS, D)).astype(np.float32)
+    q_host = rng.standard_normal((query_len, HEADS, D)).astype(np.float32)
+    part = layout.exact_part([s], 1, query_len, BS, None)
+    if runs is None:
+        assert part.context_runs is None
+    else:
+        assert len(part.context_runs) == runs and sum(n for _, n in part.context_runs) == ctx
+    out = paged_attention(
+        b.xp,
+        b.asarray(q_host, dtype=b.dtype),
+        b.asarray(k_host, dtype=b.dtype),
+        b.asarray(v_host, dtype=b.dtype),
+        AttentionMetadata(None, [layout.to_device(part, b, 0, query_len)]),
+        D**-0.5,
+    )
+    want = reference(q_host, k_host, v_host, [s], None)
+    np.testing.assert_allclose(b.to_host(out), want, atol=2e-5, rtol=1e-5)

@@ -35,6 +35,7 @@ class AttentionPart:
         "context_len",
         "first_row",
         "num_rows",
+        "context_runs",
     )
     context_slots: Any  # [S, K] pool slots of each item's keys (padded with null slots)
     mask: Any  # [S, 1, 1, Q, K] bool: may query q attend to key k
@@ -45,6 +46,9 @@ class AttentionPart:
     num_rows: int = 0
     query_index: Any = None  # [S*Q] the part's rows forming the items' queries (None: as is)
     combine_index: Any = None  # [num_rows, B] each row's partial rows, index S*Q: none
+    # eager backends, one item (S = 1): its keys as runs (first slot, length) of consecutive
+    # pool slots, read as slices instead of through context_slots (None: gathered)
+    context_runs: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass(slots=True)
@@ -67,6 +71,51 @@ def write_kv(backend, k_pool, v_pool, k, v, slot_mapping):
     )
 
 
+def _weighted(p, values):
+    """p [S, KV, G*Q, K] @ the values [S, KV, K, D], given as runs of keys -> [S, KV, G*Q, D]."""
+    if len(values) == 1:
+        return p @ values[0]
+    out, first = None, 0
+    for v in values:
+        n = v.shape[2]
+        term = p[..., first : first + n] @ v
+        out, first = (term if out is None else out + term), first + n
+    return out
+
+
+def _attend_one_query(xp, q, k_pool, v_pool, part: AttentionPart, scale: float, softcap=None):
+    """One decode query q [1, H, D] over keys that are runs of consecutive pool slots ->
+    [1, H*D]. The query sees every one of its keys (exact_part starts them at its window), so
+    there is no mask.
+
+    A run's keys are a slice of the pool, [n, KV*D] rows as they lie in memory. All H heads'
+    scores come from one product of the queries laid out block-diagonally ([H, KV*D], zero
+    across KV heads) with that slice, and all values from one product of the probabilities
+    with the value slice: each reads its slice once, front to back, where a product per KV head
+    strides across it (KV times the arithmetic, on a handful of rows, costs less here). The
+    scores come out [H, K], so the softmax runs along contiguous rows.
+    """
+    H, D = q.shape[1], q.shape[2]
+    KV = k_pool.shape[1]
+    G = H // KV
+    eye = xp.reshape(xp.eye(KV, dtype=q.dtype, device=q.device), (KV, 1, KV, 1))
+    q = xp.reshape(xp.reshape(q * scale, (KV, G, 1, D)) * eye, (H, KV * D))  # block-diagonal
+    runs = part.context_runs
+    scores = [
+        q @ xp.matrix_transpose(xp.reshape(k_pool[a : a + n, ...], (n, KV * D))) for a, n in runs
+    ]
+    scores = scores[0] if len(scores) == 1 else xp.concat(scores, axis=-1)  # [H, K]
+    if softcap is not None:
+        scores = xp.tanh(scores / softcap) * softcap
+    probs = softmax(xp, scores)  # [H, K]
+    out, first = None, 0
+    for a, n in runs:
+        term = probs[:, first : first + n] @ xp.reshape(v_pool[a : a + n, ...], (n, KV * D))
+        out, first = (term if out is None else out + term), first + n  # [H, KV*D]
+    out = xp.reshape(out, (KV, G, KV, D)) * eye
+    return xp.reshape(xp.sum(out, axis=2), (1, H * D))  # each head's own KV head's values
+
+
 def _attend_part(xp, q, k_pool, v_pool, part: AttentionPart, scale: float, softcap=None):
     """q [S*Q, H, D] (the items' queries) -> [num_rows, H*D].
 
@@ -75,17 +124,26 @@ def _attend_part(xp, q, k_pool, v_pool, part: AttentionPart, scale: float, softc
     table, R = num_rows output rows, each merging B partial results.
     """
     S, Q, K = part.num_seqs, part.query_len, part.context_len
+    if part.context_runs is not None and Q == 1:
+        return _attend_one_query(xp, q, k_pool, v_pool, part, scale, softcap)
     H, D = q.shape[1], q.shape[2]
     KV = k_pool.shape[1]
     G = H // KV
-    slots = xp.reshape(part.context_slots, (-1,))  # [S*K]
-    k = xp.reshape(xp.take(k_pool, slots, axis=0), (S, K, KV, D))  # [S, K, KV, D]
-    v = xp.reshape(xp.take(v_pool, slots, axis=0), (S, K, KV, D))  # [S, K, KV, D]
+    if part.context_runs is None:  # gathered through the slots
+        slots = xp.reshape(part.context_slots, (-1,))  # [S*K]
+        k = xp.reshape(xp.take(k_pool, slots, axis=0), (S, K, KV, D))  # [S, K, KV, D]
+        v = xp.reshape(xp.take(v_pool, slots, axis=0), (S, K, KV, D))  # [S, K, KV, D]
+        keys = [xp.permute_dims(k, (0, 2, 3, 1))]  # [S, KV, D, K]
+        values = [xp.permute_dims(v, (0, 2, 1, 3))]  # [S, KV, K, D]
+    else:  # one item whose keys are runs of consecutive slots: slices of the pools, not copies
+        runs = part.context_runs
+        keys = [xp.permute_dims(k_pool[a : a + n, ...], (1, 2, 0))[None, ...] for a, n in runs]
+        values = [xp.permute_dims(v_pool[a : a + n, ...], (1, 0, 2))[None, ...] for a, n in runs]
     q = xp.reshape(q, (S, Q, KV, G, D))  # [S, Q, KV, G, D]
-    q = xp.reshape(xp.permute_dims(q, (0, 2, 3, 1, 4)), (S, KV, G * Q, D))  # [S, KV, G*Q, D]
-    k = xp.permute_dims(k, (0, 2, 3, 1))  # [S, KV, D, K]
-    v = xp.permute_dims(v, (0, 2, 1, 3))  # [S, KV, K, D]
-    scores = xp.reshape((q @ k) * scale, (S, KV, G, Q, K))  # [S, KV, G, Q, K]
+    q = xp.reshape(xp.permute_dims(q, (0, 2, 3, 1, 4)), (S, KV, G * Q, D)) * scale
+    scores = [q @ k for k in keys]  # [S, KV, G*Q, K] (each run's keys)
+    scores = scores[0] if len(scores) == 1 else xp.concat(scores, axis=-1)
+    scores = xp.reshape(scores, (S, KV, G, Q, K))  # [S, KV, G, Q, K]
     if softcap is not None:  # Gemma 2: scores squashed into (-softcap, softcap)
         scores = xp.tanh(scores / softcap) * softcap
     scores = xp.where(part.mask, scores, -xp.inf)  # mask [S, 1, 1, Q, K]
@@ -96,14 +154,14 @@ def _attend_part(xp, q, k_pool, v_pool, part: AttentionPart, scale: float, softc
 
     if part.combine_index is None:  # each item is a whole sequence: normalize at once
         probs = xp.reshape(softmax(xp, scores), (S, KV, G * Q, K))  # [S, KV, G*Q, K]
-        out = xp.reshape(probs @ v, (S, KV, G, Q, D))  # [S, KV, G, Q, D]
+        out = xp.reshape(_weighted(probs, values), (S, KV, G, Q, D))  # [S, KV, G, Q, D]
         return xp.reshape(rows(out), (S * Q, H * D))  # [S*Q, H*D], S*Q = num_rows
     # each item is a tile: partial results per query, merged per output row below
     m = xp.max(scores, axis=-1, keepdims=True)  # [S, KV, G, Q, 1]: -inf where no key is seen
     p = xp.exp(scores - xp.where(m == -xp.inf, 0.0, m))  # [S, KV, G, Q, K]
     total = rows(xp.sum(p, axis=-1))  # [S*Q, H]
     out = rows(
-        xp.reshape(xp.reshape(p, (S, KV, G * Q, K)) @ v, (S, KV, G, Q, D))
+        xp.reshape(_weighted(xp.reshape(p, (S, KV, G * Q, K)), values), (S, KV, G, Q, D))
     )  # [S*Q, H, D], unnormalized
     m = rows(m[..., 0])  # [S*Q, H]
     # row S*Q: an empty partial, for combine entries past a row's items

@@ -25,6 +25,8 @@ import numpy as np
 
 from ..layers.attention import AttentionPart
 
+MAX_RUNS = 8  # an exact part's keys are read as slices of the pool up to this many runs
+
 
 def to_device(part: AttentionPart, backend, first_row: int, num_rows: int) -> AttentionPart:
     """A copy of the host-built part with its arrays on the backend, placed at rows
@@ -84,7 +86,23 @@ def exact_part(
     if window is not None:
         mask &= keys > q_pos - window
     mask[:, :, 0] |= ~real
-    return AttentionPart(slots, mask[:, None, None, :, :], S, query_len, K)
+    part = AttentionPart(slots, mask[:, None, None, :, :], S, query_len, K)
+    if S == 1 and (query_len > 1 or mask.all()):  # (a lone decode query sees all its keys)
+        part.context_runs = slot_runs(slots[0])
+    return part
+
+
+def slot_runs(slots: np.ndarray) -> tuple[tuple[int, int], ...] | None:
+    """One item's key slots as runs of consecutive pool slots, (first slot, length) each, when
+    they make at most MAX_RUNS: the attention then reads each run as a slice of the pool (a
+    view) instead of gathering the keys. The block manager gives a growing sequence the block
+    after its last where it can, so a lone sequence's context is usually one run."""
+    breaks = np.flatnonzero(np.diff(slots) != 1) + 1
+    if len(breaks) >= MAX_RUNS:
+        return None
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [len(slots)]])
+    return tuple((int(slots[a]), int(b - a)) for a, b in zip(starts, ends))
 
 
 def tiled_part(
