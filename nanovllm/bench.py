@@ -115,11 +115,16 @@ def decode_tok_s(llm, prompt: list[int], new_tokens: int) -> float:
     return (new_tokens - 1) / (time.perf_counter() - t_first)
 
 
-def gemv_bandwidth(repeats: int = 7) -> float:
-    """Bytes per second numpy streams through a float32 matrix-vector product (a 64 MiB matrix,
-    far past the caches): the rate a batch-1 decode reads its weights at best."""
-    w = np.random.default_rng(0).standard_normal((4096, 4096), dtype=np.float32)
-    x = np.ones(4096, dtype=np.float32)
+def gemv_bandwidth(nbytes: int, repeats: int = 7) -> float:
+    """Bytes per second numpy streams through a float32 matrix-vector product over a matrix of
+    about `nbytes`: the rate a batch-1 decode reads its weights at best. Sized as the decode
+    step's own reads, because the rate depends on where the matrix lies: a machine whose last
+    level cache holds a small matrix (some hold hundreds of MiB) streams it far faster than
+    the weights of a whole step, which come from memory."""
+    cols = 4096
+    w = np.ones((max(nbytes // (4 * cols), 1), cols), dtype=np.float32)
+    x = np.ones(cols, dtype=np.float32)
+    w @ x  # once untimed: the pages are touched and the threads started
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -250,10 +255,11 @@ def main(argv: list[str]) -> None:
                 cold, hot = shared_prefix_ttft(llm, prefix, suffix)
                 r["cold"].append(cold)
                 r["hot"].append(hot)
-    bandwidth = gemv_bandwidth()
+    step_bytes = [decode_step_bytes(llm, 32 + args.decode_tokens // 2) for llm in llms]
+    bandwidth = gemv_bandwidth(max(step_bytes))
     med = statistics.median
     table = []
-    for llm, label, r in zip(llms, labels, runs):
+    for llm, label, r, nbytes in zip(llms, labels, runs, step_bytes):
         figures = {
             "backend": label,
             "model": llm.model.__class__.__name__,
@@ -265,8 +271,7 @@ def main(argv: list[str]) -> None:
             "batched_decode_tok_s": med(x["decode_tok_s"] for x in r["batched"]),
             "batched_ttft_median_s": med(x["ttft_median_s"] for x in r["batched"]),
         }
-        step_bytes = decode_step_bytes(llm, 32 + args.decode_tokens // 2)
-        roofline = bandwidth / step_bytes
+        roofline = bandwidth / nbytes
         figures |= {
             "decode_roofline_tok_s": roofline,
             "decode_of_roofline": figures["batch1_decode_tok_s"] / roofline,
