@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""nanovllm (numpy backend) against Hugging Face transformers (torch, CPU), in one process.
+"""nanovllm (numpy and torch backends) against Hugging Face transformers (torch, CPU), in one
+process.
 
-Both engines load the same model in float32 and run the same workloads on the same token ids
+The engines load the same model in float32 and run the same workloads on the same token ids
 (random ids from a seeded numpy rng), interleaved repeat by repeat, so that a shared machine's
-changing load falls on both alike. The table gives each figure for both engines and the ratio
-nanovllm / transformers (> 1: nanovllm is faster). See benchmarks/README.md.
+changing load falls on all alike. The table gives each figure for every engine and the ratios
+nanovllm / transformers (> 1: nanovllm is faster); a second table gives nanovllm's own rows
+(the decode roofline, long context, prefix cache). See benchmarks/README.md.
 
     python benchmarks/compare_hf.py                  # default model, 3 repeats (median)
+    python benchmarks/compare_hf.py --backends numpy # nanovllm on numpy only
     python benchmarks/compare_hf.py --repeats 1
     python benchmarks/compare_hf.py --model DIR      # a Hugging Face safetensors directory
     python benchmarks/compare_hf.py --json           # one JSON object on stdout
@@ -267,6 +270,16 @@ ROWS = [  # key, label, higher is better
     ("fixed_generated_tok_s", "fixed {fb}x{fn}: generated tok/s", True),
     ("fixed_total_tok_s", "fixed {fb}x{fn}: total tok/s (in+out)", True),
 ]
+OWN_ROWS = [  # nanovllm's figures that have no transformers counterpart: key, label
+    ("decode_roofline_tok_s", "decode roofline tok/s (step bytes / GEMV B/s)"),
+    ("decode_of_roofline", "batch-1 decode / roofline"),
+    ("decode_short_tok_s", "batch-1 decode tok/s, {short}-token context"),
+    ("decode_long_tok_s", "batch-1 decode tok/s, {long}-token context"),
+    ("long_over_short", "long / short context decode"),
+    ("ttft_cold_s", "TTFT s, {prefix}-token prefix cold"),
+    ("ttft_hot_s", "TTFT s, same prefix cached"),
+    ("cold_over_hot", "TTFT cold / hot"),
+]
 
 
 def parse_args(argv):
@@ -279,6 +292,11 @@ def parse_args(argv):
         help="a Hugging Face safetensors directory or a .gguf file (default: "
         "nanovllm's default SmolLM2-135M-Instruct Q4_1 GGUF)",
     )
+    p.add_argument(
+        "--backends",
+        default="numpy,torch",
+        help="nanovllm backends, comma-separated, each loaded and run interleaved (numpy,torch)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="runs of each workload (median; 3)")
     p.add_argument("--decode-tokens", type=int, default=64, help="batch-1 new tokens (64)")
     p.add_argument("--decode-prompt-len", type=int, default=32, help="batch-1 prompt (32)")
@@ -287,7 +305,7 @@ def parse_args(argv):
     p.add_argument("--input-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
     p.add_argument("--output-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
     p.add_argument(
-        "--fixed-batch", type=int, default=16, help="fixed-batch workload: prompts (16; 0 skips it)"
+        "--fixed-batch", type=int, default=32, help="fixed-batch workload: prompts (32; 0 skips it)"
     )
     p.add_argument("--fixed-new-tokens", type=int, default=64, help="fixed-batch new tokens (64)")
     p.add_argument(
@@ -296,6 +314,14 @@ def parse_args(argv):
         default=32,
         help="fixed-batch prompt length, the same for all (32)",
     )
+    p.add_argument(
+        "--long-context", type=int, default=4096,
+        help="context of a long batch-1 decode, against a 128-token one (4096; 0 skips it)",
+    )  # fmt: skip
+    p.add_argument(
+        "--shared-prefix", type=int, default=1024,
+        help="prefix of the cold/hot time-to-first-token pair (1024; 0 skips it)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = p.parse_args(argv)
@@ -310,59 +336,78 @@ def main(argv=None) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from nanovllm.bench import Workload, prefill_tok_s
+    from nanovllm.bench import (
+        Workload,
+        decode_step_bytes,
+        decode_tok_s,
+        gemv_bandwidth,
+        prefill_tok_s,
+        run_requests,
+        shared_prefix_ttft,
+    )
     from nanovllm.llm import LLM
 
     env = environment(torch)
     nv_path, hf_dir, gguf_name = resolve_model(args.model)
-
-    log(f"loading nanovllm (numpy, float32) from {nv_path}")
-    t0 = time.perf_counter()
-    llm = LLM(
-        str(nv_path), backend="numpy", dtype="float32", enable_prefix_caching=False, verbose=False
-    )
-    nv_load = time.perf_counter() - t0
+    backends = args.backends.split(",")
+    llms, nv_load = {}, {}
+    for name in backends:
+        log(f"loading nanovllm ({name}, float32) from {nv_path}")
+        t0 = time.perf_counter()
+        llms[name] = LLM(
+            str(nv_path), backend=name, dtype="float32", enable_prefix_caching=False, verbose=False
+        )
+        nv_load[name] = time.perf_counter() - t0
     log(
         f"loading transformers (torch {torch.__version__}, float32) from {hf_dir}"
         + (f" gguf_file={gguf_name} (dequantizing, ~35 s)" if gguf_name else "")
     )
     model, hf_load = load_hf(hf_dir, gguf_name)
-    if model.config.vocab_size != llm.model.vocab_size:
+    first = llms[backends[0]]
+    if model.config.vocab_size != first.model.vocab_size:
         raise SystemExit(
             f"vocab sizes differ: transformers {model.config.vocab_size}, "
-            f"nanovllm {llm.model.vocab_size}"
+            f"nanovllm {first.model.vocab_size}"
         )
 
-    # every token id drawn up front from one seeded rng; both engines get the same ones
-    work = Workload(args.seed, llm.model.vocab_size)
+    # every token id drawn up front from one seeded rng; all engines get the same ones
+    work = Workload(args.seed, first.model.vocab_size)
     tokens = work.tokens
     prompts, outputs = work.requests(args.num_requests, args.input_len, args.output_len)
     decode_prompts = [tokens(args.decode_prompt_len) for _ in range(args.repeats)]
     prefill_prompts = [tokens(args.prefill_len) for _ in range(args.repeats)]
     fixed_prompts = [tokens(args.fixed_prompt_len) for _ in range(args.fixed_batch)]
+    short_len = min(128, args.long_context // 2)
+    context_prompts = [(tokens(short_len), tokens(args.long_context)) for _ in range(args.repeats)]
+    prefix_prompts = [(tokens(args.shared_prefix), tokens(16)) for _ in range(args.repeats)]
 
     log("warm-up")
-    from nanovllm.bench import decode_tok_s, run_requests
-
-    run_requests(llm, prompts[:2], [4, 4])
+    for llm in llms.values():
+        if llm.backend.jits:  # each new shape compiles once: one untimed round of each
+            decode_tok_s(llm, decode_prompts[0], args.decode_tokens)
+            prefill_tok_s(llm, prefill_prompts[0])
+            run_requests(llm, prompts, outputs)
+        else:
+            run_requests(llm, prompts[:2], [4, 4])
     hf_generate(model, [p[:16] for p in prompts[:2]], 4)
 
-    samples: dict[str, dict[str, list[float]]] = {"nanovllm": {}, "transformers": {}}
+    engines = [*backends, "transformers"]
+    samples: dict[str, dict[str, list[float]]] = {e: {} for e in engines}
 
     def record(engine: str, key: str, value: float) -> None:
         samples[engine].setdefault(key, []).append(value)
 
     for r in range(args.repeats):
-        # alternate which engine goes first, so slow drift in the machine's load is shared
-        order = ["nanovllm", "transformers"] if r % 2 == 0 else ["transformers", "nanovllm"]
+        # rotate which engine goes first, so slow drift in the machine's load is shared
+        order = engines[r % len(engines) :] + engines[: r % len(engines)]
         for engine in order:
-            nv = engine == "nanovllm"
+            llm = llms.get(engine)
             log(f"repeat {r + 1}/{args.repeats}: {engine}: batch-1 decode")
             record(
                 engine,
                 "decode_b1_tok_s",
                 decode_tok_s(llm, decode_prompts[r], args.decode_tokens)
-                if nv
+                if llm
                 else hf_decode_tok_s(model, decode_prompts[r], args.decode_tokens),
             )
             log(f"repeat {r + 1}/{args.repeats}: {engine}: prefill {args.prefill_len}")
@@ -370,43 +415,81 @@ def main(argv=None) -> None:
                 engine,
                 "prefill_tok_s",
                 prefill_tok_s(llm, prefill_prompts[r])
-                if nv
+                if llm
                 else hf_prefill_tok_s(model, prefill_prompts[r]),
             )
         for engine in order:
-            nv = engine == "nanovllm"
+            llm = llms.get(engine)
             log(f"repeat {r + 1}/{args.repeats}: {engine}: batched, {args.num_requests} requests")
-            b = nv_batched(llm, prompts, outputs) if nv else hf_batched(model, prompts, outputs)
+            b = nv_batched(llm, prompts, outputs) if llm else hf_batched(model, prompts, outputs)
             for k, v in b.items():
                 record(engine, f"batched_{k}", v)
             log(f"  {engine}: batched wall {b['wall_s']:.1f}s")
         if args.fixed_batch:
             for engine in order:
+                llm = llms.get(engine)
                 log(
                     f"repeat {r + 1}/{args.repeats}: {engine}: fixed batch "
                     f"{args.fixed_batch}x{args.fixed_new_tokens}"
                 )
                 f = (
                     nv_fixed(llm, fixed_prompts, args.fixed_new_tokens)
-                    if engine == "nanovllm"
+                    if llm
                     else hf_fixed(model, fixed_prompts, args.fixed_new_tokens)
                 )
                 for k, v in f.items():
                     record(engine, f"fixed_{k}", v)
+        for engine in order:  # nanovllm's own rows
+            llm = llms.get(engine)
+            if llm is None:
+                continue
+            if args.long_context:
+                log(f"repeat {r + 1}/{args.repeats}: {engine}: decode at {short_len} and "
+                    f"{args.long_context} tokens of context")  # fmt: skip
+                short, long = context_prompts[r]
+                record(engine, "decode_short_tok_s", decode_tok_s(llm, short, args.decode_tokens))
+                record(engine, "decode_long_tok_s", decode_tok_s(llm, long, args.decode_tokens))
+            if args.shared_prefix:
+                log(f"repeat {r + 1}/{args.repeats}: {engine}: shared prefix cold / hot")
+                cold, hot = shared_prefix_ttft(llm, *prefix_prompts[r])
+                record(engine, "ttft_cold_s", cold)
+                record(engine, "ttft_hot_s", hot)
 
     med = {e: {k: statistics.median(v) for k, v in s.items()} for e, s in samples.items()}
+    step_bytes = {b: decode_step_bytes(llm, args.decode_prompt_len + args.decode_tokens // 2)
+                  for b, llm in llms.items()}  # fmt: skip
+    log(f"GEMV bandwidth over {max(step_bytes.values()) / 2**20:.0f} MiB (a decode step's reads)")
+    bandwidth = gemv_bandwidth(max(step_bytes.values()))
+    for b in backends:
+        m = med[b]
+        m["decode_roofline_tok_s"] = bandwidth / step_bytes[b]
+        m["decode_of_roofline"] = m["decode_b1_tok_s"] / m["decode_roofline_tok_s"]
+        if args.long_context:
+            m["long_over_short"] = m["decode_long_tok_s"] / m["decode_short_tok_s"]
+        if args.shared_prefix:
+            m["cold_over_hot"] = m["ttft_cold_s"] / m["ttft_hot_s"]
     ratio = {
-        k: med["nanovllm"][k] / med["transformers"][k]
-        for k, _, _ in ROWS
-        if k in med["nanovllm"] and k in med["transformers"] and k != "batched_generated_tok_s"
+        b: {
+            k: med[b][k] / med["transformers"][k]
+            for k, _, _ in ROWS
+            if k in med[b] and k in med["transformers"] and k != "batched_generated_tok_s"
+        }
+        for b in backends
     }
     try:
         env["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         pass
     notes = [
-        "Ratio = nanovllm / transformers, both measured in this run on the same token ids; "
-        "for wall time a ratio < 1 means nanovllm is faster.",
+        "Ratio = nanovllm / transformers, each backend against transformers on the same torch, "
+        "all measured in this run on the same token ids; for wall time a ratio < 1 means "
+        "nanovllm is faster.",
+        "decode roofline: the bytes a batch-1 decode step reads (every weight once, the "
+        "embedding one row, the KV of its context) over the bandwidth of a numpy float32 "
+        "matrix-vector product over a matrix of that many bytes, measured after the runs.",
+        "long / short context: batch-1 decode at a 128-token and at a --long-context prompt; "
+        "TTFT cold / hot: a --shared-prefix prefix + 16 tokens with nothing cached, then "
+        "another request with the same prefix (prefix caching on for these two only).",
         "batched: transformers' generate() cannot give each request its own output length, so "
         "it runs the requests as one left-padded batch (attention_mask) to max(outputs) new "
         f"tokens = {max(outputs)}; its 'useful tok/s' counts only sum(inputs) + sum(requested "
@@ -448,13 +531,17 @@ def main(argv=None) -> None:
                 "sum_outputs": sum(outputs),
                 "max_output": max(outputs),
             },
+            "long_context": {"short": short_len, "long": args.long_context},
+            "shared_prefix": args.shared_prefix,
             "fixed": {
                 "batch": args.fixed_batch,
                 "prompt_len": args.fixed_prompt_len,
                 "new_tokens": args.fixed_new_tokens,
             },
         },
-        "load_s": {"nanovllm": nv_load, "transformers": hf_load},
+        "load_s": {**nv_load, "transformers": hf_load},
+        "gemv_gb_s": bandwidth / 1e9,
+        "decode_step_bytes": step_bytes,
         "environment": env,
         "median": med,
         "ratio": ratio,
@@ -492,33 +579,47 @@ def print_table(args, result: dict, n_requests: int) -> None:
         "env: "
         + ", ".join(f"{k}={v if v is not None else '(unset)'}" for k, v in env["env"].items())
     )
-    print(
-        f"load time: nanovllm {result['load_s']['nanovllm']:.1f}s, "
-        f"transformers {result['load_s']['transformers']:.1f}s; "
-        f"median of {result['repeats']} repeat(s)"
-    )
+    loads = ", ".join(f"{e} {t:.1f}s" for e, t in result["load_s"].items())
+    print(f"load time: {loads}; median of {result['repeats']} repeat(s)")
     print()
-    w = 44
-    print(f"{'figure':<{w}} {'nanovllm':>10} {'transformers':>13} {'ratio nv/hf':>12}")
-    print("-" * (w + 38))
+    backends = [e for e in med if e != "transformers"]
+    w = 46
+    head = "".join(f"{b:>11}" for b in backends) + f"{'transformers':>13}"
+    head += "".join(f"{b + '/hf':>11}" for b in backends)
+    print(f"{'figure':<{w}}{head}")
+    print("-" * (w + len(head)))
+    wl = result["workloads"]
     fmt = {
         "prefill_len": args.prefill_len,
         "n": n_requests,
         "fb": args.fixed_batch,
         "fn": args.fixed_new_tokens,
+        "short": wl["long_context"]["short"],
+        "long": wl["long_context"]["long"],
+        "prefix": wl["shared_prefix"],
     }
     for key, label, _ in ROWS:
-        if key not in med["nanovllm"]:
+        if key not in med["transformers"]:
             continue
-        r = f"{ratio[key]:.2f}x" if key in ratio else "-"
-        print(
-            f"{label.format(**fmt):<{w}} {med['nanovllm'][key]:>10.2f} "
-            f"{med['transformers'][key]:>13.2f} {r:>12}"
+        line = "".join(f"{med[b][key]:>11.2f}" for b in backends)
+        line += f"{med['transformers'][key]:>13.2f}"
+        line += "".join(
+            f"{(f'{ratio[b][key]:.2f}x' if key in ratio[b] else '-'):>11}" for b in backends
         )
-    nv = med["nanovllm"]
-    print(f"{'nanovllm batched detail: prefill tok/s':<{w}} {nv['batched_prefill_tok_s']:>10.2f}")
-    print(f"{'nanovllm batched detail: decode tok/s':<{w}} {nv['batched_decode_tok_s']:>10.2f}")
-    print(f"{'nanovllm batched detail: median TTFT s':<{w}} {nv['batched_ttft_median_s']:>10.2f}")
+        print(f"{label.format(**fmt):<{w}}{line}")
+    print()
+    print(f"{'nanovllm alone':<{w}}" + "".join(f"{b:>11}" for b in backends))
+    for key, label in OWN_ROWS:
+        if key in med[backends[0]]:
+            line = "".join(f"{med[b][key]:>11.2f}" for b in backends)
+            print(f"{label.format(**fmt):<{w}}{line}")
+    for key, label in (
+        ("batched_prefill_tok_s", "batched detail: prefill tok/s"),
+        ("batched_decode_tok_s", "batched detail: decode tok/s"),
+        ("batched_ttft_median_s", "batched detail: median TTFT s"),
+    ):
+        print(f"{label:<{w}}" + "".join(f"{med[b][key]:>11.2f}" for b in backends))
+    print(f"GEMV bandwidth over a decode step's bytes: {result['gemv_gb_s']:.1f} GB/s")
     print()
     print("notes:")
     for n in result["notes"]:
