@@ -1,5 +1,6 @@
-"""The numpy backend's linear weights: a product with 2-8 rows goes by column blocks (faster
-on OpenBLAS, see numpy_backend.py) and gives numpy's own product, to float32 rounding."""
+"""The numpy backend's linear weights: a product with 2-7 rows goes by column blocks and one
+with 8-32 rows as w^T @ x^T (faster on OpenBLAS, see numpy_backend.py); each gives numpy's own
+product, to float32 rounding, as a C-contiguous array."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from nanovllm.backend import get_backend
 from nanovllm.backend.numpy_backend import LinearWeight
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 33])  # 2-8 go by blocks
+@pytest.mark.parametrize("rows", [1, 2, 5, 7, 8, 9, 32, 33])  # 2-7 by blocks, 8-32 transposed
 @pytest.mark.parametrize("k, n", [(576, 49152 // 8), (1536, 576), (7, 3)])
 def test_few_row_products_equal_numpys(rows, k, n):
     rng = np.random.default_rng(rows)
@@ -20,6 +21,7 @@ def test_few_row_products_equal_numpys(rows, k, n):
     x = rng.standard_normal((rows, k), dtype=np.float32)
     got, want = x @ w, x @ hf.T
     assert type(got) is np.ndarray and got.shape == (rows, n) and got.dtype == np.float32
+    assert got.flags.c_contiguous
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.sqrt(k))
 
 
