@@ -344,6 +344,7 @@ def main(argv=None) -> None:
         prefill_tok_s,
         run_requests,
         shared_prefix_ttft,
+        weights_gemv_bandwidth,
     )
     from nanovllm.llm import LLM
 
@@ -460,6 +461,7 @@ def main(argv=None) -> None:
                   for b, llm in llms.items()}  # fmt: skip
     log(f"GEMV bandwidth over {max(step_bytes.values()) / 2**20:.0f} MiB (a decode step's reads)")
     bandwidth = gemv_bandwidth(max(step_bytes.values()))
+    own = {b: weights_gemv_bandwidth(llm) for b, llm in llms.items()}
     for b in backends:
         m = med[b]
         m["decode_roofline_tok_s"] = bandwidth / step_bytes[b]
@@ -541,6 +543,7 @@ def main(argv=None) -> None:
         },
         "load_s": {**nv_load, "transformers": hf_load},
         "gemv_gb_s": bandwidth / 1e9,
+        "weights_gemv_gb_s": {b: v / 1e9 for b, v in own.items() if v},
         "decode_step_bytes": step_bytes,
         "environment": env,
         "median": med,
@@ -620,6 +623,8 @@ def print_table(args, result: dict, n_requests: int) -> None:
     ):
         print(f"{label:<{w}}" + "".join(f"{med[b][key]:>11.2f}" for b in backends))
     print(f"GEMV bandwidth over a decode step's bytes: {result['gemv_gb_s']:.1f} GB/s")
+    for b, v in result["weights_gemv_gb_s"].items():
+        print(f"GEMV bandwidth over the model's own weights, one by one ({b}): {v:.1f} GB/s")
     print()
     print("notes:")
     for n in result["notes"]:

@@ -133,6 +133,38 @@ def gemv_bandwidth(nbytes: int, repeats: int = 7) -> float:
     return w.nbytes / statistics.median(times)
 
 
+def weights_gemv_bandwidth(llm, repeats: int = 5) -> float | None:
+    """Bytes per second of one row times each of the model's linear weights in turn, as a
+    batch-1 decode step multiplies them and nothing else: what the decode's products reach on
+    these shapes (small matrices cost each product a start-up), against `gemv_bandwidth`'s
+    one large matrix. numpy backend only (None elsewhere)."""
+    if llm.backend.name != "numpy":
+        return None
+    weights = []
+
+    def walk(x):
+        if isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list | tuple):
+            for v in x:
+                walk(v)
+        elif isinstance(x, np.ndarray) and x.ndim == 2 and not x.flags.c_contiguous:
+            weights.append(x)  # a linear weight: the [in, out] view of an [out, in] array
+
+    walk(llm.model.params)
+    if not weights:
+        return None
+    rows = {w.shape[0]: np.ones((1, w.shape[0]), dtype=w.dtype) for w in weights}
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for w in weights:
+            rows[w.shape[0]] @ w
+        times.append(time.perf_counter() - t0)
+    return sum(w.nbytes for w in weights) / statistics.median(times)
+
+
 def decode_step_bytes(llm, context: int) -> int:
     """What one batch-1 decode step reads: every weight once (the embedding: one row) and the
     K/V of `context` tokens."""
@@ -276,6 +308,9 @@ def main(argv: list[str]) -> None:
             "decode_roofline_tok_s": roofline,
             "decode_of_roofline": figures["batch1_decode_tok_s"] / roofline,
         }
+        own = weights_gemv_bandwidth(llm)
+        if own:  # the decode's products alone, on the model's own shapes
+            figures["weights_gemv_gb_s"] = own / 1e9
         if args.long_context:
             figures |= {
                 f"decode_ctx{short_context}_tok_s": med(r["short"]),
