@@ -92,7 +92,7 @@ class BlockManager:
     def append(self, seq: Sequence, num_tokens: int) -> None:
         """Grow seq's block table to cover num_tokens tokens."""
         for _ in range(self.blocks_needed(seq, num_tokens)):
-            after = seq.block_table[-1] + 1 if seq.block_table else None
+            after = seq.block_table[-1] + 1 if seq.block_table else NULL_BLOCK  # (never free)
             if after in self.free_blocks and not self._is_cached(after):
                 # the block after the sequence's last: its context stays one run of slots,
                 # which the attention reads as a slice of the pool instead of gathering it

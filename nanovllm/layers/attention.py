@@ -101,6 +101,7 @@ def _attend_one_query(xp, q, k_pool, v_pool, part: AttentionPart, scale: float, 
     eye = xp.reshape(xp.eye(KV, dtype=q.dtype, device=q.device), (KV, 1, KV, 1))
     q = xp.reshape(xp.reshape(q * scale, (KV, G, 1, D)) * eye, (H, KV * D))  # block-diagonal
     runs = part.context_runs
+    assert runs is not None
     scores = [
         q @ xp.matrix_transpose(xp.reshape(k_pool[a : a + n, ...], (n, KV * D))) for a, n in runs
     ]
