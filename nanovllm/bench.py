@@ -133,26 +133,28 @@ def gemv_bandwidth(nbytes: int, repeats: int = 7) -> float:
     return w.nbytes / statistics.median(times)
 
 
+def param_arrays(tree, skip: tuple[str, ...] = ()):
+    """The arrays of a model's parameter tree (dicts, lists, tuples), leaving out the entries
+    of dicts whose key is in `skip`."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if k not in skip:
+                yield from param_arrays(v, skip)
+    elif isinstance(tree, list | tuple):
+        for v in tree:
+            yield from param_arrays(v, skip)
+    elif tree is not None and hasattr(tree, "shape"):
+        yield tree
+
+
 def weights_gemv_bandwidth(llm, repeats: int = 5) -> float | None:
     """Bytes per second of one row times each of the model's linear weights in turn, as a
     batch-1 decode step multiplies them and nothing else: what the decode's products reach on
     these shapes (small matrices cost each product a start-up), against `gemv_bandwidth`'s
     one large matrix. numpy backend only (None elsewhere)."""
-    if llm.backend.name != "numpy":
-        return None
-    weights = []
+    from .backend.numpy_backend import LinearWeight
 
-    def walk(x):
-        if isinstance(x, dict):
-            for v in x.values():
-                walk(v)
-        elif isinstance(x, list | tuple):
-            for v in x:
-                walk(v)
-        elif isinstance(x, np.ndarray) and x.ndim == 2 and not x.flags.c_contiguous:
-            weights.append(x)  # a linear weight: the [in, out] view of an [out, in] array
-
-    walk(llm.model.params)
+    weights = [w for w in param_arrays(llm.model.params) if isinstance(w, LinearWeight)]
     if not weights:
         return None
     rows = {w.shape[0]: np.ones((1, w.shape[0]), dtype=w.dtype) for w in weights}
@@ -168,22 +170,9 @@ def weights_gemv_bandwidth(llm, repeats: int = 5) -> float | None:
 def decode_step_bytes(llm, context: int) -> int:
     """What one batch-1 decode step reads: every weight once (the embedding: one row) and the
     K/V of `context` tokens."""
-    total, itemsize = 0, llm.backend.itemsize
-
-    def walk(x):
-        nonlocal total
-        if isinstance(x, dict):
-            for k, v in x.items():
-                if k != "embed" or "lm_head" not in llm.model.params:  # (head: read whole)
-                    walk(v)
-        elif isinstance(x, list | tuple):
-            for v in x:
-                walk(v)
-        elif x is not None and hasattr(x, "shape"):
-            total += int(np.prod(x.shape)) * itemsize
-
-    walk(llm.model.params)
-    m = llm.model
+    itemsize, m = llm.backend.itemsize, llm.model
+    skip = ("embed",) if "lm_head" in m.params else ()  # (a tied head is read whole)
+    total = sum(int(np.prod(x.shape)) * itemsize for x in param_arrays(m.params, skip))
     kv = 2 * max(m.num_kv_layers, 1) * m.num_kv_heads * m.head_dim * itemsize * context
     return total + kv
 

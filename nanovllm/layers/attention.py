@@ -72,12 +72,12 @@ def write_kv(backend, k_pool, v_pool, k, v, slot_mapping):
 
 
 def _weighted(p, values):
-    """p [S, KV, G*Q, K] @ the values [S, KV, K, D], given as runs of keys -> [S, KV, G*Q, D]."""
+    """p [..., K] @ the values [..., K, D], given as runs of keys (each [..., n, D]) -> [..., D]."""
     if len(values) == 1:
         return p @ values[0]
     out, first = None, 0
     for v in values:
-        n = v.shape[2]
+        n = v.shape[-2]
         term = p[..., first : first + n] @ v
         out, first = (term if out is None else out + term), first + n
     return out
@@ -109,11 +109,8 @@ def _attend_one_query(xp, q, k_pool, v_pool, part: AttentionPart, scale: float, 
     if softcap is not None:
         scores = xp.tanh(scores / softcap) * softcap
     probs = softmax(xp, scores)  # [H, K]
-    out, first = None, 0
-    for a, n in runs:
-        term = probs[:, first : first + n] @ xp.reshape(v_pool[a : a + n, ...], (n, KV * D))
-        out, first = (term if out is None else out + term), first + n  # [H, KV*D]
-    out = xp.reshape(out, (KV, G, KV, D)) * eye
+    values = [xp.reshape(v_pool[a : a + n, ...], (n, KV * D)) for a, n in runs]
+    out = xp.reshape(_weighted(probs, values), (KV, G, KV, D)) * eye  # from [H, KV*D]
     return xp.reshape(xp.sum(out, axis=2), (1, H * D))  # each head's own KV head's values
 
 
