@@ -2,21 +2,26 @@
 
     python benchmarks/startup.py [--repeats 5] [--model PATH] [--cold]
 
-Prints the medians of: `LLM()` inside a fresh interpreter (import excluded), the whole CLI
-command `python -m nanovllm --max-tokens 8 "The capital of France is"` (wall time), and, as
-the peer measured in the same run, the time `gguf.GGUFReader` alone takes to parse the file's
-metadata (what loading spent most of its time on before the bulk reader). `--cold` also
-times `LLM()` the first time, after dropping the page cache (root only: it writes
-/proc/sys/vm/drop_caches), import included.
+Prints the medians of: `LLM()` inside a fresh interpreter (import excluded), with the
+converted-weights cache and without it (NANOVLLM_WEIGHTS_CACHE=off: dequantizing the GGUF
+each time, as every start did before the cache), the whole CLI command
+`python -m nanovllm --max-tokens 8 "The capital of France is"` (wall time), and the time
+`gguf.GGUFReader` alone takes to parse the file's metadata (what loading spent most of its
+time on before the bulk reader). `--cold` also times `LLM()`, import included, after
+dropping the page cache (root only: it writes /proc/sys/vm/drop_caches): once with the
+converted weights on disk, and once the first time (an empty cache: it dequantizes and
+writes them).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 LLM_TIME = """
@@ -36,8 +41,14 @@ print(time.perf_counter() - t)
 """
 
 
-def in_fresh_process(code: str) -> float:
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+def in_fresh_process(code: str, weights_cache: str | None = None) -> float:
+    """Seconds `code` prints, run in a new interpreter (with NANOVLLM_WEIGHTS_CACHE set)."""
+    env = dict(os.environ)
+    if weights_cache is not None:
+        env["NANOVLLM_WEIGHTS_CACHE"] = weights_cache
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
     return float(out.stdout.split()[-1])
 
 
@@ -74,11 +85,20 @@ def main() -> None:
     from nanovllm.bench import blas_kernel
 
     in_fresh_process(LLM_TIME.format(model=args.model))  # warms the page cache
-    runs: dict[str, list[float]] = {"llm_init_s": [], "cli_wall_s": [], "gguf_reader_parse_s": []}
+    runs: dict[str, list[float]] = {
+        "llm_init_s": [],
+        "llm_init_without_weights_cache_s": [],
+        "cli_wall_s": [],
+        "gguf_reader_parse_s": [],
+    }
     if args.cold:
         runs["cold_import_and_llm_init_s"] = []
+        runs["first_time_import_and_llm_init_s"] = []
     for _ in range(args.repeats):
         runs["llm_init_s"].append(in_fresh_process(LLM_TIME.format(model=args.model)))
+        runs["llm_init_without_weights_cache_s"].append(
+            in_fresh_process(LLM_TIME.format(model=args.model), weights_cache="off")
+        )
         runs["cli_wall_s"].append(cli_wall_seconds(args.model))
         runs["gguf_reader_parse_s"].append(
             in_fresh_process(GGUF_READER_TIME.format(model=args.model))
@@ -87,6 +107,10 @@ def main() -> None:
             drop_page_cache()
             cold = in_fresh_process(COLD_TIME.format(model=args.model))
             runs["cold_import_and_llm_init_s"].append(cold)
+            with tempfile.TemporaryDirectory() as empty:  # no converted weights yet
+                drop_page_cache()
+                first = in_fresh_process(COLD_TIME.format(model=args.model), weights_cache=empty)
+            runs["first_time_import_and_llm_init_s"].append(first)
     figures = {k: round(statistics.median(v), 3) for k, v in runs.items()}
     figures |= {"repeats": args.repeats, "blas_kernel": blas_kernel()}
     print(json.dumps(figures, indent=2))

@@ -11,7 +11,7 @@ import numpy as np
 
 from .errors import WeightsError
 from .models import model_class
-from .models.base import CausalLM
+from .models.base import CausalLM, table_weights
 from .models.config_check import check_config
 from .tokenizer import Tokenizer
 from .weights.default_model import resolve_model
@@ -44,10 +44,16 @@ def load_model(
     at its sizes and raise before any weight is placed) sizes its position tables."""
     start = time.perf_counter()
     path = resolve_model(model)
+    converted = None  # a GGUF's tensors as stored by an earlier load (checked then)
     if path.is_file():
-        from .weights.gguf_file import load_gguf
+        from .weights import converted_cache
+        from .weights.gguf_file import load_gguf, load_gguf_tokenizer
 
-        hf_config, tensors, tok_data = load_gguf(path)
+        converted = converted_cache.load(path)
+        if converted is not None:
+            (hf_config, tensors), tok_data = converted, load_gguf_tokenizer(path)
+        else:
+            hf_config, tensors, tok_data = load_gguf(path)
         tokenizer = None
         if tok_data is not None:
             eos = [] if tok_data.eos_token_id is None else [tok_data.eos_token_id]
@@ -71,11 +77,20 @@ def load_model(
     positions = max_positions(net) if callable(max_positions) else max_positions
     if positions is not None:
         net = cls(hf_config, backend, max_positions=positions)
-    check_finite(tensors, str(path))
+    if converted is None:
+        check_finite(tensors, str(path))
+        if path.is_file():  # the next load maps these instead of dequantizing again
+            tensors = converted_cache.store(path, hf_config, tensors, weight_order(net))
     net.load_weights(tensors, str(path))
     return LoadedModel(
         path, hf_config, net, tokenizer, _eos_ids(hf_config, tokenizer), time.perf_counter() - start
     )
+
+
+def weight_order(net: CausalLM) -> list[str]:
+    """The Hugging Face tensors the model reads, in the order its weight table reads them."""
+    table, _ = net.weight_table()
+    return [n for w in table_weights(table) for n in w.names]
 
 
 def check_finite(tensors: dict[str, np.ndarray], source: str) -> None:

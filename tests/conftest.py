@@ -30,6 +30,16 @@ def pytest_addoption(parser):
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def weights_cache(tmp_path_factory):
+    """Converted GGUF weights go to this session's own directory, not the user's cache (a test's
+    GGUF files are new each run); subprocesses (the CLI, the server) inherit it."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("converted-weights")
+        mp.setenv("NANOVLLM_WEIGHTS_CACHE", str(path))
+        yield path
+
+
 @pytest.fixture(scope="session")
 def backend(request) -> str:
     name = request.config.getoption("--backend") or os.environ.get("NANOVLLM_BACKEND") or "numpy"

@@ -5,9 +5,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+import mmap
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import gguf
@@ -955,3 +957,161 @@ def test_real_gguf_peak_memory_near_twice_the_weights(real_gguf):
 
 def test_weights_error_is_a_value_error():
     assert issubclass(WeightsError, ValueError)
+
+
+# ---------------------------------------------------------------- converted-weights cache
+
+
+def host_params(loaded, backend) -> list[np.ndarray]:
+    """Every array of a loaded model's params on the host, in the tree's order."""
+    from nanovllm.bench import param_arrays
+
+    return [backend.to_host(a) for a in param_arrays(loaded.model.params)]
+
+
+def entries(cache: Path) -> list[Path]:
+    return sorted(cache.glob("*.safetensors"))
+
+
+def test_a_second_load_maps_the_converted_weights_and_matches_the_first(
+    tmp_path, backend, monkeypatch
+):
+    from nanovllm.backend import get_backend
+    from nanovllm.loader import load_model
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("NANOVLLM_WEIGHTS_CACHE", str(cache))
+    hf_config, model = tiny_llama()
+    file = write_llama_gguf(tmp_path / "tiny.gguf", hf_config, state_dict(model))
+    b = get_backend(backend)
+    first = load_model(str(file), b)
+    (entry,) = entries(cache)
+    assert entry.name.startswith("tiny-")
+    second = load_model(str(file), b)
+    monkeypatch.setenv("NANOVLLM_WEIGHTS_CACHE", "off")
+    uncached = load_model(str(file), b)
+    assert entries(cache) == [entry]
+    for loaded in (first, second):
+        assert loaded.hf_config == uncached.hf_config
+        pairs = zip(host_params(loaded, b), host_params(uncached, b), strict=True)
+        for i, (values, expected) in enumerate(pairs):
+            np.testing.assert_array_equal(values, expected, err_msg=f"param {i}")
+    if backend == "numpy":  # joined q|k|v and gate|up are views of the file, not copies
+        from nanovllm.models.base import _root
+
+        layer = second.model.params["layers"][0]
+        for name in ("qkv", "gate_up"):
+            assert isinstance(_root(np.asarray(layer[name])).base, mmap.mmap), name
+
+
+def test_a_changed_gguf_is_converted_again_and_its_old_entry_removed(tmp_path, monkeypatch):
+    from nanovllm.backend import get_backend
+    from nanovllm.loader import load_model
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("NANOVLLM_WEIGHTS_CACHE", str(cache))
+    b = get_backend("numpy")
+    file = tmp_path / "tiny.gguf"
+    hf_config, model = tiny_llama()
+    write_llama_gguf(file, hf_config, state_dict(model))
+    load_model(str(file), b)
+    (old,) = entries(cache)
+    weights = state_dict(model)
+    weights["model.norm.weight"] = weights["model.norm.weight"] + 1  # same size, new values
+    write_llama_gguf(file, hf_config, weights)
+    loaded = load_model(str(file), b)
+    (new,) = entries(cache)
+    assert new != old
+    np.testing.assert_array_equal(loaded.model.params["norm"], weights["model.norm.weight"])
+
+
+def test_a_corrupt_entry_is_converted_again_with_a_warning(tmp_path, monkeypatch):
+    from nanovllm.backend import get_backend
+    from nanovllm.loader import load_model
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("NANOVLLM_WEIGHTS_CACHE", str(cache))
+    hf_config, model = tiny_llama()
+    weights = state_dict(model)
+    file = write_llama_gguf(tmp_path / "tiny.gguf", hf_config, weights)
+    b = get_backend("numpy")
+    load_model(str(file), b)
+    (entry,) = entries(cache)
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])  # cut short
+    with pytest.warns(UserWarning, match=f"{entry}.*unreadable converted weights.*again"):
+        loaded = load_model(str(file), b)
+    np.testing.assert_array_equal(loaded.model.params["norm"], weights["model.norm.weight"])
+    assert entries(cache) == [entry] and entry.stat().st_size > 0
+    load_model(str(file), b)  # the rewritten entry reads back
+
+
+@pytest.mark.parametrize("setting", ["unwritable", "off"])
+def test_without_a_writable_cache_the_gguf_loads_as_before(tmp_path, monkeypatch, setting):
+    from nanovllm.backend import get_backend
+    from nanovllm.loader import load_model
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv(
+        "NANOVLLM_WEIGHTS_CACHE", str(blocker / "cache") if setting != "off" else "off"
+    )
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # where "off" must not write
+    hf_config, model = tiny_llama()
+    weights = state_dict(model)
+    file = write_llama_gguf(tmp_path / "tiny.gguf", hf_config, weights)
+    if setting == "off":
+        loaded = load_model(str(file), get_backend("numpy"))
+    else:
+        with pytest.warns(UserWarning, match="cannot store converted weights"):
+            loaded = load_model(str(file), get_backend("numpy"))
+    np.testing.assert_array_equal(loaded.model.params["norm"], weights["model.norm.weight"])
+    assert not (tmp_path / "xdg").exists()
+
+
+LOAD_AT_ONCE = """
+import sys, time
+from pathlib import Path
+import numpy as np
+from nanovllm.backend import get_backend
+from nanovllm.loader import load_model
+start = Path(sys.argv[2])
+while not start.exists():
+    time.sleep(0.001)
+for _ in range(4):
+    loaded = load_model(sys.argv[1], get_backend("numpy"))
+print(float(np.asarray(loaded.model.params["layers"][0]["gate_up"], np.float64).sum()))
+"""
+
+
+def test_processes_filling_the_cache_at_once_each_load_whole_weights(tmp_path, monkeypatch):
+    """Four processes start together on a GGUF whose conversion takes a while to write; each
+    loads it four times (after the first, from whatever entry is there), gets the same weights and
+    never reads a partly written entry."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("NANOVLLM_WEIGHTS_CACHE", str(cache))
+    hf_config, model = tiny_llama(
+        hidden_size=256, intermediate_size=1024, num_hidden_layers=4, vocab_size=4096
+    )
+    file = write_llama_gguf(tmp_path / "bigger.gguf", hf_config, state_dict(model))
+    start = tmp_path / "start"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", LOAD_AT_ONCE, str(file), str(start)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    time.sleep(2.0)  # every interpreter is up and waiting
+    start.touch()
+    results = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err
+        assert "Warning" not in err, err  # none of them saw a partly written entry
+    sums = {out.split()[-1] for out, _ in results}
+    expected = np.concatenate(
+        [state_dict(model)[f"model.layers.0.mlp.{n}_proj.weight"] for n in ("gate", "up")]
+    )
+    assert sums == {repr(float(expected.astype(np.float64).sum()))}
+    assert len(entries(cache)) == 1 and not list(cache.glob(".*.tmp"))

@@ -15,7 +15,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 class TorchBackend(Backend):
     def asarray(self, host, dtype=None):
         if isinstance(host, np.ndarray):
-            host = torch.from_numpy(np.ascontiguousarray(host))
+            host = np.ascontiguousarray(host)
+            # (a weight mapped read-only from the converted-weights file: torch wants it writable)
+            host = torch.from_numpy(host if host.flags.writeable else host.copy())
         return xp.asarray(host, dtype=dtype, device=self.device)
 
     def to_host(self, x):

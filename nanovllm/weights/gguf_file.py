@@ -457,6 +457,13 @@ def load_gguf(path: str | Path) -> tuple[dict, dict[str, np.ndarray], GGUFTokeni
     return config, tensors, tokenizer
 
 
+def load_gguf_tokenizer(path: str | Path) -> GGUFTokenizerData | None:
+    """The tokenizer stored in a GGUF file (None if it has none), without its tensors."""
+    file = str(path)
+    reader = open_gguf(file)
+    return build_tokenizer(lambda key: read_field(reader, key, file, None), file)
+
+
 def open_gguf(file: str) -> GGUFFile:
     if not Path(file).is_file():
         raise WeightsError(f"{file} does not exist; pass the path of a .gguf file")

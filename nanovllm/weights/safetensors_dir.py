@@ -98,8 +98,10 @@ def _weight_files(path: Path) -> list[tuple[Path, set[str] | None]]:
     return files
 
 
-def read_safetensors(file: Path) -> dict[str, np.ndarray]:
-    """Every tensor of one .safetensors file, widened to float32 on the host."""
+def read_safetensors(file: Path, copy: bool = True) -> dict[str, np.ndarray]:
+    """Every tensor of one .safetensors file, widened to float32 on the host: copies, or with
+    `copy=False` float32 tensors as read-only views of the mapped file (for a file that is
+    only ever replaced by a rename, never rewritten in place)."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
@@ -122,20 +124,21 @@ def read_safetensors(file: Path) -> dict[str, np.ndarray]:
             raise WeightsError(f"{file} has a corrupt header ({e}); download it again") from e
     header.pop("__metadata__", None)
     start = 8 + header_len
-    check_fits(
-        f"{file}: its weights widened to float32",
-        _float32_bytes(header, size - start),
-        "use a smaller model or free memory",
-    )
+    if copy:  # (a mapped file's pages are the page cache's, not this process's)
+        check_fits(
+            f"{file}: its weights widened to float32",
+            _float32_bytes(header, size - start),
+            "use a smaller model or free memory",
+        )
     data = np.memmap(file, dtype=np.uint8, mode="r", offset=start) if size > start else None
     items = tqdm(
         header.items(),
         desc=f"Loading {file.name}",
         unit="tensor",
         leave=False,
-        disable=len(header) < 64,
+        disable=len(header) < 64 or not copy,
     )
-    return {name: _tensor(file, name, info, data, size - start) for name, info in items}
+    return {name: _tensor(file, name, info, data, size - start, copy) for name, info in items}
 
 
 def _float32_bytes(header: dict, data_size: int) -> int:
@@ -157,7 +160,7 @@ def _float32_bytes(header: dict, data_size: int) -> int:
     return total
 
 
-def _tensor(file: Path, name: str, info: Any, data: Any, data_size: int) -> np.ndarray:
+def _tensor(file: Path, name: str, info: Any, data: Any, data_size: int, copy: bool) -> np.ndarray:
     try:
         dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
         shape = tuple(int(n) for n in shape)
@@ -189,4 +192,4 @@ def _tensor(file: Path, name: str, info: Any, data: Any, data_size: int) -> np.n
         widened = values.astype(np.uint32)
         widened <<= 16
         return widened.view(np.float32)
-    return values.astype(np.float32)
+    return values.astype(np.float32, copy=copy)
