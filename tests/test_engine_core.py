@@ -573,6 +573,22 @@ def test_a_growing_sequence_takes_the_block_after_its_last_when_it_is_free():
     assert bm.cached_prefix(Sequence(4, "f", [7, 8, 1])) == [6]
 
 
+def test_without_prefix_caching_freed_blocks_are_reused_first():
+    # a freed sealed block serves no later request, so the next one takes it (memory already
+    # touched) before blocks no request has used; with caching on it is kept for the cache
+    for caching, expected in ((False, [1, 2, 3]), (True, [3, 4, 5])):
+        bm = BlockManager(num_blocks=10, block_size=2, prefix_caching=caching)
+        a = Sequence(0, "a", [1, 2, 3, 4, 5])
+        bm.allocate(a, 5)  # blocks 1, 2, 3
+        a.num_computed_tokens = 5
+        bm.cache_full_blocks(a)  # 1 and 2 sealed
+        bm.free(a)
+        b = Sequence(1, "b", [6, 7, 8, 9, 1])
+        bm.allocate(b, 5)  # caching on: a's unsealed tail, then blocks after it
+        assert b.block_table == expected, caching
+        assert bm.cached_prefix(Sequence(2, "c", [1, 2, 3, 4, 5])) == ([1, 2] if caching else [])
+
+
 # ---- state slots, siblings, abort ----------------------------------------------------------
 
 

@@ -30,8 +30,11 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True) -> None:
         self.block_size = block_size
+        # off: a sealed block serves only the siblings of its request, so once freed it is
+        # reused first (its memory already touched), not kept for a later request
+        self.prefix_caching = prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, num_blocks))
         self.hash_to_block: dict[bytes, int] = {}
@@ -119,8 +122,10 @@ class BlockManager:
         block.ref_count -= 1
         if block.ref_count == 0:
             self.free_blocks[block_id] = None
-            if not self._is_cached(block_id):
-                self.free_blocks.move_to_end(block_id, last=False)  # useless: reuse first
+            if not self.prefix_caching or not self._is_cached(block_id):
+                # useless (or, caching off, of use only to a sibling not admitted yet, which
+                # revives it if no one has taken it): reuse first
+                self.free_blocks.move_to_end(block_id, last=False)
 
     def _is_cached(self, block_id: int) -> bool:
         """The block holds a prefix the cache can still hand out."""

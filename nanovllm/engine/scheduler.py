@@ -89,7 +89,9 @@ class Scheduler:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.block_size = config.block_size
-        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
+        self.block_manager = BlockManager(
+            config.num_kv_blocks, config.block_size, config.enable_prefix_caching
+        )
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.free_state_slots: deque[int] = deque(range(config.num_state_slots))
