@@ -589,6 +589,25 @@ def test_without_prefix_caching_freed_blocks_are_reused_first():
         assert bm.cached_prefix(Sequence(2, "c", [1, 2, 3, 4, 5])) == ([1, 2] if caching else [])
 
 
+def test_without_prefix_caching_a_growing_sequence_takes_freed_sealed_blocks_in_a_run():
+    # two sequences that grew in turn hold every other block; freed, their sealed blocks
+    # serve no one, so a new sequence runs on through them: one run of consecutive slots
+    bm = BlockManager(num_blocks=10, block_size=2, prefix_caching=False)
+    a, b = Sequence(0, "a", [1, 2, 3, 4]), Sequence(1, "b", [5, 6, 7, 8])
+    bm.allocate(a, 2)
+    bm.allocate(b, 2)
+    bm.append(a, 4)
+    bm.append(b, 4)
+    assert (a.block_table, b.block_table) == ([1, 3], [2, 4])
+    for s in (a, b):
+        s.num_computed_tokens = 4
+        bm.cache_full_blocks(s)
+        bm.free(s)
+    c = Sequence(2, "c", [9] * 8)
+    bm.allocate(c, 8)
+    assert c.block_table == [2, 3, 4, 5]
+
+
 # ---- state slots, siblings, abort ----------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import mmap
+import os
 import struct
 import subprocess
 import sys
@@ -1066,6 +1067,31 @@ def test_without_a_writable_cache_the_gguf_loads_as_before(tmp_path, monkeypatch
             loaded = load_model(str(file), get_backend("numpy"))
     np.testing.assert_array_equal(loaded.model.params["norm"], weights["model.norm.weight"])
     assert not (tmp_path / "xdg").exists()
+
+
+def test_the_cache_keeps_a_gib_of_disk_free_and_removes_stale_temporaries(tmp_path, monkeypatch):
+    from nanovllm.backend import get_backend
+    from nanovllm.loader import load_model
+    from nanovllm.weights import converted_cache
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("NANOVLLM_WEIGHTS_CACHE", str(cache))
+    hf_config, model = tiny_llama()
+    file = write_llama_gguf(tmp_path / "tiny.gguf", hf_config, state_dict(model))
+    b = get_backend("numpy")
+    free = converted_cache.shutil.disk_usage(tmp_path).free
+    monkeypatch.setattr(converted_cache, "KEEP_FREE", free)  # what is free now is too little
+    with pytest.warns(UserWarning, match="would leave less than .* GiB .* free"):
+        load_model(str(file), b)
+    assert entries(cache) == []
+    monkeypatch.setattr(converted_cache, "KEEP_FREE", 0)
+    prefix = converted_cache.entry_path(file).name.rsplit("-", 1)[0]
+    stale, fresh = cache / f".{prefix}-x.1.tmp", cache / f".{prefix}-y.2.tmp"
+    for tmp in (stale, fresh):
+        tmp.write_bytes(b"left by a killed process")
+    os.utime(stale, (time.time() - 2 * converted_cache.STALE,) * 2)
+    load_model(str(file), b)
+    assert len(entries(cache)) == 1 and not stale.exists() and fresh.exists()
 
 
 LOAD_AT_ONCE = """

@@ -96,7 +96,7 @@ class BlockManager:
         """Grow seq's block table to cover num_tokens tokens."""
         for _ in range(self.blocks_needed(seq, num_tokens)):
             after = seq.block_table[-1] + 1 if seq.block_table else NULL_BLOCK  # (never free)
-            if after in self.free_blocks and not self._is_cached(after):
+            if after in self.free_blocks and not (self.prefix_caching and self._is_cached(after)):
                 # the block after the sequence's last: its context stays one run of slots,
                 # which the attention reads as a slice of the pool instead of gathering it
                 block_id = after

@@ -3,7 +3,8 @@
 Dequantizing the default model takes most of a start-up, so the first load writes what it made
 to a safetensors file in `$XDG_CACHE_HOME/nanovllm/converted` (or `$NANOVLLM_WEIGHTS_CACHE`;
 `0` or `off` turns the cache off), and later loads map that file instead: no dequantizing, no
-copy, and the weights' pages are shared with every process that loads the same model.
+copy, and on the numpy backend the weights' pages are shared by every process that loads
+the same model.
 
 - The file is named by the GGUF's identity: its path, size and mtime, a hash of its first MiB
   (header and metadata), and a hash of the code that converts it (gguf_file.py and this file),
@@ -14,8 +15,9 @@ copy, and the weights' pages are shared with every process that loads the same m
 - The tensors are written in the order the model reads them (`order`), so weights the model
   joins (q|k|v, gate|up) lie back to back and join without a copy (models/base.py: join_rows).
 - The tensors were checked finite before they were stored; a mapped load does not check again.
-- A cache that cannot be written (read-only or full disk) or read back (corrupt) is reported
-  as a warning and the load goes on from the GGUF itself.
+- A cache that cannot be written (read-only, or the disk would be left with under 1 GiB free)
+  or read back (corrupt) is reported as a warning and the load goes on from the GGUF itself;
+  a temporary file a killed process left is removed an hour later, by the next store.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import struct
+import time
 import warnings
 from pathlib import Path
 
@@ -37,6 +41,8 @@ from .safetensors_dir import read_safetensors
 ENV = "NANOVLLM_WEIGHTS_CACHE"
 HEAD_BYTES = 1 << 20  # the part of a GGUF hashed into its key: the header and metadata
 ALIGN = 64  # the tensor data starts at a multiple of this in the file
+KEEP_FREE = 1 << 30  # an entry is not written where it would leave less disk free than this
+STALE = 3600  # seconds after which a temporary file no process writes to any more is removed
 _CODE = [Path(__file__).with_name("gguf_file.py"), Path(__file__)]  # what converts a GGUF
 
 
@@ -110,6 +116,13 @@ def store(
     tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(entry.parent, _prefix(gguf.resolve()))
+        free = shutil.disk_usage(entry.parent).free
+        if free < offset + KEEP_FREE:
+            raise OSError(
+                f"{offset / 2**20:.0f} MiB would leave less than "
+                f"{KEEP_FREE / 2**30:.0f} GiB of the disk's {free / 2**20:.0f} MiB free"
+            )
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(head)) + head)
             for name in names:
@@ -119,13 +132,25 @@ def store(
         with contextlib.suppress(OSError):
             tmp.unlink()
         warnings.warn(
-            f"{entry}: cannot store converted weights ({e}); loading without them", stacklevel=2
+            f"{entry}: cannot store converted weights ({e}); loading without them. Set "
+            f"{ENV} to a writable directory, or to off",
+            stacklevel=2,
         )
         return tensors
     for old in entry.parent.glob(f"{_prefix(gguf.resolve())}*.safetensors"):
         if old != entry:
             old.unlink(missing_ok=True)
     return read_safetensors(entry, copy=False)
+
+
+def _remove_stale_temporaries(directory: Path, prefix: str) -> None:
+    """Delete the temporary files of this GGUF that a killed process left (untouched for
+    STALE seconds: a process still writing one touches it far more often)."""
+    now = time.time()
+    for tmp in directory.glob(f".{prefix}*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime > STALE:
+                tmp.unlink()
 
 
 def _metadata(entry: Path) -> dict:
