@@ -998,7 +998,7 @@ def test_a_second_load_maps_the_converted_weights_and_matches_the_first(
         for i, (values, expected) in enumerate(pairs):
             np.testing.assert_array_equal(values, expected, err_msg=f"param {i}")
     if backend == "numpy":  # joined q|k|v and gate|up are views of the file, not copies
-        from nanovllm.models.base import _root
+        from nanovllm.backend.base import _root
 
         layer = second.model.params["layers"][0]
         for name in ("qkv", "gate_up"):

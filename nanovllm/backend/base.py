@@ -45,6 +45,10 @@ class Backend:
         """A float weight from the host, cast to the compute dtype."""
         return self.asarray(np.ascontiguousarray(host), dtype=self.dtype)
 
+    def joined_weight(self, parts: list[np.ndarray]) -> Any:
+        """One weight made of host arrays joined along axis 0 (fused q|k|v, gate|up)."""
+        return self.weight(join_rows(parts))
+
     def linear_weight(self, w: Any) -> Any:
         """A linear layer's weight, laid out [in, out], as this backend multiplies by it
         (numpy: a view whose products with a few rows go by cache-sized panels)."""
@@ -97,3 +101,31 @@ class Backend:
     def describe(self) -> str:
         dtype = getattr(self.dtype, "__name__", self.dtype)
         return f"{self.name} (device={self.device}, dtype={dtype})"
+
+
+def join_rows(parts: list[np.ndarray]) -> np.ndarray:
+    """Host arrays joined along axis 0: a view where they lie back to back in the memory of
+    one mapped file (converted weights, written in the order the table reads them), else a
+    copy."""
+    if len(parts) == 1:
+        return parts[0]
+    first, root = parts[0], _root(parts[0])
+    if (
+        root.base is not None
+        and root.flags.c_contiguous
+        and all(_root(p) is root and p.flags.c_contiguous for p in parts)
+        and all(p.dtype == first.dtype and p.shape[1:] == first.shape[1:] for p in parts)
+        and all(a.ctypes.data + a.nbytes == b.ctypes.data for a, b in zip(parts, parts[1:]))
+    ):
+        start = first.ctypes.data - root.ctypes.data
+        span = root.reshape(-1).view(np.uint8)[start : start + sum(p.nbytes for p in parts)]
+        return span.view(first.dtype).reshape(-1, *first.shape[1:])
+    return np.concatenate(parts, axis=0)
+
+
+def _root(a: np.ndarray) -> np.ndarray:
+    """The array a view's memory was first given to (its base, if any, is not an array: the
+    mapped file)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a

@@ -96,7 +96,7 @@ class BlockManager:
         """Grow seq's block table to cover num_tokens tokens."""
         for _ in range(self.blocks_needed(seq, num_tokens)):
             after = seq.block_table[-1] + 1 if seq.block_table else NULL_BLOCK  # (never free)
-            if after in self.free_blocks and not (self.prefix_caching and self._is_cached(after)):
+            if after in self.free_blocks and not self._kept_for_cache(after):
                 # the block after the sequence's last: its context stays one run of slots,
                 # which the attention reads as a slice of the pool instead of gathering it
                 block_id = after
@@ -122,10 +122,14 @@ class BlockManager:
         block.ref_count -= 1
         if block.ref_count == 0:
             self.free_blocks[block_id] = None
-            if not self.prefix_caching or not self._is_cached(block_id):
-                # useless (or, caching off, of use only to a sibling not admitted yet, which
-                # revives it if no one has taken it): reuse first
+            if not self._kept_for_cache(block_id):  # useless: reuse first
                 self.free_blocks.move_to_end(block_id, last=False)
+
+    def _kept_for_cache(self, block_id: int) -> bool:
+        """A free block to keep for the prefix cache rather than reuse first (caching off, a
+        sealed one serves at most a sibling not admitted yet, which revives it if it is still
+        free)."""
+        return self.prefix_caching and self._is_cached(block_id)
 
     def _is_cached(self, block_id: int) -> bool:
         """The block holds a prefix the cache can still hand out."""

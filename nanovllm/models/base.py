@@ -8,8 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
-
 from ..errors import UnsupportedFeatureError, WeightsError
 from ..layers.linear import prepare_linear
 
@@ -168,7 +166,7 @@ def build_params(table, ignored: set[str], tensors: dict[str, Any], backend, sou
         if w.names in placed:
             x = placed[w.names]
         else:
-            x = backend.weight(join_rows([tensors[n] for n in w.names]))
+            x = backend.joined_weight([tensors[n] for n in w.names])
             if w.names in shared:
                 placed[w.names] = x
         for n in w.names:
@@ -193,34 +191,6 @@ def build_params(table, ignored: set[str], tensors: dict[str, Any], backend, sou
     for name in ignored:
         tensors.pop(name, None)
     return params
-
-
-def join_rows(parts: list[np.ndarray]) -> np.ndarray:
-    """Host arrays joined along axis 0: a view where they lie back to back in the memory of
-    one mapped file (converted weights, written in the order the table reads them), else a
-    copy."""
-    if len(parts) == 1:
-        return parts[0]
-    first, root = parts[0], _root(parts[0])
-    if (
-        root.base is not None
-        and root.flags.c_contiguous
-        and all(_root(p) is root and p.flags.c_contiguous for p in parts)
-        and all(p.dtype == first.dtype and p.shape[1:] == first.shape[1:] for p in parts)
-        and all(a.ctypes.data + a.nbytes == b.ctypes.data for a, b in zip(parts, parts[1:]))
-    ):
-        start = first.ctypes.data - root.ctypes.data
-        span = root.reshape(-1).view(np.uint8)[start : start + sum(p.nbytes for p in parts)]
-        return span.view(first.dtype).reshape(-1, *first.shape[1:])
-    return np.concatenate(parts, axis=0)
-
-
-def _root(a: np.ndarray) -> np.ndarray:
-    """The array a view's memory was first given to (its base, if any, is not an array: the
-    mapped file)."""
-    while isinstance(a.base, np.ndarray):
-        a = a.base
-    return a
 
 
 def linear_weights(model: CausalLM) -> list:

@@ -13,7 +13,8 @@ the same model.
 - It is written to a temporary file and renamed into place, so two processes filling it at
   once each write whole files and the last rename wins; a reader never sees a partial one.
 - The tensors are written in the order the model reads them (`order`), so weights the model
-  joins (q|k|v, gate|up) lie back to back and join without a copy (models/base.py: join_rows).
+  joins (q|k|v, gate|up) lie back to back and join without a copy (backend/base.py:
+  join_rows).
 - The tensors were checked finite before they were stored; a mapped load does not check again.
 - A cache that cannot be written (read-only, or the disk would be left with under 1 GiB free)
   or read back (corrupt) is reported as a warning and the load goes on from the GGUF itself;
@@ -36,7 +37,7 @@ import numpy as np
 
 from ..errors import WeightsError
 from .default_model import cache_dir
-from .safetensors_dir import read_safetensors
+from .safetensors_dir import read_safetensors_with_metadata
 
 ENV = "NANOVLLM_WEIGHTS_CACHE"
 HEAD_BYTES = 1 << 20  # the part of a GGUF hashed into its key: the header and metadata
@@ -80,9 +81,9 @@ def load(gguf: Path) -> tuple[dict, dict[str, np.ndarray]] | None:
     if entry is None or not entry.is_file():
         return None
     try:
-        tensors = read_safetensors(entry, copy=False)
-        config = json.loads(_metadata(entry)["config"])
-    except (WeightsError, KeyError, ValueError, OSError) as e:
+        tensors, metadata = read_safetensors_with_metadata(entry, copy=False)
+        config = json.loads(metadata["config"])
+    except (WeightsError, KeyError, TypeError, ValueError, OSError) as e:
         warnings.warn(
             f"{entry}: unreadable converted weights ({e}); converting {gguf} again",
             stacklevel=2,
@@ -140,7 +141,7 @@ def store(
     for old in entry.parent.glob(f"{_prefix(gguf.resolve())}*.safetensors"):
         if old != entry:
             old.unlink(missing_ok=True)
-    return read_safetensors(entry, copy=False)
+    return read_safetensors_with_metadata(entry, copy=False)[0]
 
 
 def _remove_stale_temporaries(directory: Path, prefix: str) -> None:
@@ -151,9 +152,3 @@ def _remove_stale_temporaries(directory: Path, prefix: str) -> None:
         with contextlib.suppress(OSError):
             if now - tmp.stat().st_mtime > STALE:
                 tmp.unlink()
-
-
-def _metadata(entry: Path) -> dict:
-    with open(entry, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(length))["__metadata__"]

@@ -98,10 +98,18 @@ def _weight_files(path: Path) -> list[tuple[Path, set[str] | None]]:
     return files
 
 
-def read_safetensors(file: Path, copy: bool = True) -> dict[str, np.ndarray]:
-    """Every tensor of one .safetensors file, widened to float32 on the host: copies, or with
-    `copy=False` float32 tensors as read-only views of the mapped file (for a file that is
-    only ever replaced by a rename, never rewritten in place)."""
+def read_safetensors(file: Path) -> dict[str, np.ndarray]:
+    """Every tensor of one .safetensors file, widened to float32 on the host (copies)."""
+    return read_safetensors_with_metadata(file)[0]
+
+
+def read_safetensors_with_metadata(
+    file: Path, copy: bool = True
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Every tensor of one .safetensors file, widened to float32 on the host, and the header's
+    `__metadata__` ({} if none). The tensors are copies, or with `copy=False` float32 ones are
+    read-only views of the mapped file (for a file that is only ever replaced by a rename,
+    never rewritten in place)."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
@@ -122,7 +130,7 @@ def read_safetensors(file: Path, copy: bool = True) -> dict[str, np.ndarray]:
                 raise TypeError("the header is not a JSON object")
         except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
             raise WeightsError(f"{file} has a corrupt header ({e}); download it again") from e
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None) or {}
     start = 8 + header_len
     if copy:  # (a mapped file's pages are the page cache's, not this process's)
         check_fits(
@@ -138,7 +146,8 @@ def read_safetensors(file: Path, copy: bool = True) -> dict[str, np.ndarray]:
         leave=False,
         disable=len(header) < 64 or not copy,
     )
-    return {name: _tensor(file, name, info, data, size - start, copy) for name, info in items}
+    tensors = {name: _tensor(file, name, info, data, size - start, copy) for name, info in items}
+    return tensors, metadata
 
 
 def _float32_bytes(header: dict, data_size: int) -> int:
