@@ -48,8 +48,15 @@ def random_step(rng, num_decode: int, chunks: list[tuple[int, int]]):
     return decode, [seq(start, n) for start, n in chunks]
 
 
+def head_major(b, pool: np.ndarray):
+    """A token-major host pool [slots, kv_heads, d] laid out as the model allocates its pools,
+    [kv_heads, slots, d], on the backend."""
+    return b.asarray(np.ascontiguousarray(pool.transpose(1, 0, 2)), dtype=b.dtype)
+
+
 def reference(q, k_pool, v_pool, seqs, window) -> np.ndarray:
-    """Each query over its visible keys, one at a time: [rows, heads * d]."""
+    """Each query over its visible keys, one at a time: [rows, heads * d]. The pools here are
+    token-major, [slots, kv_heads, d], independent of the layout the model uses."""
     out = []
     row = 0
     for s in seqs:
@@ -87,7 +94,7 @@ def test_exact_and_tiled_parts_match_naive_attention(backend, step, window):
     rows = len(decode) + sum(len(s.token_ids) for s in prefill)
     q_host = rng.standard_normal((rows, HEADS, D)).astype(np.float32)
     want = reference(q_host, k_host, v_host, decode + prefill, window)
-    k_pool, v_pool = b.asarray(k_host, dtype=b.dtype), b.asarray(v_host, dtype=b.dtype)
+    k_pool, v_pool = head_major(b, k_host), head_major(b, v_host)
 
     def attend(parts, prefill_row: int, padded_rows: int) -> np.ndarray:
         q = np.zeros((padded_rows, HEADS, D), dtype=np.float32)
@@ -212,8 +219,8 @@ def test_a_lone_sequence_reads_runs_of_consecutive_slots_as_slices(
     out = paged_attention(
         b.xp,
         b.asarray(q_host, dtype=b.dtype),
-        b.asarray(k_host, dtype=b.dtype),
-        b.asarray(v_host, dtype=b.dtype),
+        head_major(b, k_host),
+        head_major(b, v_host),
         AttentionMetadata(None, [layout.to_device(part, b, 0, query_len)]),
         D**-0.5,
     )

@@ -85,15 +85,15 @@ def test_each_device_holds_a_tp_th_of_the_layer_weights(tiny_tp, tp):
     # the vocabulary: the embedding by rows, the head by columns; the K/V pools by KV head
     assert shard_shapes(llm.model.params["embed"]) == [(160 // tp, 64)] * tp
     k_pool = llm.engine.runner.kv_caches[0][0]
-    slots, kv_heads, head_dim = k_pool.shape
-    assert shard_shapes(k_pool) == [(slots, kv_heads // tp, head_dim)] * tp
+    kv_heads, slots, head_dim = k_pool.shape
+    assert shard_shapes(k_pool) == [(kv_heads // tp, slots, head_dim)] * tp
 
 
 def test_the_pools_stay_split_after_steps(tiny_tp):
     llm = small_llm(tiny_tp.path, 2)
     tokens(llm)
     k_pool = llm.engine.runner.kv_caches[1][1]
-    assert shard_shapes(k_pool) == [(k_pool.shape[0], 2, k_pool.shape[2])] * 2
+    assert shard_shapes(k_pool) == [(2, k_pool.shape[1], k_pool.shape[2])] * 2
     assert llm.backend.compilations() > 0
 
 

@@ -70,16 +70,17 @@ class Backend:
     def to_host(self, x: Any) -> np.ndarray:
         return np.asarray(x)
 
-    def scatter_rows(self, pool: Any, slots: Any, rows: Any) -> Any:
-        """pool[slots] = rows along axis 0; in place where the library allows. Returns the pool."""
-        pool[slots] = rows
+    def scatter_rows(self, pool: Any, slots: Any, rows: Any, axis: int = 0) -> Any:
+        """pool[slots] = rows along `axis` (rows has the pool's shape, but len(slots) along
+        it); in place where the library allows. Returns the pool."""
+        pool[(slice(None),) * axis + (slots,)] = rows
         return pool
 
     def zeros(self, shape: tuple[int, ...], dtype: Any = None) -> Any:
         return self.xp.zeros(shape, dtype=dtype or self.dtype, device=self.device)
 
     def kv_pool(self, shape: tuple[int, int, int]) -> Any:
-        """A zeroed K or V pool [slots, kv_heads, head_dim] (cut by KV head across the devices
+        """A zeroed K or V pool [kv_heads, slots, head_dim] (cut by KV head across the devices
         where the backend runs on several)."""
         return self.zeros(shape)
 

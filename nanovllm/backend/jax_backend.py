@@ -45,8 +45,8 @@ class JaxBackend(Backend):
     def to_host(self, x):
         return np.asarray(jax.device_get(x))
 
-    def scatter_rows(self, pool, slots, rows):
-        return pool.at[slots].set(rows.astype(pool.dtype))
+    def scatter_rows(self, pool, slots, rows, axis=0):
+        return pool.at[(slice(None),) * axis + (slots,)].set(rows.astype(pool.dtype))
 
     def register_step_dataclass(self, cls) -> None:
         """A dataclass the jitted step takes: its `static_fields` are compiled in, the other
@@ -104,17 +104,17 @@ class TensorParallel(JaxBackend):
         return jax.device_put(w, self._cut(axis))
 
     def kv_pool(self, shape):
-        kv_heads = shape[1]
+        kv_heads = shape[0]
         if kv_heads % self.size:
             sharding = self._whole(f"K/V pools of {kv_heads} KV heads")
         else:
-            sharding = self._cut(1)
+            sharding = self._cut(0)
         self._pools[tuple(shape)] = sharding
         return jnp.zeros(shape, dtype=self.dtype, device=sharding)
 
-    def scatter_rows(self, pool, slots, rows):
+    def scatter_rows(self, pool, slots, rows, axis=0):
         # the written pool keeps the placement it came in with (so it is donated in place)
-        written = super().scatter_rows(pool, slots, rows)
+        written = super().scatter_rows(pool, slots, rows, axis)
         sharding = self._pools.get(tuple(pool.shape), self.whole)
         return jax.lax.with_sharding_constraint(written, sharding)
 

@@ -12,16 +12,16 @@ class StrictBackend(Backend):
     def to_host(self, x):
         return np.from_dlpack(x)
 
-    def scatter_rows(self, pool, slots, rows):
+    def scatter_rows(self, pool, slots, rows, axis=0):
         # The standard has no integer-array assignment: select rows with a boolean mask.
         xp = self.xp
         host_slots = self.to_host(slots)
-        source = np.zeros(pool.shape[0], dtype=np.int64)
+        source = np.zeros(pool.shape[axis], dtype=np.int64)
         source[host_slots] = np.arange(host_slots.shape[0])
-        mask = np.zeros(pool.shape[0], dtype=bool)
+        mask = np.zeros(pool.shape[axis], dtype=bool)
         mask[host_slots] = True
-        picked = xp.take(rows, self.asarray(source), axis=0)
-        shape = (pool.shape[0],) + (1,) * (pool.ndim - 1)
+        picked = xp.take(rows, self.asarray(source), axis=axis)
+        shape = tuple(n if i == axis else 1 for i, n in enumerate(pool.shape))
         return xp.where(xp.reshape(self.asarray(mask), shape), picked, pool)
 
 

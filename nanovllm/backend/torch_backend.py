@@ -26,8 +26,8 @@ class TorchBackend(Backend):
             x = x.float()
         return x.cpu().numpy()
 
-    def scatter_rows(self, pool, slots, rows):
-        pool.index_copy_(0, slots, rows.to(pool.dtype))
+    def scatter_rows(self, pool, slots, rows, axis=0):
+        pool.index_copy_(axis, slots, rows.to(pool.dtype))
         return pool
 
     def inference(self):

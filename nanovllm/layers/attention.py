@@ -1,11 +1,12 @@
 """Paged attention over a KV pool, written against the array API.
 
-The pool of one layer holds K (and one holds V) as rows `[num_slots, kv_heads, head_dim]`,
-a slot being `block * block_size + offset`. Every query reads its sequence's whole context
-(cached prefix plus the new tokens) back from the pool through the slot indices the runner
-derived from the block tables; the masks say which keys a query may see (causal, within the
-context, and within the layer's sliding window if it has one). Grouped heads share one
-gathered K/V: queries are shaped [seq, kv_head, group * Q, d].
+The pool of one layer holds K (and one holds V) head-major, `[kv_heads, num_slots, head_dim]`,
+a slot being `block * block_size + offset`: one KV head's keys for a run of slots lie back
+to back, so a decode query reads them as one contiguous slice per head. Every query reads
+its sequence's whole context (cached prefix plus the new tokens) back from the pool through
+the slot indices the runner derived from the block tables; the masks say which keys a query
+may see (causal, within the context, and within the layer's sliding window if it has one).
+Grouped heads share one gathered K/V: queries are shaped [seq, kv_head, group * Q, d].
 
 The step's rows are cut into parts (runner/attention_layout.py builds them). A part is S
 items of Q queries over K keys each. Without a combine table an item is a whole sequence
@@ -63,11 +64,12 @@ class AttentionMetadata:
 
 
 def write_kv(backend, k_pool, v_pool, k, v, slot_mapping):
-    """k, v [T, KV, D] of the step's tokens -> the pools [num_slots, KV, D], row t at slot
+    """k, v [T, KV, D] of the step's tokens -> the pools [KV, num_slots, D], token t at slot
     slot_mapping[t]."""
+    xp = backend.xp
     return (
-        backend.scatter_rows(k_pool, slot_mapping, k),
-        backend.scatter_rows(v_pool, slot_mapping, v),
+        backend.scatter_rows(k_pool, slot_mapping, xp.permute_dims(k, (1, 0, 2)), axis=1),
+        backend.scatter_rows(v_pool, slot_mapping, xp.permute_dims(v, (1, 0, 2)), axis=1),
     )
 
 
@@ -88,30 +90,29 @@ def _attend_one_query(xp, q, k_pool, v_pool, part: AttentionPart, scale: float, 
     [1, H*D]. The query sees every one of its keys (exact_part starts them at its window), so
     there is no mask.
 
-    A run's keys are a slice of the pool, [n, KV*D] rows as they lie in memory. All H heads'
-    scores come from one product of the queries laid out block-diagonally ([H, KV*D], zero
-    across KV heads) with that slice, and all values from one product of the probabilities
-    with the value slice: each reads its slice once, front to back, where a product per KV head
-    strides across it (KV times the arithmetic, on a handful of rows, costs less here). The
-    scores come out [H, K], so the softmax runs along contiguous rows.
+    A run's keys are a slice of each KV head's rows, [KV, n, D]. The scores come from keys
+    times queries ([KV, n, D] @ [KV, D, G]): the long side of the product is the keys, which
+    OpenBLAS splits across its threads and streams once, where queries times keys (G rows)
+    runs its small-matrix kernels at a third of the speed. They are then laid out [KV, G, K]
+    (a copy of G*K numbers per head), so the softmax runs along contiguous rows.
     """
     H, D = q.shape[1], q.shape[2]
-    KV = k_pool.shape[1]
+    KV = k_pool.shape[0]
     G = H // KV
-    eye = xp.reshape(xp.eye(KV, dtype=q.dtype, device=q.device), (KV, 1, KV, 1))
-    q = xp.reshape(xp.reshape(q * scale, (KV, G, 1, D)) * eye, (H, KV * D))  # block-diagonal
+    q = xp.permute_dims(xp.reshape(q * scale, (KV, G, D)), (0, 2, 1))  # [KV, D, G]
     runs = part.context_runs
     assert runs is not None
-    scores = [
-        q @ xp.matrix_transpose(xp.reshape(k_pool[a : a + n, ...], (n, KV * D))) for a, n in runs
-    ]
-    scores = scores[0] if len(scores) == 1 else xp.concat(scores, axis=-1)  # [H, K]
+    scores = [k_pool[:, a : a + n, :] @ q for a, n in runs]  # [KV, n, G] each
+    scores = scores[0] if len(scores) == 1 else xp.concat(scores, axis=1)
+    K = scores.shape[1]
+    # laid out [KV, G, K] in a copy (a ufunc keeps its input's layout, and a softmax along
+    # strided rows is slow)
+    scores = xp.reshape(xp.permute_dims(scores, (0, 2, 1)), (KV, G, K), copy=True)
     if softcap is not None:
         scores = xp.tanh(scores / softcap) * softcap
-    probs = softmax(xp, scores)  # [H, K]
-    values = [xp.reshape(v_pool[a : a + n, ...], (n, KV * D)) for a, n in runs]
-    out = xp.reshape(_weighted(probs, values), (KV, G, KV, D)) * eye  # from [H, KV*D]
-    return xp.reshape(xp.sum(out, axis=2), (1, H * D))  # each head's own KV head's values
+    probs = softmax(xp, scores)  # [KV, G, K]
+    out = _weighted(probs, [v_pool[:, a : a + n, :] for a, n in runs])  # [KV, G, D]
+    return xp.reshape(out, (1, H * D))
 
 
 def _attend_part(xp, q, k_pool, v_pool, part: AttentionPart, scale: float, softcap=None):
@@ -125,18 +126,18 @@ def _attend_part(xp, q, k_pool, v_pool, part: AttentionPart, scale: float, softc
     if part.context_runs is not None and Q == 1:
         return _attend_one_query(xp, q, k_pool, v_pool, part, scale, softcap)
     H, D = q.shape[1], q.shape[2]
-    KV = k_pool.shape[1]
+    KV = k_pool.shape[0]
     G = H // KV
     if part.context_runs is None:  # gathered through the slots
         slots = xp.reshape(part.context_slots, (-1,))  # [S*K]
-        k = xp.reshape(xp.take(k_pool, slots, axis=0), (S, K, KV, D))  # [S, K, KV, D]
-        v = xp.reshape(xp.take(v_pool, slots, axis=0), (S, K, KV, D))  # [S, K, KV, D]
-        keys = [xp.permute_dims(k, (0, 2, 3, 1))]  # [S, KV, D, K]
-        values = [xp.permute_dims(v, (0, 2, 1, 3))]  # [S, KV, K, D]
+        k = xp.reshape(xp.take(k_pool, slots, axis=1), (KV, S, K, D))  # [KV, S, K, D]
+        v = xp.reshape(xp.take(v_pool, slots, axis=1), (KV, S, K, D))  # [KV, S, K, D]
+        keys = [xp.permute_dims(k, (1, 0, 3, 2))]  # [S, KV, D, K]
+        values = [xp.permute_dims(v, (1, 0, 2, 3))]  # [S, KV, K, D]
     else:  # one item whose keys are runs of consecutive slots: slices of the pools, not copies
         runs = part.context_runs
-        keys = [xp.permute_dims(k_pool[a : a + n, ...], (1, 2, 0))[None, ...] for a, n in runs]
-        values = [xp.permute_dims(v_pool[a : a + n, ...], (1, 0, 2))[None, ...] for a, n in runs]
+        keys = [xp.permute_dims(k_pool[:, a : a + n, :], (0, 2, 1))[None, ...] for a, n in runs]
+        values = [v_pool[:, a : a + n, :][None, ...] for a, n in runs]
     q = xp.reshape(q, (S, Q, KV, G, D))  # [S, Q, KV, G, D]
     q = xp.reshape(xp.permute_dims(q, (0, 2, 3, 1, 4)), (S, KV, G * Q, D)) * scale
     scores = [q @ k for k in keys]  # [S, KV, G*Q, K] (each run's keys)
@@ -192,7 +193,7 @@ def paged_attention(
     softcap: float | None = None,
 ):
     """q [T, H, D] for the step's T tokens, whose K/V are already in the pools
-    [num_slots, KV, D] -> [T, H*D]. A layer with a sliding `window` reads the parts built for
+    [KV, num_slots, D] -> [T, H*D]. A layer with a sliding `window` reads the parts built for
     it; `softcap` squashes the scaled scores with tanh before the softmax."""
     outs = []
     for part in meta.parts if window is None else meta.window_parts[window]:

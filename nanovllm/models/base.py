@@ -61,8 +61,8 @@ class CausalLM(Protocol):
         return 0
 
     def allocate_cache(self, backend, num_kv_slots: int, num_state_slots: int) -> list:
-        """Per layer, a (K pool, V pool) pair of [num_kv_slots, kv_heads, head_dim]."""
-        shape = (num_kv_slots, self.num_kv_heads, self.head_dim)
+        """Per layer, a (K pool, V pool) pair of [kv_heads, num_kv_slots, head_dim]."""
+        shape = (self.num_kv_heads, num_kv_slots, self.head_dim)
         return [(backend.kv_pool(shape), backend.kv_pool(shape)) for _ in range(self.num_layers)]
 
     def expected_shapes(self) -> tuple[dict[str, tuple[int, ...]], set[str]]:

@@ -210,7 +210,7 @@ class FalconForCausalLM(CausalLM):
         k = xp.reshape(qkv[:, q_size : q_size + kv_size], (T, KV, D))  # [T, KV, D]
         v = xp.reshape(qkv[:, q_size + kv_size :], (T, KV, D))  # [T, KV, D]
         q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
-        k_pool, v_pool = kv_caches[i]  # [num_slots, KV, D] each
+        k_pool, v_pool = kv_caches[i]  # [KV, num_slots, D] each
         k_pool, v_pool = write_kv(self.backend, k_pool, v_pool, k, v, meta.slot_mapping)
         kv_caches[i] = (k_pool, v_pool)
         o = paged_attention(xp, q, k_pool, v_pool, meta, self.scale)  # [T, H*D]

@@ -152,7 +152,7 @@ class GPT2LMHeadModel(CausalLM):
             q, k, v = (
                 xp.reshape(qkv[:, j * E : (j + 1) * E], (T, H, D)) for j in range(3)
             )  # [T, H, D] each
-            k_pool, v_pool = kv_caches[i]  # [num_slots, H, D] each
+            k_pool, v_pool = kv_caches[i]  # [H, num_slots, D] each
             k_pool, v_pool = write_kv(self.backend, k_pool, v_pool, k, v, meta.slot_mapping)
             kv_caches[i] = (k_pool, v_pool)
             o = paged_attention(xp, q, k_pool, v_pool, meta, self.scales[i])  # [T, E]

@@ -276,7 +276,7 @@ class GraniteMoeHybridForCausalLM(CausalLM):
     def allocate_cache(self, backend, num_kv_slots: int, num_state_slots: int) -> list:
         """Per layer: (K pool, V pool) for attention, (conv, ssm) state pools for Mamba."""
         c, m = self.cfg, self.cfg.mamba
-        kv = (num_kv_slots, c.num_kv_heads, c.head_dim)
+        kv = (c.num_kv_heads, num_kv_slots, c.head_dim)
         conv = (num_state_slots, m.d_conv - 1, m.conv_dim)
         ssm = (num_state_slots, m.heads, m.head_dim, m.d_state)
         return [
@@ -300,7 +300,7 @@ class GraniteMoeHybridForCausalLM(CausalLM):
             qk = self.rotary.apply(qk, *rope)  # q and k heads rotated together
         q, k = qk[:, :H, :], qk[:, H:, :]  # [T, H, D], [T, KV, D]
         v = xp.reshape(qkv[:, q_size + kv_size :], (T, KV, D))  # [T, KV, D]
-        k_pool, v_pool = cache  # [num_slots, KV, D] each
+        k_pool, v_pool = cache  # [KV, num_slots, D] each
         k_pool, v_pool = write_kv(self.backend, k_pool, v_pool, k, v, meta.slot_mapping)
         o = paged_attention(xp, q, k_pool, v_pool, meta, self.scale)  # [T, H*D]
         return linear(o, layer["o"], layer["o_b"]), (k_pool, v_pool)  # [T, E]

@@ -135,7 +135,7 @@ class LlamaForCausalLM(CausalLM):
             qk = self.rotary.apply(qk, cos, sin)  # q and k heads rotated together
             q, k = qk[:, :H, :], qk[:, H:, :]  # [T, H, D], [T, KV, D]
             v = xp.reshape(qkv[:, q_size + kv_size :], (T, KV, D))  # [T, KV, D]
-            k_pool, v_pool = kv_caches[i]  # [num_slots, KV, D] each
+            k_pool, v_pool = kv_caches[i]  # [KV, num_slots, D] each
             k_pool, v_pool = write_kv(self.backend, k_pool, v_pool, k, v, meta.slot_mapping)
             kv_caches[i] = (k_pool, v_pool)
             window = self.layer_windows[i] if self.layer_windows else None
