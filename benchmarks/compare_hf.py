@@ -341,6 +341,7 @@ def main(argv=None) -> None:
         decode_step_bytes,
         decode_tok_s,
         gemv_bandwidth,
+        linear_products,
         prefill_tok_s,
         run_requests,
         shared_prefix_ttft,
@@ -462,6 +463,17 @@ def main(argv=None) -> None:
     log(f"GEMV bandwidth over {max(step_bytes.values()) / 2**20:.0f} MiB (a decode step's reads)")
     bandwidth = gemv_bandwidth(max(step_bytes.values()))
     own = {b: weights_gemv_bandwidth(llm) for b, llm in llms.items()}
+    log("the products of a batch-1 and a fixed-batch decode step and of a prefill, alone")
+    products = {}  # what the linears alone take: bounds on the fixed-batch and prefill rows
+    for b, llm in llms.items():
+        bounds = {
+            "decode_b1_tok_s": linear_products(llm, 1, head=True),
+            "prefill_tok_s": linear_products(llm, args.prefill_len, head=False),
+        }
+        if args.fixed_batch:
+            bounds["fixed_generated_tok_s"] = linear_products(llm, args.fixed_batch, head=True)
+        if all(bounds.values()):
+            products[b] = bounds
     for b in backends:
         m = med[b]
         m["decode_roofline_tok_s"] = bandwidth / step_bytes[b]
@@ -489,6 +501,9 @@ def main(argv=None) -> None:
         "decode roofline: the bytes a batch-1 decode step reads (every weight once, the "
         "embedding one row, the KV of its context) over the bandwidth of a numpy float32 "
         "matrix-vector product over a matrix of that many bytes, measured after the runs.",
+        "products alone: the step's linear products timed on their own, one after another, "
+        "on the model's own weights; no step of that many rows can run faster than they do, "
+        "so their tok/s bounds the batch-1, prefill and fixed-batch figures (and their ratios).",
         "long / short context: batch-1 decode at a 128-token and at a --long-context prompt; "
         "TTFT cold / hot: a --shared-prefix prefix + 16 tokens with nothing cached, then "
         "another request with the same prefix (prefix caching on for these two only).",
@@ -544,6 +559,7 @@ def main(argv=None) -> None:
         "load_s": {**nv_load, "transformers": hf_load},
         "gemv_gb_s": bandwidth / 1e9,
         "weights_gemv_gb_s": {b: v / 1e9 for b, v in own.items() if v},
+        "linear_products": products,
         "decode_step_bytes": step_bytes,
         "environment": env,
         "median": med,
@@ -625,6 +641,21 @@ def print_table(args, result: dict, n_requests: int) -> None:
     print(f"GEMV bandwidth over a decode step's bytes: {result['gemv_gb_s']:.1f} GB/s")
     for b, v in result["weights_gemv_gb_s"].items():
         print(f"GEMV bandwidth over the model's own weights, one by one ({b}): {v:.1f} GB/s")
+    what = {  # the products timed, and the transformers figure the bound is set against
+        "decode_b1_tok_s": ("x every linear weight (a batch-1 decode step's)", "batch-1 decode"),
+        "prefill_tok_s": ("x the layers' linear weights (a prefill's; its head reads one row)",
+                          "prefill"),
+        "fixed_generated_tok_s": ("x every linear weight (a fixed-batch decode step's)",
+                                  "fixed-batch generated tok/s"),
+    }  # fmt: skip
+    hf = result["median"]["transformers"]
+    for b, bounds in result["linear_products"].items():
+        for key, p in bounds.items():
+            print(
+                f"products alone ({b}), {p['rows']} rows {what[key][0]}: {p['s'] * 1e3:.1f} "
+                f"ms, {p['gflop_s']:.0f} GFLOP/s: at most {p['tok_s']:.0f} tok/s, "
+                f"{p['tok_s'] / hf[key]:.2f}x transformers' {what[key][1]}"
+            )
     print()
     print("notes:")
     for n in result["notes"]:

@@ -26,6 +26,7 @@ import numpy as np
 from .bench_speculative import speculative_rows
 from .cli import add_model_args, make_llm
 from .config import SpeculativeConfig
+from .models.base import linear_weights
 from .sampling_params import SamplingParams
 
 
@@ -147,24 +148,56 @@ def param_arrays(tree, skip: tuple[str, ...] = ()):
         yield tree
 
 
+def products_weights(llm, head: bool = True) -> list:
+    """The model's linear weights as its products multiply by them (the output head among
+    them unless `head` is False); [] on a jitting backend, whose products are not taken one
+    by one."""
+    if llm.backend.jits:
+        return []
+    weights = linear_weights(llm.model)
+    return [w for w in weights if head or w.shape[1] != llm.model.vocab_size]
+
+
+def products_s(llm, weights: list, rows: int, repeats: int = 5) -> float:
+    """Median seconds of `rows` rows times each weight in turn, as a step of that many rows
+    multiplies them, with nothing else in between."""
+    b = llm.backend
+    xs = {k: b.asarray(np.ones((rows, k), dtype=np.float32)) for k in {w.shape[0] for w in weights}}
+    times = []
+    with b.inference():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for w in weights:
+                xs[w.shape[0]] @ w
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def weights_gemv_bandwidth(llm, repeats: int = 5) -> float | None:
     """Bytes per second of one row times each of the model's linear weights in turn, as a
     batch-1 decode step multiplies them and nothing else: what the decode's products reach on
     these shapes (small matrices cost each product a start-up), against `gemv_bandwidth`'s
-    one large matrix. numpy backend only (None elsewhere)."""
-    from .backend.numpy_backend import LinearWeight
-
-    weights = [w for w in param_arrays(llm.model.params) if isinstance(w, LinearWeight)]
+    one large matrix. None on a jitting backend."""
+    weights = products_weights(llm)
     if not weights:
         return None
-    rows = {w.shape[0]: np.ones((1, w.shape[0]), dtype=w.dtype) for w in weights}
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for w in weights:
-            rows[w.shape[0]] @ w
-        times.append(time.perf_counter() - t0)
-    return sum(w.nbytes for w in weights) / statistics.median(times)
+    return sum(int(np.prod(w.shape)) * llm.backend.itemsize for w in weights) / products_s(
+        llm, weights, 1, repeats
+    )
+
+
+def linear_products(llm, rows: int, head: bool) -> dict | None:
+    """What the products of a step of `rows` rows take alone on the model's own weights (None
+    on a jitting backend): seconds, GFLOP/s, and the tokens per second a step of that many
+    rows could reach if it did nothing else, which bounds a batched decode (`rows` sequences,
+    with the head) and a prefill chunk (`rows` tokens, without it: its head reads the last
+    row only)."""
+    weights = products_weights(llm, head)
+    if not weights:
+        return None
+    seconds = products_s(llm, weights, rows)
+    flops = 2 * rows * sum(w.shape[0] * w.shape[1] for w in weights)
+    return {"rows": rows, "s": seconds, "gflop_s": flops / seconds / 1e9, "tok_s": rows / seconds}
 
 
 def decode_step_bytes(llm, context: int) -> int:

@@ -160,3 +160,25 @@ def test_bench_gives_speculative_rows_beside_plain_decoding(tiny_llama, backend,
         assert figures[f"spec_{name}_same_text"] is True
         assert 0 <= figures[f"spec_{name}_acceptance"] <= 1
         assert figures[f"spec_{name}_tokens_per_step"] >= 1
+
+
+def test_the_linear_products_bound_is_taken_on_the_models_own_weights(tiny_llama, backend):
+    """compare_hf's "products alone" rows: rows times each of the model's linear weights, the
+    output head left out for a prefill (its head reads one row); none on a jitting backend."""
+    from nanovllm import LLM
+    from nanovllm.bench import linear_products, products_weights
+
+    llm = LLM(str(tiny_llama("gqa", seed=0).path), backend=backend, verbose=False)
+    if llm.backend.jits:
+        assert linear_products(llm, 4, head=True) is None
+        return
+    m = llm.model
+    every, layers = products_weights(llm), products_weights(llm, head=False)
+    assert len(every) == 4 * m.num_layers + 1 and len(layers) == 4 * m.num_layers
+    heads = [tuple(w.shape) for w in every if w.shape[1] == m.vocab_size]
+    assert heads == [(m.cfg.hidden_size, m.vocab_size)]
+    for head, weights in ((True, every), (False, layers)):
+        p = linear_products(llm, 6, head=head)
+        assert p["rows"] == 6 and p["s"] > 0 and p["tok_s"] == 6 / p["s"]
+        flops = 2 * 6 * sum(w.shape[0] * w.shape[1] for w in weights)
+        assert abs(p["gflop_s"] * 1e9 * p["s"] - flops) < 1e-6 * flops
