@@ -395,6 +395,14 @@ def main(argv=None) -> None:
 
     engines = [*backends, "transformers"]
     samples: dict[str, dict[str, list[float]]] = {e: {} for e in engines}
+    # what the machine and the products alone give, measured in every repeat (the machine's
+    # memory bandwidth drifts with its neighbours' load, as the workloads' figures do)
+    step_bytes = {b: decode_step_bytes(llm, args.decode_prompt_len + args.decode_tokens // 2)
+                  for b, llm in llms.items()}  # fmt: skip
+    bounds = {"decode_b1_tok_s": (1, True), "prefill_tok_s": (args.prefill_len, False)}
+    if args.fixed_batch:
+        bounds["fixed_generated_tok_s"] = (args.fixed_batch, True)
+    alone: dict = {"gemv": []}
 
     def record(engine: str, key: str, value: float) -> None:
         samples[engine].setdefault(key, []).append(value)
@@ -456,24 +464,27 @@ def main(argv=None) -> None:
                 cold, hot = shared_prefix_ttft(llm, *prefix_prompts[r])
                 record(engine, "ttft_cold_s", cold)
                 record(engine, "ttft_hot_s", hot)
+        log(
+            f"repeat {r + 1}/{args.repeats}: GEMV bandwidth over "
+            f"{max(step_bytes.values()) / 2**20:.0f} MiB (a decode step's reads), and the "
+            "products of a batch-1 and a fixed-batch decode step and of a prefill, alone"
+        )
+        alone["gemv"].append(gemv_bandwidth(max(step_bytes.values())))
+        for b, llm in llms.items():
+            if (bw := weights_gemv_bandwidth(llm)) is not None:
+                alone.setdefault((b, "gemv"), []).append(bw)
+            for key, (rows, head) in bounds.items():
+                if (p := linear_products(llm, rows, head)) is not None:
+                    alone.setdefault((b, key), []).append(p)
 
     med = {e: {k: statistics.median(v) for k, v in s.items()} for e, s in samples.items()}
-    step_bytes = {b: decode_step_bytes(llm, args.decode_prompt_len + args.decode_tokens // 2)
-                  for b, llm in llms.items()}  # fmt: skip
-    log(f"GEMV bandwidth over {max(step_bytes.values()) / 2**20:.0f} MiB (a decode step's reads)")
-    bandwidth = gemv_bandwidth(max(step_bytes.values()))
-    own = {b: weights_gemv_bandwidth(llm) for b, llm in llms.items()}
-    log("the products of a batch-1 and a fixed-batch decode step and of a prefill, alone")
-    products = {}  # what the linears alone take: bounds on the fixed-batch and prefill rows
-    for b, llm in llms.items():
-        bounds = {
-            "decode_b1_tok_s": linear_products(llm, 1, head=True),
-            "prefill_tok_s": linear_products(llm, args.prefill_len, head=False),
-        }
-        if args.fixed_batch:
-            bounds["fixed_generated_tok_s"] = linear_products(llm, args.fixed_batch, head=True)
-        if all(bounds.values()):
-            products[b] = bounds
+    bandwidth = statistics.median(alone["gemv"])
+    own = {b: statistics.median(alone[b, "gemv"]) for b in backends if alone.get((b, "gemv"))}
+    products = {  # of each bound, the repeat whose products took the median time
+        b: {k: sorted(alone[b, k], key=lambda p: p["s"])[len(alone[b, k]) // 2] for k in bounds}
+        for b in backends
+        if all(alone.get((b, k)) for k in bounds)
+    }
     for b in backends:
         m = med[b]
         m["decode_roofline_tok_s"] = bandwidth / step_bytes[b]
@@ -500,7 +511,8 @@ def main(argv=None) -> None:
         "nanovllm is faster.",
         "decode roofline: the bytes a batch-1 decode step reads (every weight once, the "
         "embedding one row, the KV of its context) over the bandwidth of a numpy float32 "
-        "matrix-vector product over a matrix of that many bytes, measured after the runs.",
+        "matrix-vector product over a matrix of that many bytes, measured in every repeat "
+        "(median).",
         "products alone: the step's linear products timed on their own, one after another, "
         "on the model's own weights; no step of that many rows can run faster than they do, "
         "so their tok/s bounds the batch-1, prefill and fixed-batch figures (and their ratios).",
@@ -558,6 +570,7 @@ def main(argv=None) -> None:
         },
         "load_s": {**nv_load, "transformers": hf_load},
         "gemv_gb_s": bandwidth / 1e9,
+        "gemv_samples_gb_s": [x / 1e9 for x in alone["gemv"]],
         "weights_gemv_gb_s": {b: v / 1e9 for b, v in own.items() if v},
         "linear_products": products,
         "decode_step_bytes": step_bytes,
@@ -652,9 +665,9 @@ def print_table(args, result: dict, n_requests: int) -> None:
     for b, bounds in result["linear_products"].items():
         for key, p in bounds.items():
             print(
-                f"products alone ({b}), {p['rows']} rows {what[key][0]}: {p['s'] * 1e3:.1f} "
-                f"ms, {p['gflop_s']:.0f} GFLOP/s: at most {p['tok_s']:.0f} tok/s, "
-                f"{p['tok_s'] / hf[key]:.2f}x transformers' {what[key][1]}"
+                f"products alone ({b}), {p['rows']} row{'s' * (p['rows'] != 1)} {what[key][0]}: "
+                f"{p['s'] * 1e3:.1f} ms, {p['gflop_s']:.0f} GFLOP/s: at most {p['tok_s']:.0f} "
+                f"tok/s, {p['tok_s'] / hf[key]:.2f}x transformers' {what[key][1]}"
             )
     print()
     print("notes:")
