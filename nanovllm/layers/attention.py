@@ -93,7 +93,7 @@ def _attend_one_query(xp, q, k_pool, v_pool, part: AttentionPart, scale: float, 
     A run's keys are a slice of each KV head's rows, [KV, n, D]. The scores come from keys
     times queries ([KV, n, D] @ [KV, D, G]): the long side of the product is the keys, which
     OpenBLAS splits across its threads and streams once, where queries times keys (G rows)
-    runs its small-matrix kernels at a third of the speed. They are then laid out [KV, G, K]
+    runs its small-matrix kernels, slower on these shapes. They are then laid out [KV, G, K]
     (a copy of G*K numbers per head), so the softmax runs along contiguous rows.
     """
     H, D = q.shape[1], q.shape[2]
