@@ -345,7 +345,6 @@ def main(argv=None) -> None:
         prefill_tok_s,
         run_requests,
         shared_prefix_ttft,
-        weights_gemv_bandwidth,
     )
     from nanovllm.llm import LLM
 
@@ -471,20 +470,19 @@ def main(argv=None) -> None:
         )
         alone["gemv"].append(gemv_bandwidth(max(step_bytes.values())))
         for b, llm in llms.items():
-            if (bw := weights_gemv_bandwidth(llm)) is not None:
-                alone.setdefault((b, "gemv"), []).append(bw)
             for key, (rows, head) in bounds.items():
                 if (p := linear_products(llm, rows, head)) is not None:
                     alone.setdefault((b, key), []).append(p)
 
     med = {e: {k: statistics.median(v) for k, v in s.items()} for e, s in samples.items()}
     bandwidth = statistics.median(alone["gemv"])
-    own = {b: statistics.median(alone[b, "gemv"]) for b in backends if alone.get((b, "gemv"))}
     products = {  # of each bound, the repeat whose products took the median time
         b: {k: sorted(alone[b, k], key=lambda p: p["s"])[len(alone[b, k]) // 2] for k in bounds}
         for b in backends
         if all(alone.get((b, k)) for k in bounds)
     }
+    # the decode's products over the model's own weights, as bytes per second
+    own = {b: products[b]["decode_b1_tok_s"]["gb_s"] * 1e9 for b in products}
     for b in backends:
         m = med[b]
         m["decode_roofline_tok_s"] = bandwidth / step_bytes[b]

@@ -162,7 +162,7 @@ def products_s(llm, weights: list, rows: int, repeats: int = 5) -> float:
     """Median seconds of `rows` rows times each weight in turn, as a step of that many rows
     multiplies them, with nothing else in between."""
     b = llm.backend
-    xs = {k: b.asarray(np.ones((rows, k), dtype=np.float32)) for k in {w.shape[0] for w in weights}}
+    xs = {k: b.asarray(np.ones((rows, k)), dtype=b.dtype) for k in {w.shape[0] for w in weights}}
     times = []
     with b.inference():
         for _ in range(repeats):
@@ -173,31 +173,33 @@ def products_s(llm, weights: list, rows: int, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def weights_gemv_bandwidth(llm, repeats: int = 5) -> float | None:
+def weights_gemv_bandwidth(llm) -> float | None:
     """Bytes per second of one row times each of the model's linear weights in turn, as a
     batch-1 decode step multiplies them and nothing else: what the decode's products reach on
     these shapes (small matrices cost each product a start-up), against `gemv_bandwidth`'s
     one large matrix. None on a jitting backend."""
-    weights = products_weights(llm)
-    if not weights:
-        return None
-    return sum(int(np.prod(w.shape)) * llm.backend.itemsize for w in weights) / products_s(
-        llm, weights, 1, repeats
-    )
+    p = linear_products(llm, 1, head=True)
+    return None if p is None else p["gb_s"] * 1e9
 
 
 def linear_products(llm, rows: int, head: bool) -> dict | None:
     """What the products of a step of `rows` rows take alone on the model's own weights (None
-    on a jitting backend): seconds, GFLOP/s, and the tokens per second a step of that many
-    rows could reach if it did nothing else, which bounds a batched decode (`rows` sequences,
-    with the head) and a prefill chunk (`rows` tokens, without it: its head reads the last
-    row only)."""
+    on a jitting backend): seconds, GFLOP/s, the weights' bytes per second, and the tokens per
+    second a step of that many rows could reach if it did nothing else, which bounds a batched
+    decode (`rows` sequences, with the head) and a prefill chunk (`rows` tokens, without it:
+    its head reads the last row only)."""
     weights = products_weights(llm, head)
     if not weights:
         return None
     seconds = products_s(llm, weights, rows)
-    flops = 2 * rows * sum(w.shape[0] * w.shape[1] for w in weights)
-    return {"rows": rows, "s": seconds, "gflop_s": flops / seconds / 1e9, "tok_s": rows / seconds}
+    params = sum(w.shape[0] * w.shape[1] for w in weights)
+    return {
+        "rows": rows,
+        "s": seconds,
+        "gflop_s": 2 * rows * params / seconds / 1e9,
+        "gb_s": params * llm.backend.itemsize / seconds / 1e9,
+        "tok_s": rows / seconds,
+    }
 
 
 def decode_step_bytes(llm, context: int) -> int:
