@@ -1,6 +1,7 @@
-"""The numpy backend's linear weights: a product with 2-7 rows goes by column blocks and one
-with 8-32 rows as w^T @ x^T (faster on OpenBLAS, see numpy_backend.py); each gives numpy's own
-product, to float32 rounding, as a C-contiguous array."""
+"""The numpy backend's linear weights: a product with 2-7 rows goes as one matrix-vector
+product per row over column blocks and one with 8-32 rows as w^T @ x^T (faster on OpenBLAS,
+see numpy_backend.py); each gives numpy's own product, to float32 rounding, as a C-contiguous
+array."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from nanovllm.backend import get_backend
 from nanovllm.backend.numpy_backend import LinearWeight
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 7, 8, 9, 32, 33])  # 2-7 by blocks, 8-32 transposed
+@pytest.mark.parametrize("rows", [1, 2, 5, 7, 8, 9, 32, 33])  # 2-7 by rows, 8-32 transposed
 @pytest.mark.parametrize("k, n", [(576, 49152 // 8), (1536, 576), (7, 3)])
 def test_few_row_products_equal_numpys(rows, k, n):
     rng = np.random.default_rng(rows)

@@ -6,13 +6,15 @@ import numpy as np
 from ..errors import BackendError
 from .base import Backend
 
-# A product of a few rows (a speculative verification, a small batch) with a weight is taken
-# in column blocks of about CHUNK_BYTES of the weight. For such a product OpenBLAS packs the
-# whole weight first, which reads it from memory three times over; a block that stays in the
-# cache is read once. Measured on SkylakeX, 2 threads, SmolLM2's 30 layers and head: 2 rows
-# in 0.59x the time, 5 rows in 0.79x, 8 in 0.95x.
+# A product of a few rows (a speculative verification, the last sequences of a batch) with a
+# weight is taken as one matrix-vector product per row, over column blocks of about
+# CHUNK_BYTES of the weight: the first row streams a block from memory and the others read it
+# from the cache. OpenBLAS's matrix product packs the whole weight for such a product instead,
+# at several times a matrix-vector product's cost. Measured on SkylakeX, 2 threads, SmolLM2's
+# 30 layers and head (benchmarks/few_rows.py): 2 rows in 0.73x the time of matrix products over
+# 256 KiB column blocks (what this replaced), 4 rows in 0.76x, 7 rows in 0.83x.
 FEW_ROWS = range(2, 8)
-CHUNK_BYTES = 256 << 10
+CHUNK_BYTES = 4 << 20
 # A product of 8-32 rows (a decode batch) is taken with the weight as the left operand,
 # w^T @ x^T: OpenBLAS then streams the weight in panels and packs only the rows, where as the
 # right operand the weight is packed whole. Measured on SkylakeX, 2 threads, SmolLM2's 30
@@ -22,8 +24,9 @@ SOME_ROWS = range(8, 33)
 
 
 class LinearWeight(np.ndarray):
-    """A linear layer's [in, out] weight whose products with 2-7 rows go by column blocks and
-    with 8-32 rows as w^T @ x^T; any other product, and everything else, is numpy's own."""
+    """A linear layer's [in, out] weight whose products with 2-7 rows go as one matrix-vector
+    product per row by column blocks, and with 8-32 rows as w^T @ x^T; any other product, and
+    everything else, is numpy's own."""
 
     def __rmatmul__(self, x):
         w = self.view(np.ndarray)
@@ -36,13 +39,16 @@ class LinearWeight(np.ndarray):
 
 
 def blocked_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """x [M, K] @ w [K, N], by blocks of w's columns of about CHUNK_BYTES each (w is the
-    transposed view of an [N, K] array, so each block is contiguous)."""
+    """x [M, K] @ w [K, N], by blocks of w's columns of about CHUNK_BYTES each, each block one
+    matrix-vector product per row of x (w is the transposed view of an [N, K] array, so each
+    block is contiguous)."""
     m, (k, n) = x.shape[0], w.shape
     out = np.empty((m, n), dtype=np.result_type(x, w))
     cols = max(16, CHUNK_BYTES // (k * w.itemsize))
     for c in range(0, n, cols):
-        np.matmul(x, w[:, c : c + cols], out=out[:, c : c + cols])
+        block = w[:, c : c + cols]
+        for i in range(m):
+            np.matmul(x[i], block, out=out[i, c : c + cols])
     return out
 
 
