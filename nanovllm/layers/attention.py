@@ -14,14 +14,18 @@ items of Q queries over K keys each. Without a combine table an item is a whole 
 queries over one tile of keys: each item yields partial results (running max, sum of
 exponentials, unnormalized output) per query, and each output row merges the partials of
 its items, as flash-decoding does.
+
+A whole item is normalized after its values are summed: the exponentials' sums divide the
+[Q, D] output rather than the [Q, K] weights, one pass fewer over the scores. Its mask comes
+as an additive bias (0 or -inf), made once per step and shared by every layer: one addition
+where a select by a broadcast boolean mask takes several times as long (numpy, [9, 128, 512]
+scores: 0.10 ms against 0.35-0.67).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
-
-from .activation import softmax
 
 
 @dataclass(slots=True)
@@ -39,7 +43,7 @@ class AttentionPart:
         "context_runs",
     )
     context_slots: Any  # [S, K] pool slots of each item's keys (padded with null slots)
-    mask: Any  # [S, 1, 1, Q, K] bool: may query q attend to key k
+    mask: Any  # [S, 1, 1, Q, K] bool: may query q attend to key k (tiles; None for a whole item)
     num_seqs: int  # S
     query_len: int  # Q: 1 for decode
     context_len: int  # K
@@ -50,6 +54,9 @@ class AttentionPart:
     # eager backends, one item (S = 1): its keys as runs (first slot, length) of consecutive
     # pool slots, read as slices instead of through context_slots (None: gathered)
     context_runs: tuple[tuple[int, int], ...] | None = None
+    # whole items (no combine table): the mask as 0 where a query may attend, -inf where not,
+    # [S, 1, 1, Q, K] in the compute dtype
+    bias: Any = None
 
 
 @dataclass(slots=True)
@@ -110,8 +117,9 @@ def _attend_one_query(xp, q, k_pool, v_pool, part: AttentionPart, scale: float, 
     scores = xp.reshape(xp.permute_dims(scores, (0, 2, 1)), (KV, G, K), copy=True)
     if softcap is not None:
         scores = xp.tanh(scores / softcap) * softcap
-    probs = softmax(xp, scores)  # [KV, G, K]
-    out = _weighted(probs, [v_pool[:, a : a + n, :] for a, n in runs])  # [KV, G, D]
+    weights = xp.exp(scores - xp.max(scores, axis=-1, keepdims=True))  # [KV, G, K]
+    out = _weighted(weights, [v_pool[:, a : a + n, :] for a, n in runs])  # [KV, G, D]
+    out = out / xp.sum(weights, axis=-1, keepdims=True)  # normalized: [KV, G, D]
     return xp.reshape(out, (1, H * D))
 
 
@@ -145,17 +153,21 @@ def _attend_part(xp, q, k_pool, v_pool, part: AttentionPart, scale: float, softc
     scores = xp.reshape(scores, (S, KV, G, Q, K))  # [S, KV, G, Q, K]
     if softcap is not None:  # Gemma 2: scores squashed into (-softcap, softcap)
         scores = xp.tanh(scores / softcap) * softcap
-    scores = xp.where(part.mask, scores, -xp.inf)  # mask [S, 1, 1, Q, K]
 
     def rows(x):  # [S, KV, G, Q, ...] -> [S*Q, H, ...]
         x = xp.permute_dims(x, (0, 3, 1, 2) + tuple(range(4, x.ndim)))
         return xp.reshape(x, (S * Q, H) + tuple(x.shape[4:]))
 
     if part.combine_index is None:  # each item is a whole sequence: normalize at once
-        probs = xp.reshape(softmax(xp, scores), (S, KV, G * Q, K))  # [S, KV, G*Q, K]
-        out = xp.reshape(_weighted(probs, values), (S, KV, G, Q, D))  # [S, KV, G, Q, D]
+        scores = scores + part.bias  # bias [S, 1, 1, Q, K]: -inf where a key is not seen
+        # every query sees a key (a padding query its item's first), so the max is finite
+        weights = xp.exp(scores - xp.max(scores, axis=-1, keepdims=True))  # [S, KV, G, Q, K]
+        total = xp.sum(weights, axis=-1, keepdims=True)  # [S, KV, G, Q, 1]
+        weights = xp.reshape(weights, (S, KV, G * Q, K))
+        out = xp.reshape(_weighted(weights, values), (S, KV, G, Q, D)) / total
         return xp.reshape(rows(out), (S * Q, H * D))  # [S*Q, H*D], S*Q = num_rows
     # each item is a tile: partial results per query, merged per output row below
+    scores = xp.where(part.mask, scores, -xp.inf)  # mask [S, 1, 1, Q, K]
     m = xp.max(scores, axis=-1, keepdims=True)  # [S, KV, G, Q, 1]: -inf where no key is seen
     p = xp.exp(scores - xp.where(m == -xp.inf, 0.0, m))  # [S, KV, G, Q, K]
     total = rows(xp.sum(p, axis=-1))  # [S*Q, H]

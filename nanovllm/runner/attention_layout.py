@@ -30,16 +30,17 @@ MAX_RUNS = 8  # an exact part's keys are read as slices of the pool up to this m
 
 def to_device(part: AttentionPart, backend, first_row: int, num_rows: int) -> AttentionPart:
     """A copy of the host-built part with its arrays on the backend, placed at rows
-    [first_row, first_row + num_rows) of the step."""
+    [first_row, first_row + num_rows) of the step. A whole item's mask goes as an additive
+    bias in the compute dtype; a tile's as the boolean mask."""
     b = backend
     device = replace(
-        part,
-        first_row=first_row,
-        num_rows=num_rows,
-        context_slots=b.index(part.context_slots),
-        mask=b.step_input(part.mask),
+        part, first_row=first_row, num_rows=num_rows, context_slots=b.index(part.context_slots)
     )
-    if part.query_index is not None:
+    if part.query_index is None:
+        bias = np.where(part.mask, np.float32(0.0), np.float32(-np.inf))
+        device.mask, device.bias = None, b.step_input(bias, dtype=b.dtype)
+    else:
+        device.mask = b.step_input(part.mask)
         device.query_index = b.index(part.query_index)
         device.combine_index = b.index(part.combine_index)
     return device
