@@ -1,7 +1,7 @@
 """The numpy backend's linear weights: a product with 2-7 rows goes as one matrix-vector
 product per row over column blocks and one with 8-32 rows as w^T @ x^T (faster on OpenBLAS,
-see numpy_backend.py); each gives numpy's own product, to float32 rounding, as a C-contiguous
-array."""
+see numpy_backend.py, given as that product's transposed view); each gives numpy's own
+product, to float32 rounding."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def test_few_row_products_equal_numpys(rows, k, n):
     x = rng.standard_normal((rows, k), dtype=np.float32)
     got, want = x @ w, x @ hf.T
     assert type(got) is np.ndarray and got.shape == (rows, n) and got.dtype == np.float32
-    assert got.flags.c_contiguous
+    assert got.flags.c_contiguous or rows in range(8, 33)  # (8-32: the transposed view)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.sqrt(k))
 
 
