@@ -7,7 +7,8 @@ could take them, interleaved round by round on the same weights (medians).
 A step of 2-7 rows (a speculative verification, the last sequences of a batch) multiplies
 every weight by that many rows. Ways:
 - numpy: numpy's own `x @ w` (OpenBLAS's matrix product);
-- w^T @ x^T: the weight as the left operand (what the backend does for 8-32 rows);
+- w^T @ x^T: the weight as the left operand, as a transposed view (what the backend does for
+  8-32 rows);
 - gemm blocks: numpy's product over column blocks of 256 KiB of the weight;
 - backend: what `LinearWeight` does (2-7 rows: one matrix-vector product per row over column
   blocks of CHUNK_BYTES).
@@ -17,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import numpy as np
 
 from nanovllm import LLM
-from nanovllm.bench import blas_kernel, products_weights
+from nanovllm.bench import blas_kernel, products_s, products_weights
 
 
 def gemm_blocks(x: np.ndarray, w: np.ndarray, block_bytes: int = 256 << 10) -> np.ndarray:
@@ -35,7 +35,7 @@ def gemm_blocks(x: np.ndarray, w: np.ndarray, block_bytes: int = 256 << 10) -> n
 
 WAYS = {
     "numpy": lambda x, w: np.matmul(x, w.view(np.ndarray)),
-    "w^T @ x^T": lambda x, w: np.ascontiguousarray(np.matmul(w.view(np.ndarray).T, x.T).T),
+    "w^T @ x^T": lambda x, w: np.matmul(w.view(np.ndarray).T, x.T).T,
     "gemm blocks": lambda x, w: gemm_blocks(x, w.view(np.ndarray)),
     "backend": lambda x, w: x @ w,
 }
@@ -52,14 +52,10 @@ def main() -> None:
     print(f"{len(weights)} weights, {mib:.0f} MiB; {blas_kernel()}; ms per step, median of rounds")
     print(f"{'rows':>4} " + " ".join(f"{k:>12}" for k in WAYS) + "   backend / best other")
     for rows in args.rows:
-        xs = {k: np.ones((rows, k), np.float32) for k in {w.shape[0] for w in weights}}
         times: dict[str, list[float]] = {k: [] for k in WAYS}
-        for _ in range(args.rounds):
+        for _ in range(args.rounds):  # each way once a round, so a burst of load hits all
             for name, f in WAYS.items():
-                t0 = time.perf_counter()
-                for w in weights:
-                    f(xs[w.shape[0]], w)
-                times[name].append(1000 * (time.perf_counter() - t0))
+                times[name].append(1000 * products_s(llm, weights, rows, repeats=1, product=f))
         med = {k: statistics.median(v) for k, v in times.items()}
         best_other = min(v for k, v in med.items() if k != "backend")
         cells = " ".join(f"{med[k]:>12.1f}" for k in WAYS)

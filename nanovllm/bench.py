@@ -158,9 +158,11 @@ def products_weights(llm, head: bool = True) -> list:
     return [w for w in weights if head or w.shape[1] != llm.model.vocab_size]
 
 
-def products_s(llm, weights: list, rows: int, repeats: int = 5) -> float:
+def products_s(llm, weights: list, rows: int, repeats: int = 5, product=None) -> float:
     """Median seconds of `rows` rows times each weight in turn, as a step of that many rows
-    multiplies them, with nothing else in between."""
+    multiplies them, with nothing else in between (`product(x, w)`: another way to take each
+    product than the backend's `x @ w`)."""
+    product = product or (lambda x, w: x @ w)
     b = llm.backend
     xs = {k: b.asarray(np.ones((rows, k)), dtype=b.dtype) for k in {w.shape[0] for w in weights}}
     times = []
@@ -168,7 +170,7 @@ def products_s(llm, weights: list, rows: int, repeats: int = 5) -> float:
         for _ in range(repeats):
             t0 = time.perf_counter()
             for w in weights:
-                xs[w.shape[0]] @ w
+                product(xs[w.shape[0]], w)
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
