@@ -96,7 +96,7 @@ def test_exact_and_tiled_parts_match_naive_attention(backend, step, window):
     want = reference(q_host, k_host, v_host, decode + prefill, window)
     k_pool, v_pool = head_major(b, k_host), head_major(b, v_host)
 
-    def attend(parts, prefill_row: int, padded_rows: int) -> np.ndarray:
+    def attend(parts, prefill_row: int, padded_rows: int, fused=None) -> np.ndarray:
         q = np.zeros((padded_rows, HEADS, D), dtype=np.float32)
         q[: len(decode)] = q_host[: len(decode)]
         q[prefill_row : prefill_row + rows - len(decode)] = q_host[len(decode) :]
@@ -105,19 +105,27 @@ def test_exact_and_tiled_parts_match_naive_attention(backend, step, window):
             b.asarray(q, dtype=b.dtype),
             k_pool,
             v_pool,
-            AttentionMetadata(None, parts),
+            AttentionMetadata(None, parts, fused=fused),
             D**-0.5,
         )
         return b.to_host(out)
 
-    # exact: one part per decode sequence and per chunk, nothing padded
-    parts, row = [], 0
+    # exact: one part per decode sequence and per chunk, nothing padded; then the decodes as one
+    # part (gathered through their slots), as the runner groups them. Written out against the
+    # array API, and through the backend's fused attention where it has one (torch)
+    singles, row = [], 0
     for s in decode + prefill:
         n = len(s.token_ids)
-        part = layout.exact_part([s], 1, n, BS, window)
-        parts.append(layout.to_device(part, b, row, n))
+        singles.append(layout.to_device(layout.exact_part([s], 1, n, BS, window), b, row, n))
         row += n
-    np.testing.assert_allclose(attend(parts, len(decode), rows), want, atol=2e-5, rtol=1e-5)
+    grouped = singles[len(decode) :]
+    if decode:
+        part = layout.exact_part(decode, len(decode), 1, BS, window)
+        grouped.insert(0, layout.to_device(part, b, 0, len(decode)))
+    for fused in {None, b.fused_attention}:
+        for parts in (singles, grouped):
+            got = attend(parts, len(decode), rows, fused)
+            np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5, err_msg=f"fused={fused}")
 
     # tiled, as a jitting backend lays it out: decode rows padded to a power of two, then the
     # prefill rows padded likewise; several tile shapes, so that queries span key tiles

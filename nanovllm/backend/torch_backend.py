@@ -72,6 +72,15 @@ class TorchBackend(Backend):
             return PackedLinear(w)
         return w
 
+    @staticmethod
+    def fused_attention(q, k, v, bias, scale):
+        # one fused kernel (flash attention on the CPU) instead of the softmax's passes over the
+        # scores: a 512-token prefill's attention took 0.096 s against 0.148 written out, a
+        # 32 x 64 fixed batch's 1.35 s against 1.86 (this AMD CPU, 2 threads)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, scale=scale, enable_gqa=True
+        )
+
     def scatter_rows(self, pool, slots, rows, axis=0):
         pool.index_copy_(axis, slots, rows.to(pool.dtype))
         return pool

@@ -61,13 +61,15 @@ class AttentionPart:
 
 @dataclass(slots=True)
 class AttentionMetadata:
-    static_fields: ClassVar[tuple[str, ...]] = ()
+    static_fields: ClassVar[tuple[str, ...]] = ("fused",)
     slot_mapping: Any  # [T] where each new token's K/V is written
     parts: list  # AttentionParts covering the step's rows in order, for full-attention layers
     # per sliding window of the model's layers, the parts of a layer with that window: each
     # reads only the keys inside its queries' windows
     window_parts: dict[int, list] = field(default_factory=dict)
     state: Any = None  # recurrent-state slots of hybrid models (layers/mamba2.StateMetadata)
+    # the backend's fused attention for whole items (Backend.fused_attention), None: written out
+    fused: Any = None
 
 
 def write_kv(backend, k_pool, v_pool, k, v, slot_mapping):
@@ -194,6 +196,24 @@ def _attend_part(xp, q, k_pool, v_pool, part: AttentionPart, scale: float, softc
     return xp.reshape(out, (R, H * D))  # [R, H*D]
 
 
+def _attend_fused(xp, fused, q, k_pool, v_pool, part: AttentionPart, scale: float):
+    """Whole items through the backend's fused attention: q [S*Q, H, D] -> [S*Q, H*D]."""
+    S, Q, K = part.num_seqs, part.query_len, part.context_len
+    H, D = q.shape[1], q.shape[2]
+    KV = k_pool.shape[0]
+    if part.context_runs is None:  # gathered through the slots
+        slots = xp.reshape(part.context_slots, (-1,))  # [S*K]
+        k = xp.reshape(xp.take(k_pool, slots, axis=1), (KV, S, K, D))
+        v = xp.reshape(xp.take(v_pool, slots, axis=1), (KV, S, K, D))
+        k, v = xp.permute_dims(k, (1, 0, 2, 3)), xp.permute_dims(v, (1, 0, 2, 3))  # [S, KV, K, D]
+    else:  # one item: its runs of consecutive slots, sliced (joined when several)
+        k = xp.concat([k_pool[:, a : a + n, :] for a, n in part.context_runs], axis=1)[None, ...]
+        v = xp.concat([v_pool[:, a : a + n, :] for a, n in part.context_runs], axis=1)[None, ...]
+    q = xp.permute_dims(xp.reshape(q, (S, Q, H, D)), (0, 2, 1, 3))  # [S, H, Q, D]
+    out = fused(q, k, v, xp.reshape(part.bias, (S, 1, Q, K)), scale)  # [S, H, Q, D]
+    return xp.reshape(xp.permute_dims(out, (0, 2, 1, 3)), (S * Q, H * D))
+
+
 def paged_attention(
     xp,
     q,
@@ -212,6 +232,9 @@ def paged_attention(
         part_q = q[part.first_row : part.first_row + part.num_rows, ...]  # [num_rows, H, D]
         if part.query_index is not None:  # tiles: the rows that form each item's queries
             part_q = xp.take(part_q, part.query_index, axis=0)  # [S*Q, H, D]
-        out = _attend_part(xp, part_q, k_pool, v_pool, part, scale, softcap)  # [num_rows, H*D]
+        if meta.fused is not None and part.combine_index is None and softcap is None:
+            out = _attend_fused(xp, meta.fused, part_q, k_pool, v_pool, part, scale)
+        else:
+            out = _attend_part(xp, part_q, k_pool, v_pool, part, scale, softcap)  # [num_rows, H*D]
         outs.append(out)
     return outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)  # [T, H*D]
