@@ -86,6 +86,14 @@ def write_kv(backend, k_pool, v_pool, k, v, slot_mapping):
     )
 
 
+def _gather(xp, pool, part: AttentionPart):
+    """The part's items' keys (or values) read from a pool [KV, num_slots, D] through their
+    slots -> [KV, S, K, D]."""
+    KV, D = pool.shape[0], pool.shape[2]
+    slots = xp.reshape(part.context_slots, (-1,))  # [S*K]
+    return xp.reshape(xp.take(pool, slots, axis=1), (KV, part.num_seqs, part.context_len, D))
+
+
 def _weighted(p, values):
     """p [..., K] @ the values [..., K, D], given as runs of keys (each [..., n, D]) -> [..., D]."""
     if len(values) == 1:
@@ -143,11 +151,8 @@ def _attend_part(xp, q, k_pool, v_pool, part: AttentionPart, scale: float, softc
     KV = k_pool.shape[0]
     G = H // KV
     if part.context_runs is None:  # gathered through the slots
-        slots = xp.reshape(part.context_slots, (-1,))  # [S*K]
-        k = xp.reshape(xp.take(k_pool, slots, axis=1), (KV, S, K, D))  # [KV, S, K, D]
-        v = xp.reshape(xp.take(v_pool, slots, axis=1), (KV, S, K, D))  # [KV, S, K, D]
-        keys = [xp.permute_dims(k, (1, 0, 3, 2))]  # [S, KV, D, K]
-        values = [xp.permute_dims(v, (1, 0, 2, 3))]  # [S, KV, K, D]
+        keys = [xp.permute_dims(_gather(xp, k_pool, part), (1, 0, 3, 2))]  # [S, KV, D, K]
+        values = [xp.permute_dims(_gather(xp, v_pool, part), (1, 0, 2, 3))]  # [S, KV, K, D]
     else:  # one item whose keys are runs of consecutive slots: slices of the pools, not copies
         runs = part.context_runs
         keys = [xp.permute_dims(k_pool[:, a : a + n, :], (0, 2, 1))[None, ...] for a, n in runs]
@@ -204,12 +209,9 @@ def _attend_fused(xp, fused, q, k_pool, v_pool, part: AttentionPart, scale: floa
     """Whole items through the backend's fused attention: q [S*Q, H, D] -> [S*Q, H*D]."""
     S, Q, K = part.num_seqs, part.query_len, part.context_len
     H, D = q.shape[1], q.shape[2]
-    KV = k_pool.shape[0]
     if part.context_runs is None:  # gathered through the slots
-        slots = xp.reshape(part.context_slots, (-1,))  # [S*K]
-        k = xp.reshape(xp.take(k_pool, slots, axis=1), (KV, S, K, D))
-        v = xp.reshape(xp.take(v_pool, slots, axis=1), (KV, S, K, D))
-        k, v = xp.permute_dims(k, (1, 0, 2, 3)), xp.permute_dims(v, (1, 0, 2, 3))  # [S, KV, K, D]
+        k = xp.permute_dims(_gather(xp, k_pool, part), (1, 0, 2, 3))  # [S, KV, K, D]
+        v = xp.permute_dims(_gather(xp, v_pool, part), (1, 0, 2, 3))  # [S, KV, K, D]
     else:  # one item: its runs of consecutive slots, sliced (joined when several)
         k = xp.concat([k_pool[:, a : a + n, :] for a, n in part.context_runs], axis=1)[None, ...]
         v = xp.concat([v_pool[:, a : a + n, :] for a, n in part.context_runs], axis=1)[None, ...]
