@@ -1,8 +1,9 @@
-"""Products of a few rows with the default model's linear weights, each way the numpy backend
-could take them, interleaved round by round on the same weights (medians).
+"""Products of a few rows with the default model's linear weights, each way a backend could
+take them, interleaved round by round on the same weights (medians).
 
-    python benchmarks/few_rows.py                 # rows 1-8, 7 rounds
+    python benchmarks/few_rows.py                 # numpy, rows 1-8, 7 rounds
     python benchmarks/few_rows.py --rows 2 4 7 --rounds 11
+    python benchmarks/few_rows.py --backend torch --rows 1 4 32 512
 
 A step of 2-7 rows (a speculative verification, the last sequences of a batch) multiplies
 every weight by that many rows. Ways:
@@ -12,6 +13,10 @@ every weight by that many rows. Ways:
 - gemm blocks: numpy's product over column blocks of 256 KiB of the weight;
 - backend: what `LinearWeight` does (2-7 rows: one matrix-vector product per row over column
   blocks of CHUNK_BYTES).
+
+With --backend torch (on the CPU):
+- torch: torch's own `x @ w` on the [in, out] view of the [out, in] weight (MKL);
+- backend: the product with the weight oneDNN packed at load time (`PackedLinear`).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ def gemm_blocks(x: np.ndarray, w: np.ndarray, block_bytes: int = 256 << 10) -> n
     return out
 
 
-WAYS = {
+NUMPY_WAYS = {
     "numpy": lambda x, w: np.matmul(x, w.view(np.ndarray)),
     "w^T @ x^T": lambda x, w: np.matmul(w.view(np.ndarray).T, x.T).T,
     "gemm blocks": lambda x, w: gemm_blocks(x, w.view(np.ndarray)),
@@ -41,25 +46,46 @@ WAYS = {
 }
 
 
+def torch_ways(weights: list) -> dict:
+    """torch's own product against the packed one, on the same weights (unpacked once)."""
+    from nanovllm.backend.torch_backend import PackedLinear
+
+    if not all(isinstance(w, PackedLinear) for w in weights):
+        raise SystemExit("the torch backend packs no weights here (not a CPU with oneDNN)")
+    dense = {id(w): w.packed.to_dense().T for w in weights}  # [in, out] views, as loaded
+    return {"torch": lambda x, w: x @ dense[id(w)], "backend": lambda x, w: x @ w}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rows", type=int, nargs="+", default=list(range(1, 9)))
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--backend", choices=["numpy", "torch"], default="numpy")
     args = p.parse_args()
-    llm = LLM(backend="numpy", verbose=False)
+    llm = LLM(backend=args.backend, verbose=False)
     weights = products_weights(llm)
-    mib = sum(w.nbytes for w in weights) / 2**20
-    print(f"{len(weights)} weights, {mib:.0f} MiB; {blas_kernel()}; ms per step, median of rounds")
-    print(f"{'rows':>4} " + " ".join(f"{k:>12}" for k in WAYS) + "   backend / best other")
+    ways = NUMPY_WAYS if args.backend == "numpy" else torch_ways(weights)
+    mib = sum(w.shape[0] * w.shape[1] for w in weights) * llm.backend.itemsize / 2**20
+    kernel = blas_kernel() if args.backend == "numpy" else f"torch {torch_threads()} threads"
+    print(f"{len(weights)} weights, {mib:.0f} MiB; {kernel}; ms per step, median of rounds")
+    print(f"{'rows':>4} " + " ".join(f"{k:>12}" for k in ways) + "   backend / best other")
     for rows in args.rows:
-        times: dict[str, list[float]] = {k: [] for k in WAYS}
+        for f in ways.values():  # untimed: first products set up (oneDNN builds its kernels)
+            products_s(llm, weights, rows, repeats=1, product=f)
+        times: dict[str, list[float]] = {k: [] for k in ways}
         for _ in range(args.rounds):  # each way once a round, so a burst of load hits all
-            for name, f in WAYS.items():
+            for name, f in ways.items():
                 times[name].append(1000 * products_s(llm, weights, rows, repeats=1, product=f))
         med = {k: statistics.median(v) for k, v in times.items()}
         best_other = min(v for k, v in med.items() if k != "backend")
-        cells = " ".join(f"{med[k]:>12.1f}" for k in WAYS)
+        cells = " ".join(f"{med[k]:>12.1f}" for k in ways)
         print(f"{rows:>4} {cells}   {med['backend'] / best_other:.2f}x")
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 if __name__ == "__main__":
