@@ -21,10 +21,11 @@ class PackedLinear:
     (the kernels torch.compile's freezing uses for a linear); `x @ w` multiplies by the packed
     weight with oneDNN instead of torch's default product (MKL). Only the packed copy is kept.
 
-    On this AMD CPU MKL's products took twice the time or more for a few rows. SmolLM2's 30
-    layers and head, one after another: 1 row 12.0 ms against 5.6-6.0 ms packed, 32 rows 28.0
-    against 11.7, 512 rows 236 against 185 (scratch timing, medians of 5 rounds, 2 threads).
-    oneDNN picks its kernels by the CPU's instruction sets alone, whoever made it.
+    On this AMD CPU MKL's products took 1.3-2.5x the time. Every linear weight of SmolLM2, one
+    after another (`python benchmarks/few_rows.py --backend torch --rows 1 5 32 512`, medians
+    of 7 rounds, 2 threads): 1 row 26.6 ms packed against 45.6, 5 rows 22.0 against 55.5, 32
+    rows 55.7 against 92.4, 512 rows 711 against 911. oneDNN picks its kernels by the CPU's
+    instruction sets alone, whoever made it.
 
     Not a tensor: it has `__torch_function__`, so torch hands it `x @ w` (Tensor.matmul) and
     torch.matmul, and nothing else: any other use raises. `shape` is [in, out], as the model

