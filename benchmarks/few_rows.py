@@ -62,7 +62,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--backend", choices=["numpy", "torch"], default="numpy")
     args = p.parse_args()
-    llm = LLM(backend=args.backend, verbose=False)
+    llm = LLM(backend=args.backend, device="cpu", verbose=False)
     weights = products_weights(llm)
     ways = NUMPY_WAYS if args.backend == "numpy" else torch_ways(weights)
     mib = sum(w.shape[0] * w.shape[1] for w in weights) * llm.backend.itemsize / 2**20

@@ -31,6 +31,23 @@ def same(n: int) -> int:
     return n
 
 
+class Counted:
+    """A backend's fused attention kernel that counts its calls (proof it was taken)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.kernel(*args)
+
+
+def kernels(b) -> list:
+    """None (attention written out) and, where the backend has one, its fused kernel."""
+    fused = b.fused_attention()
+    return [None] if fused is None else [None, Counted(fused)]
+
+
 def random_step(rng, num_decode: int, chunks: list[tuple[int, int]]):
     """Decode sequences of random context lengths and prefill chunks (start, length), each
     with its own random blocks of one shared pool."""
@@ -122,10 +139,11 @@ def test_exact_and_tiled_parts_match_naive_attention(backend, step, window):
     if decode:
         part = layout.exact_part(decode, len(decode), 1, BS, window)
         grouped.insert(0, layout.to_device(part, b, 0, len(decode)))
-    for fused in {None, b.fused_attention}:
+    for fused in kernels(b):
         for parts in (singles, grouped):
             got = attend(parts, len(decode), rows, fused)
             np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5, err_msg=f"fused={fused}")
+        assert fused is None or fused.calls == len(singles) + len(grouped)
 
     # tiled, as a jitting backend lays it out: decode rows padded to a power of two, then the
     # prefill rows padded likewise; several tile shapes, so that queries span key tiles
@@ -224,13 +242,15 @@ def test_a_lone_sequence_reads_runs_of_consecutive_slots_as_slices(
         assert part.context_runs is None
     else:
         assert len(part.context_runs) == runs and sum(n for _, n in part.context_runs) == ctx
-    out = paged_attention(
-        b.xp,
-        b.asarray(q_host, dtype=b.dtype),
-        head_major(b, k_host),
-        head_major(b, v_host),
-        AttentionMetadata(None, [layout.to_device(part, b, 0, query_len)]),
-        D**-0.5,
-    )
     want = reference(q_host, k_host, v_host, [s], None)
-    np.testing.assert_allclose(b.to_host(out), want, atol=2e-5, rtol=1e-5)
+    for fused in kernels(b):  # written out, and through the backend's fused kernel if any
+        out = paged_attention(
+            b.xp,
+            b.asarray(q_host, dtype=b.dtype),
+            head_major(b, k_host),
+            head_major(b, v_host),
+            AttentionMetadata(None, [layout.to_device(part, b, 0, query_len)], fused=fused),
+            D**-0.5,
+        )
+        np.testing.assert_allclose(b.to_host(out), want, atol=2e-5, rtol=1e-5)
+        assert fused is None or fused.calls == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -22,11 +22,13 @@ class Backend:
     int_dtype: Any = None  # index dtype for token ids, positions and slots
 
     jits = False  # the step is compiled per distinct input shape
-    # fused(q [S, H, Q, D], k, v [S, KV, K, D], bias [S, 1, Q, K], scale) -> [S, H, Q, D]:
-    # softmax(q k^T * scale + bias) v, each group of H // KV query heads reading one K/V head.
-    # An eager backend with such a kernel offers it for whole items; None: the attention is
-    # written out against the array API (layers/attention.py).
-    fused_attention: ClassVar[Callable | None] = None
+
+    def fused_attention(self) -> Callable | None:
+        """An eager backend's kernel for whole attention items, `fused(q [S, H, Q, D],
+        k, v [S, KV, K, D], bias [S, 1, Q, K], scale) -> [S, H, Q, D]`: softmax(q k^T * scale +
+        bias) v, each group of H // KV query heads reading one K/V head. None: the attention is
+        written out against the array API (layers/attention.py)."""
+        return None
 
     def bucket(self, n: int) -> int:
         """A size (rows, items) as this backend wants it: a jitting backend rounds sizes up to

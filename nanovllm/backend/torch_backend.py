@@ -19,7 +19,9 @@ ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and all(
 class PackedLinear:
     """A linear layer's [in, out] float32 weight on the CPU, packed once at load time by oneDNN
     (the kernels torch.compile's freezing uses for a linear); `x @ w` multiplies by the packed
-    weight with oneDNN instead of torch's default product (MKL). Only the packed copy is kept.
+    weight with oneDNN instead of torch's default product (MKL). Only the packed copy is kept,
+    but for an output head tied to the embedding, whose table the embedding still reads: that
+    is packed beside it (vocab x hidden more floats: 113 MB for SmolLM2-135M).
 
     On this AMD CPU MKL's products took 1.3-2.5x the time. Every linear weight of SmolLM2, one
     after another (`python benchmarks/few_rows.py --backend torch --rows 1 5 32 512`, medians
@@ -52,6 +54,13 @@ class PackedLinear:
         return y if len(lead) == 1 else torch.reshape(y, (*lead, w.shape[1]))
 
 
+def scaled_dot_product_attention(q, k, v, bias, scale):
+    """Backend.fused_attention's kernel: torch's, with grouped K/V heads."""
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias, scale=scale, enable_gqa=True
+    )
+
+
 class TorchBackend(Backend):
     def asarray(self, host, dtype=None):
         if isinstance(host, np.ndarray):
@@ -73,14 +82,12 @@ class TorchBackend(Backend):
             return PackedLinear(w)
         return w
 
-    @staticmethod
-    def fused_attention(q, k, v, bias, scale):
-        # one fused kernel (flash attention on the CPU) instead of the softmax's passes over the
-        # scores: a 512-token prefill's attention took 0.096 s against 0.148 written out, a
-        # 32 x 64 fixed batch's 1.35 s against 1.86 (this AMD CPU, 2 threads)
-        return torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, scale=scale, enable_gqa=True
-        )
+    def fused_attention(self):
+        # on the CPU, one fused kernel instead of the softmax's passes over the scores: a
+        # 512-token prefill took 0.93x the time written out, a 32 x 64 fixed batch 0.92x (this
+        # AMD CPU, 2 threads). Not timed on a GPU, whose kernels for an additive mask and
+        # grouped heads may differ: there the attention stays written out
+        return scaled_dot_product_attention if self.device.type == "cpu" else None
 
     def scatter_rows(self, pool, slots, rows, axis=0):
         pool.index_copy_(axis, slots, rows.to(pool.dtype))

@@ -21,9 +21,10 @@ as an additive bias (0 or -inf), made once per step and shared by every layer: o
 where a select by a broadcast boolean mask takes several times as long (numpy, [9, 128, 512]
 scores: 0.10 ms against 0.35-0.67).
 
-A backend with a fused attention kernel (torch's scaled_dot_product_attention) takes whole
-items through it instead (`_attend_fused`): the step's metadata carries the kernel, and
-the items' keys and values are gathered or sliced as above.
+A backend with a fused attention kernel (torch's scaled_dot_product_attention, on the CPU)
+takes whole items through it instead (`_attend_fused`): the step's metadata carries the
+kernel, and the items' keys and values are gathered or sliced as above. Layers that softcap
+their scores (Gemma 2) stay written out.
 """
 
 from __future__ import annotations
@@ -247,7 +248,7 @@ def paged_attention(
         part_q = q[part.first_row : part.first_row + part.num_rows, ...]  # [num_rows, H, D]
         if part.query_index is not None:  # tiles: the rows that form each item's queries
             part_q = xp.take(part_q, part.query_index, axis=0)  # [S*Q, H, D]
-        if meta.fused is not None and part.combine_index is None and softcap is None:
+        if meta.fused is not None and part.bias is not None and softcap is None:
             out = _attend_fused(xp, meta.fused, part_q, k_pool, v_pool, part, scale)
         else:
             out = _attend_part(xp, part_q, k_pool, v_pool, part, scale, softcap)  # [num_rows, H*D]
