@@ -36,7 +36,6 @@ class PackedLinear:
 
     def __init__(self, w):
         self.shape = tuple(w.shape)  # [in, out]
-        self.dtype, self.device = w.dtype, w.device
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w.T.contiguous(), None)
 
     @classmethod
