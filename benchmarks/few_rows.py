@@ -7,7 +7,10 @@ take them, interleaved round by round on the same weights (medians).
 
 A step of 2-7 rows (a speculative verification, the last sequences of a batch) multiplies
 every weight by that many rows. Ways:
-- numpy: numpy's own `x @ w` (OpenBLAS's matrix product);
+- numpy: numpy's own `x @ w` (OpenBLAS's matrix product) on the weight as the backend lays it
+  out (a wide one copied into C order);
+- as stored: numpy's own `x @ w` on the [in, out] transposed view of the [out, in] array in the
+  file (what a wide weight was before the backend copied it);
 - w^T @ x^T: the weight as the left operand, as a transposed view (what the backend does for
   8-32 rows);
 - gemm blocks: numpy's product over column blocks of 256 KiB of the weight;
@@ -38,8 +41,21 @@ def gemm_blocks(x: np.ndarray, w: np.ndarray, block_bytes: int = 256 << 10) -> n
     return out
 
 
+def as_stored(w) -> np.ndarray:
+    """The [in, out] transposed view of the weight's [out, in] array in the file."""
+    if w.mapped is not None:
+        return w.mapped
+    if w.flags.c_contiguous:
+        raise SystemExit(
+            "a wide weight was copied from memory, not from a mapped file, so its stored "
+            "layout is gone: run with the converted-weights cache on (NANOVLLM_WEIGHTS_CACHE)"
+        )
+    return w.view(np.ndarray)
+
+
 NUMPY_WAYS = {
     "numpy": lambda x, w: np.matmul(x, w.view(np.ndarray)),
+    "as stored": lambda x, w: np.matmul(x, as_stored(w)),
     "w^T @ x^T": lambda x, w: np.matmul(w.view(np.ndarray).T, x.T).T,
     "gemm blocks": lambda x, w: gemm_blocks(x, w.view(np.ndarray)),
     "backend": lambda x, w: x @ w,
