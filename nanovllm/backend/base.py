@@ -58,7 +58,8 @@ class Backend:
 
     def linear_weight(self, w: Any) -> Any:
         """A linear layer's weight, laid out [in, out], as this backend multiplies by it
-        (numpy: a view whose products with a few rows go by cache-sized panels)."""
+        (numpy: in the layout its one-row products stream fastest, with products of a few rows
+        by cache-sized panels)."""
         return w
 
     def shard(self, w: Any, axis: int | None) -> Any:

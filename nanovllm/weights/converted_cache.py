@@ -3,8 +3,9 @@
 Dequantizing the default model takes most of a start-up, so the first load writes what it made
 to a safetensors file in `$XDG_CACHE_HOME/nanovllm/converted` (or `$NANOVLLM_WEIGHTS_CACHE`;
 `0` or `off` turns the cache off), and later loads map that file instead: no dequantizing, no
-copy, and on the numpy backend the weights' pages are shared by every process that loads
-the same model.
+copy, and on the numpy backend the pages of the weights it multiplies by as they lie are
+shared by every process that loads the same model (it copies the wide linear weights into the
+layout its products stream fastest: backend/numpy_backend.py).
 
 - The file is named by the GGUF's identity: its path, size and mtime, a hash of its first MiB
   (header and metadata), and a hash of the code that converts it (gguf_file.py and this file),
