@@ -15,11 +15,12 @@ from .base import Backend, _root
 # SkylakeX, 2 threads, each of SmolLM2's shapes 30 times over from memory, [in, out] in C order
 # took 0.82x the time for q|k|v (576 x 960), 0.81x for o (576 x 576), 0.61x for gate|up
 # (576 x 3072) and 0.72x for the head (576 x 49152), but 1.36x for down (1536 x 576). So a
-# weight with out >= in is copied once at load into C order (SmolLM2: 0.2-0.6 s, 431 MB of the
-# process's own memory), and the others stay the transposed view. Where the array it was
-# copied from is a view of a mapped file (the converted-weights cache, a safetensors file),
-# the copy keeps it for products of 8-32 rows (below), which take 1.08x the time on the copy;
-# keeping it costs no memory of the process's own (its pages are the file's, shared).
+# weight with out >= in is copied once at load into C order (SmolLM2: about 0.4 s of a warm
+# start, 431 MB of the process's own memory), and the others stay the transposed view.
+# Where the array it was copied from is a view of a mapped file (a GGUF's weights from the
+# converted-weights cache), the copy keeps it for products of 8-32 rows (below), which take
+# 1.08x the time on the copy; keeping it costs no memory of the process's own (its pages are
+# the file's, shared). A safetensors model's weights are read into memory: they are not kept.
 #
 # A product of a few rows (a speculative verification, the last sequences of a batch) with a
 # weight is taken as one matrix-vector product per row, over column blocks of about
@@ -43,7 +44,9 @@ CHUNK_BYTES = 4 << 20
 # x @ w: 32 prompts x 32 new tokens decoded at 0.93x the speed that way (medians of 6 runs
 # interleaved in one process, SkylakeX).
 SOME_ROWS = range(8, 33)
-TILE = 256  # the side of the square tiles a weight is transposed by (2.5x numpy's own copy)
+# the side of the square tiles a weight is transposed by (on SmolLM2's shapes 1.1-1.6x the
+# rate of numpy's own copy of a transposed view)
+TILE = 256
 
 
 class LinearWeight(np.ndarray):
