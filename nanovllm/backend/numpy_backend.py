@@ -63,9 +63,10 @@ class LinearWeight(np.ndarray):
         rows = x.shape[0] if isinstance(x, np.ndarray) and x.ndim == 2 else 0
         if rows in FEW_ROWS:
             return blocked_matmul(x, w)
-        by = w if not w.flags.c_contiguous else self.mapped
-        if rows in SOME_ROWS and by is not None:  # by.T: the [out, in] array as stored
-            return np.matmul(by.T, x.T).T  # a transposed view: the next ufunc reads it as it is
+        if rows in SOME_ROWS:
+            by = w if not w.flags.c_contiguous else self.mapped  # by.T: [out, in] as stored
+            if by is not None:  # a transposed view: the next ufunc reads it as it is
+                return np.matmul(by.T, x.T).T
         return np.matmul(x, w)
 
 
