@@ -1,6 +1,7 @@
 """The torch backend's linear weights on the CPU: packed once by oneDNN, multiplied by with
 oneDNN's product (faster than torch's default on these shapes, see torch_backend.py); each
-product gives torch's own, to float32 rounding, and the weight reads back as it was."""
+product gives torch's own, to float32 rounding, and the weight reads back as it was. Its
+norms and SiLU are torch's own kernels, and give the array-API forms' values."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from nanovllm.backend import get_backend  # noqa: E402
+from nanovllm.backend.base import Backend  # noqa: E402
 from nanovllm.backend.torch_backend import ONEDNN_LINEAR, PackedLinear  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
@@ -54,6 +56,33 @@ def test_a_packed_weight_refuses_any_use_but_x_at_w():
         torch.add(x, w)
     with pytest.raises(TypeError, match=r"from the right only: x @ w"):
         torch.matmul(w, x.T)
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (32, 576), (5, 12, 64)])
+def test_torchs_norm_and_silu_kernels_give_the_array_api_forms_values(shape):
+    b = get_backend("torch")
+    rng = np.random.default_rng(len(shape))
+    x, w, bias = (
+        torch.from_numpy(a)
+        for a in (
+            3 * rng.standard_normal(shape, dtype=np.float32),
+            rng.standard_normal(shape[-1:], dtype=np.float32),
+            rng.standard_normal(shape[-1:], dtype=np.float32),
+        )
+    )
+    written = Backend("torch", b.xp, b.device, b.dtype, b.int_dtype)  # layers/'s forms
+    per_head = torch.from_numpy(rng.standard_normal(shape[1:], dtype=np.float32))  # Qwen3 q|k
+    pairs = [
+        (b.rms_norm(x, w, 1e-5), written.rms_norm(x, w, 1e-5)),
+        (b.rms_norm(x, per_head, 1e-6), written.rms_norm(x, per_head, 1e-6)),
+        (b.layer_norm(x, w, bias, 1e-5), written.layer_norm(x, w, bias, 1e-5)),
+        (b.layer_norm(x, w, None, 1e-6), written.layer_norm(x, w, None, 1e-6)),
+        (b.silu(x), written.silu(x)),
+    ]
+    assert type(b).rms_norm is not Backend.rms_norm  # the kernels are what is compared
+    for got, want in pairs:
+        assert got.shape == shape and got.dtype == torch.float32
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_the_models_linear_weights_are_packed(tiny_llama, backend):

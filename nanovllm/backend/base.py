@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from ..layers import activation, norm
+
 
 @dataclass(eq=False)
 class Backend:
@@ -29,6 +31,21 @@ class Backend:
         bias) v, each group of H // KV query heads reading one K/V head. None: the attention is
         written out against the array API (layers/attention.py)."""
         return None
+
+    # The models' norms and SiLU go through these: written against the array API (layers/) by
+    # default; a backend whose library has a kernel for one (torch) may take it instead, one
+    # call where the written-out form is several, each with its per-call cost
+    def rms_norm(self, x: Any, weight: Any, eps: float) -> Any:
+        """x [..., n] over its root mean square along the last axis, times weight ([n], or
+        broadcast to x's shape)."""
+        return norm.rms_norm(self.xp, x, weight, eps)
+
+    def layer_norm(self, x: Any, weight: Any, bias: Any, eps: float) -> Any:
+        """x [..., n] less its mean over its standard deviation, times weight, plus bias."""
+        return norm.layer_norm(self.xp, x, weight, bias, eps)
+
+    def silu(self, x: Any) -> Any:
+        return activation.silu(self.xp, x)
 
     def bucket(self, n: int) -> int:
         """A size (rows, items) as this backend wants it: a jitting backend rounds sizes up to

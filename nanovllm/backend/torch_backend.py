@@ -88,6 +88,20 @@ class TorchBackend(Backend):
         # grouped heads may differ: there the attention stays written out
         return scaled_dot_product_attention if self.device.type == "cpu" else None
 
+    # torch's own kernels, one call each where the array-API forms take several: in a batch-1
+    # decode step of SmolLM2 the 61 norms took 2.3 ms against 5.1 written out, and the step
+    # decoded at 27.3 against 24.0 tok/s (medians of 6 runs, alternating in one process)
+    def rms_norm(self, x, weight, eps):
+        if weight.ndim > 1:  # a weight per head (Qwen3's q|k norm, [heads, D]): applied after
+            return torch.nn.functional.rms_norm(x, (x.shape[-1],), None, eps) * weight
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
+
+    def layer_norm(self, x, weight, bias, eps):
+        return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+    def silu(self, x):
+        return torch.nn.functional.silu(x)
+
     def scatter_rows(self, pool, slots, rows, axis=0):
         pool.index_copy_(axis, slots, rows.to(pool.dtype))
         return pool

@@ -14,7 +14,6 @@ from ..layers.activation import gelu_tanh
 from ..layers.attention import paged_attention, write_kv
 from ..layers.erf import gelu_erf
 from ..layers.linear import embedding, linear
-from ..layers.norm import layer_norm
 from ..layers.rotary import RotaryEmbedding, rope_spec
 from .base import COLUMNS, ROWS, CausalLM, lm_head, require, weight
 
@@ -228,23 +227,23 @@ class FalconForCausalLM(CausalLM):
         h = embedding(xp, params["embed"], input_ids)  # [T, E]
         for i, layer in enumerate(params["layers"]):
             norm_w, norm_b = layer["norms"][0]
-            x = layer_norm(xp, h, norm_w, norm_b, eps)  # [T, E]
+            x = self.backend.layer_norm(h, norm_w, norm_b, eps)  # [T, E]
             attn = self._attention(x, i, layer, cos, sin, kv_caches, meta)  # [T, E]
             if c.parallel_attn:  # attention and MLP both read the block's input
                 y = x  # [T, E]
                 if c.two_norms:  # ln_mlp: the MLP's own norm of the block's input
                     norm_w, norm_b = layer["norms"][1]
-                    y = layer_norm(xp, h, norm_w, norm_b, eps)  # [T, E]
+                    y = self.backend.layer_norm(h, norm_w, norm_b, eps)  # [T, E]
                 up = self.act(xp, linear(y, *layer["up"]))  # [T, F]
                 h = h + (linear(up, *layer["down"]) + attn)  # [T, E]
             else:
                 h = h + attn  # [T, E]
                 norm_w, norm_b = layer["norms"][1]
-                y = layer_norm(xp, h, norm_w, norm_b, eps)  # [T, E]
+                y = self.backend.layer_norm(h, norm_w, norm_b, eps)  # [T, E]
                 up = self.act(xp, linear(y, *layer["up"]))  # [T, F]
                 h = h + linear(up, *layer["down"])  # [T, E]
         norm_w, norm_b = params["ln_f"]
-        return layer_norm(xp, h, norm_w, norm_b, eps), kv_caches  # [T, E]
+        return self.backend.layer_norm(h, norm_w, norm_b, eps), kv_caches  # [T, E]
 
     def compute_logits(self, params: dict, hidden):
         return hidden @ params["lm_head"]

@@ -20,7 +20,6 @@ from ..errors import UnsupportedFeatureError
 from ..layers.activation import gelu_tanh
 from ..layers.attention import paged_attention, write_kv
 from ..layers.linear import embedding, linear
-from ..layers.norm import rms_norm
 from ..layers.rotary import RopeSpec, RotaryEmbedding, rope_spec
 from .base import (
     COLUMNS,
@@ -193,11 +192,11 @@ class Gemma2ForCausalLM(CausalLM):
         kv_caches = list(kv_caches)
         h = embedding(xp, params["embed"], input_ids) * self.embed_scale  # [T, E]
         for i, layer in enumerate(params["layers"]):
-            x = rms_norm(xp, h, layer["attn_norm"], eps)  # [T, E]
+            x = self.backend.rms_norm(h, layer["attn_norm"], eps)  # [T, E]
             qkv = linear(x, layer["qkv"], layer["qkv_b"])  # [T, (H + 2*KV) * D]
             qk = xp.reshape(qkv[:, : q_size + kv_size], (T, H + KV, D))  # [T, H + KV, D]
             if self.qk_norm:
-                qk = rms_norm(xp, qk, layer["qk_norm"], eps)  # [T, H + KV, D]
+                qk = self.backend.rms_norm(qk, layer["qk_norm"], eps)  # [T, H + KV, D]
             kind = self.layer_rope(i)
             qk = self.rotaries[kind].apply(qk, *tables[kind])  # q and k heads rotated together
             q, k = qk[:, :H, :], qk[:, H:, :]  # [T, H, D], [T, KV, D]
@@ -209,13 +208,13 @@ class Gemma2ForCausalLM(CausalLM):
                 xp, q, k_pool, v_pool, meta, self.scale, self.layer_windows[i], c.attn_softcap
             )  # [T, H*D]
             o = linear(o, layer["o"], layer["o_b"])  # [T, E]
-            h = h + rms_norm(xp, o, layer["post_attn_norm"], eps)  # [T, E]
-            x = rms_norm(xp, h, layer["mlp_norm"], eps)  # [T, E]
+            h = h + self.backend.rms_norm(o, layer["post_attn_norm"], eps)  # [T, E]
+            x = self.backend.rms_norm(h, layer["mlp_norm"], eps)  # [T, E]
             gate_up = linear(x, layer["gate_up"])  # [T, 2*I]
             gate, up = gate_up[:, :I], gate_up[:, I:]  # [T, I] each
             y = linear(gelu_tanh(xp, gate) * up, layer["down"])  # [T, E]
-            h = h + rms_norm(xp, y, layer["post_mlp_norm"], eps)  # [T, E]
-        return rms_norm(xp, h, params["norm"], eps), kv_caches  # [T, E]
+            h = h + self.backend.rms_norm(y, layer["post_mlp_norm"], eps)  # [T, E]
+        return self.backend.rms_norm(h, params["norm"], eps), kv_caches  # [T, E]
 
     def compute_logits(self, params: dict, hidden):
         logits = hidden @ params["lm_head"]  # [N, V]

@@ -9,7 +9,6 @@ from ..layers.activation import gelu_tanh
 from ..layers.attention import paged_attention, write_kv
 from ..layers.erf import gelu_erf
 from ..layers.linear import embedding, linear
-from ..layers.norm import layer_norm
 from .base import COLUMNS, ROWS, CausalLM, lm_head, require, weight
 
 ACTIVATIONS = {
@@ -147,7 +146,7 @@ class GPT2LMHeadModel(CausalLM):
         h = tokens + embedding(xp, params["wpe"], positions)  # [T, E]
         for i, layer in enumerate(params["layers"]):
             norm_w, norm_b = layer["ln_1"]
-            x = layer_norm(xp, h, norm_w, norm_b, eps)  # [T, E]
+            x = self.backend.layer_norm(h, norm_w, norm_b, eps)  # [T, E]
             qkv = linear(x, *layer["qkv"])  # [T, 3*E]
             q, k, v = (
                 xp.reshape(qkv[:, j * E : (j + 1) * E], (T, H, D)) for j in range(3)
@@ -158,11 +157,11 @@ class GPT2LMHeadModel(CausalLM):
             o = paged_attention(xp, q, k_pool, v_pool, meta, self.scales[i])  # [T, E]
             h = h + linear(o, *layer["o"])  # [T, E]
             norm_w, norm_b = layer["ln_2"]
-            x = layer_norm(xp, h, norm_w, norm_b, eps)  # [T, E]
+            x = self.backend.layer_norm(h, norm_w, norm_b, eps)  # [T, E]
             up = self.act(xp, linear(x, *layer["fc"]))  # [T, F]
             h = h + linear(up, *layer["proj"])  # [T, E]
         norm_w, norm_b = params["ln_f"]
-        return layer_norm(xp, h, norm_w, norm_b, eps), kv_caches  # [T, E]
+        return self.backend.layer_norm(h, norm_w, norm_b, eps), kv_caches  # [T, E]
 
     def compute_logits(self, params: dict, hidden):
         return hidden @ params["lm_head"]

@@ -15,12 +15,10 @@ import math
 from dataclasses import dataclass
 
 from ..errors import UnsupportedFeatureError
-from ..layers.activation import silu
 from ..layers.attention import paged_attention, write_kv
 from ..layers.linear import embedding, linear, prepare_linear
 from ..layers.mamba2 import Mamba2Spec, mamba2_mixer
 from ..layers.moe import moe
-from ..layers.norm import rms_norm
 from ..layers.rotary import RotaryEmbedding, rope_spec
 from .base import COLUMNS, ROWS, CausalLM, Weight, attention_weights, lm_head, require, weight
 
@@ -317,7 +315,7 @@ class GraniteMoeHybridForCausalLM(CausalLM):
         caches = list(kv_caches)
         h = embedding(xp, params["embed"], input_ids)  # [T, E]
         for i, (kind, layer) in enumerate(zip(c.layer_kinds, params["layers"])):
-            x = rms_norm(xp, h, layer["in_norm"], c.rms_norm_eps)  # [T, E]
+            x = self.backend.rms_norm(h, layer["in_norm"], c.rms_norm_eps)  # [T, E]
             if kind == ATTENTION:
                 out, caches[i] = self._attention(layer, x, caches[i], meta, rope)  # [T, E]
             else:
@@ -325,15 +323,16 @@ class GraniteMoeHybridForCausalLM(CausalLM):
                     self.backend, layer, c.mamba, x, caches[i], meta
                 )  # [T, E]
             h = h + out  # [T, E]
-            x = rms_norm(xp, h, layer["mlp_norm"], c.rms_norm_eps)  # [T, E]
+            x = self.backend.rms_norm(h, layer["mlp_norm"], c.rms_norm_eps)  # [T, E]
             gate_up = x @ layer["shared_in"]  # [T, 2*F]
-            out = (silu(xp, gate_up[:, :F]) * gate_up[:, F:]) @ layer["shared_out"]  # [T, E]
+            act = self.backend.silu(gate_up[:, :F]) * gate_up[:, F:]  # [T, F]
+            out = act @ layer["shared_out"]  # [T, E]
             if c.num_experts:
                 out = out + moe(
                     xp, x, layer["router"], layer["experts_in"], layer["experts_out"], c.top_k
                 )  # [T, E]
             h = h + out  # [T, E]
-        return rms_norm(xp, h, params["norm"], c.rms_norm_eps), caches  # [T, E]
+        return self.backend.rms_norm(h, params["norm"], c.rms_norm_eps), caches  # [T, E]
 
     def compute_logits(self, params: dict, hidden):
         return hidden @ params["lm_head"]

@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UnsupportedFeatureError
-from ..layers.activation import silu
 from ..layers.attention import paged_attention, write_kv
 from ..layers.linear import embedding, linear
-from ..layers.norm import rms_norm
 from ..layers.rotary import RotaryEmbedding, rope_spec
 from .base import COLUMNS, ROWS, CausalLM, attention_weights, fused, lm_head, require, weight
 
@@ -127,11 +125,11 @@ class LlamaForCausalLM(CausalLM):
         kv_caches = list(kv_caches)
         h = embedding(xp, params["embed"], input_ids)  # [T, E]
         for i, layer in enumerate(params["layers"]):
-            x = rms_norm(xp, h, layer["attn_norm"], c.rms_norm_eps)  # [T, E]
+            x = self.backend.rms_norm(h, layer["attn_norm"], c.rms_norm_eps)  # [T, E]
             qkv = linear(x, layer["qkv"], layer["qkv_b"])  # [T, (H + 2*KV) * D]
             qk = xp.reshape(qkv[:, : q_size + kv_size], (T, H + KV, -1))  # [T, H + KV, D]
             if "qk_norm" in layer:  # Qwen3: RMSNorm over each q and k head before RoPE
-                qk = rms_norm(xp, qk, layer["qk_norm"], c.rms_norm_eps)  # [T, H + KV, D]
+                qk = self.backend.rms_norm(qk, layer["qk_norm"], c.rms_norm_eps)  # [T, H + KV, D]
             qk = self.rotary.apply(qk, cos, sin)  # q and k heads rotated together
             q, k = qk[:, :H, :], qk[:, H:, :]  # [T, H, D], [T, KV, D]
             v = xp.reshape(qkv[:, q_size + kv_size :], (T, KV, D))  # [T, KV, D]
@@ -141,11 +139,11 @@ class LlamaForCausalLM(CausalLM):
             window = self.layer_windows[i] if self.layer_windows else None
             o = paged_attention(xp, q, k_pool, v_pool, meta, self.scale, window)  # [T, H*D]
             h = h + linear(o, layer["o"], layer["o_b"])  # [T, E]
-            x = rms_norm(xp, h, layer["mlp_norm"], c.rms_norm_eps)  # [T, E]
+            x = self.backend.rms_norm(h, layer["mlp_norm"], c.rms_norm_eps)  # [T, E]
             gate_up = linear(x, layer["gate_up"], layer["gate_up_b"])  # [T, 2*I]
             gate, up = gate_up[:, :I], gate_up[:, I:]  # [T, I] each
-            h = h + linear(silu(xp, gate) * up, layer["down"], layer["down_b"])  # [T, E]
-        return rms_norm(xp, h, params["norm"], c.rms_norm_eps), kv_caches  # [T, E]
+            h = h + linear(self.backend.silu(gate) * up, layer["down"], layer["down_b"])  # [T, E]
+        return self.backend.rms_norm(h, params["norm"], c.rms_norm_eps), kv_caches  # [T, E]
 
     def compute_logits(self, params: dict, hidden):
         return hidden @ params["lm_head"]
