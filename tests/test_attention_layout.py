@@ -15,7 +15,7 @@ import pytest
 from nanovllm import LLM, SamplingParams
 from nanovllm.backend import get_backend
 from nanovllm.engine.scheduler import ScheduledSeq
-from nanovllm.layers.attention import AttentionMetadata, paged_attention
+from nanovllm.layers.attention import SHORT_CONTEXT, AttentionMetadata, paged_attention
 from nanovllm.runner import attention_layout as layout
 
 BS, KV_HEADS, GROUP, D = 4, 2, 3, 8
@@ -254,3 +254,38 @@ def test_a_lone_sequence_reads_runs_of_consecutive_slots_as_slices(
         )
         np.testing.assert_allclose(b.to_host(out), want, atol=2e-5, rtol=1e-5)
         assert fused is None or fused.calls == 1
+
+
+@pytest.mark.parametrize("ctx", [SHORT_CONTEXT - 1, SHORT_CONTEXT, SHORT_CONTEXT + 1, 1000])
+@pytest.mark.parametrize("runs", [1, 2])
+def test_a_lone_decode_gives_the_naive_attention_either_side_of_short_context(backend, ctx, runs):
+    """A lone decode query takes its scores as queries times keys up to SHORT_CONTEXT keys and
+    as keys times queries past it; either way, over one run of slots or several, it is the
+    naive attention."""
+    rng = np.random.default_rng(ctx + runs)
+    b = get_backend(backend)
+    n = -(-ctx // BS)  # blocks
+    blocks = (
+        list(range(1, 1 + n))
+        if runs == 1
+        else list(range(1, 1 + n // 2)) + list(range(2 + n, 2 + n + n - n // 2))
+    )
+    slots = [blocks[(ctx - 1) // BS] * BS + (ctx - 1) % BS]
+    s = ScheduledSeq(None, ctx - 1, [0], slots, blocks, ctx, True)
+    num_slots = (3 + 2 * n) * BS
+    k_host, v_host = (
+        rng.standard_normal((num_slots, KV_HEADS, D)).astype(np.float32) for _ in range(2)
+    )
+    q_host = rng.standard_normal((1, HEADS, D)).astype(np.float32)
+    part = layout.exact_part([s], 1, 1, BS, None)
+    assert len(part.context_runs) == runs and part.context_len == ctx
+    out = paged_attention(
+        b.xp,
+        b.asarray(q_host, dtype=b.dtype),
+        head_major(b, k_host),
+        head_major(b, v_host),
+        AttentionMetadata(None, [layout.to_device(part, b, 0, 1)]),
+        D**-0.5,
+    )
+    np.testing.assert_allclose(b.to_host(out), reference(q_host, k_host, v_host, [s], None),
+                               atol=2e-5, rtol=1e-5)  # fmt: skip
