@@ -60,31 +60,44 @@ def inverse_frequencies(xp, spec: RopeSpec, device=None):
 
 
 class RotaryEmbedding:
-    """Precomputes cos/sin for every position once; applies them by `take` on the positions."""
+    """Precomputes cos/sin for every position once; applies them by `take` on the positions.
+
+    A head's rotated features are its two halves x1, x2 -> (x1 cos - x2 sin, x2 cos + x1 sin).
+    The tables hold both halves' factors, [cos, cos] and [-sin, sin] (each [2, dim/2] per
+    position), so that with the head seen as [2, dim/2] the rotation is x * cos + flip(x) * sin:
+    the same numbers in three or four array operations where the halves taken apart take
+    seven. SmolLM2's 12 q|k heads, against the halves apart: numpy 0.96x the time for 1 row,
+    0.58-0.70x for 32 and 0.72x for 512; torch (whose flip copies) 0.68-0.75x for 1 row,
+    1.05-1.12x for 32 and 512.
+    """
 
     def __init__(self, xp, spec: RopeSpec, max_positions: int, dtype, device=None):
         self.xp = xp
         inv_freq = inverse_frequencies(xp, spec, device)
         pos = xp.arange(max_positions, dtype=xp.float32, device=device)  # [max_positions]
         freqs = pos[:, None] * inv_freq[None, :]  # [max_positions, dim/2]
-        self.cos = xp.astype(xp.cos(freqs), dtype)
-        self.sin = xp.astype(xp.sin(freqs), dtype)
+        cos, sin = xp.cos(freqs), xp.sin(freqs)
+        self.cos = xp.astype(xp.stack([cos, cos], axis=1), dtype)  # [max_positions, 2, dim/2]
+        self.sin = xp.astype(xp.stack([-sin, sin], axis=1), dtype)  # [max_positions, 2, dim/2]
         self.half = spec.dim // 2
 
     def tables(self, positions):
-        """positions [T] -> cos, sin of shape [T, 1, dim/2], to broadcast over heads."""
+        """positions [T] -> cos, sin of shape [T, 1, 2, dim/2], to broadcast over heads."""
         xp = self.xp
         return (
-            xp.take(self.cos, positions, axis=0)[:, None, :],
-            xp.take(self.sin, positions, axis=0)[:, None, :],
+            xp.take(self.cos, positions, axis=0)[:, None, ...],
+            xp.take(self.sin, positions, axis=0)[:, None, ...],
         )
 
     def apply(self, x, cos, sin):
         """x: [T, heads, head_dim]; rotates the first `dim` features of each head."""
         xp = self.xp
+        T, heads, head_dim = x.shape
         half = self.half  # dim/2
-        x1, x2 = x[..., :half], x[..., half : 2 * half]  # [T, heads, dim/2] each
-        rotated = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]  # [T, heads, dim/2] each
-        if x.shape[-1] > 2 * half:  # partial rotary: the features past `dim` pass through
-            rotated.append(x[..., 2 * half :])  # [T, heads, head_dim - dim]
-        return xp.concat(rotated, axis=-1)  # [T, heads, head_dim]
+        if head_dim == 2 * half:
+            x = xp.reshape(x, (T, heads, 2, half))  # the halves x1, x2 of each head
+            return xp.reshape(x * cos + xp.flip(x, axis=-2) * sin, (T, heads, head_dim))
+        # partial rotary: the features past `dim` pass through
+        rot = xp.reshape(x[..., : 2 * half], (T, heads, 2, half))
+        rot = xp.reshape(rot * cos + xp.flip(rot, axis=-2) * sin, (T, heads, 2 * half))
+        return xp.concat([rot, x[..., 2 * half :]], axis=-1)  # [T, heads, head_dim]

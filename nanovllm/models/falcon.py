@@ -222,7 +222,7 @@ class FalconForCausalLM(CausalLM):
         """
         xp, c = self.xp, self.cfg
         eps = c.layer_norm_eps
-        cos, sin = self.rotary.tables(positions)  # [T, 1, D/2] each
+        cos, sin = self.rotary.tables(positions)  # [T, 1, 2, D/2] each
         kv_caches = list(kv_caches)
         h = embedding(xp, params["embed"], input_ids)  # [T, E]
         for i, layer in enumerate(params["layers"]):

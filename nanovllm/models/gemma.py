@@ -188,7 +188,7 @@ class Gemma2ForCausalLM(CausalLM):
         H, KV, D, I = c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
         q_size, kv_size = H * D, KV * D
         eps = c.rms_norm_eps
-        tables = {kind: r.tables(positions) for kind, r in self.rotaries.items()}  # [T, 1, D/2]
+        tables = {kind: r.tables(positions) for kind, r in self.rotaries.items()}  # [T, 1, 2, D/2]
         kv_caches = list(kv_caches)
         h = embedding(xp, params["embed"], input_ids) * self.embed_scale  # [T, E]
         for i, layer in enumerate(params["layers"]):

@@ -311,7 +311,7 @@ class GraniteMoeHybridForCausalLM(CausalLM):
         """
         xp, c = self.xp, self.cfg
         F = c.shared_intermediate_size
-        rope = self.rotary.tables(positions) if self.rotary is not None else None  # [T, 1, D/2]
+        rope = self.rotary.tables(positions) if self.rotary is not None else None  # [T, 1, 2, D/2]
         caches = list(kv_caches)
         h = embedding(xp, params["embed"], input_ids)  # [T, E]
         for i, (kind, layer) in enumerate(zip(c.layer_kinds, params["layers"])):

@@ -121,7 +121,7 @@ class LlamaForCausalLM(CausalLM):
         T = input_ids.shape[0]
         H, KV, D, I = c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
         q_size, kv_size = H * D, KV * D
-        cos, sin = self.rotary.tables(positions)  # [T, 1, D/2] each
+        cos, sin = self.rotary.tables(positions)  # [T, 1, 2, D/2] each
         kv_caches = list(kv_caches)
         h = embedding(xp, params["embed"], input_ids)  # [T, E]
         for i, layer in enumerate(params["layers"]):
