@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import array_api_compat.torch as xp
 import numpy as np
 import torch
@@ -53,6 +55,12 @@ class PackedLinear:
         return y if len(lead) == 1 else torch.reshape(y, (*lead, w.shape[1]))
 
 
+@functools.cache
+def mean_column(n: int, dtype) -> torch.Tensor:
+    """[n, 1] of 1/n on the CPU: x @ it is the mean of x's last axis."""
+    return torch.full((n, 1), 1.0 / n, dtype=dtype)
+
+
 def scaled_dot_product_attention(q, k, v, bias, scale):
     """Backend.fused_attention's kernel: torch's, with grouped K/V heads."""
     return torch.nn.functional.scaled_dot_product_attention(
@@ -88,13 +96,20 @@ class TorchBackend(Backend):
         # grouped heads may differ: there the attention stays written out
         return scaled_dot_product_attention if self.device.type == "cpu" else None
 
-    # torch's own kernels, one call each where the array-API forms take several: in a batch-1
-    # decode step of SmolLM2 the 61 norms took 2.3 ms against 5.1 written out, and the step
-    # decoded at 27.3 against 24.0 tok/s (medians of 6 runs, alternating in one process)
+    # torch's own kernels, one call each where the array-API forms take several. On the CPU
+    # the RMS norm's mean square is a matrix-vector product by a column of 1/n: torch's
+    # reductions (F.rms_norm's mean among them) took 3-6x as long right after a oneDNN product
+    # as alone (48 against 15 us for [1, 576]), a product 8 us. In a batch-1 decode step of
+    # SmolLM2 the 61 norms took 5.1 ms written out, 2.3 ms as F.rms_norm; the step decoded at
+    # 24.0 tok/s written out, 26.6 as F.rms_norm and 27.7 by the product (medians of 6-8 runs,
+    # alternating in one process)
     def rms_norm(self, x, weight, eps):
-        if weight.ndim > 1:  # a weight per head (Qwen3's q|k norm, [heads, D]): applied after
-            return torch.nn.functional.rms_norm(x, (x.shape[-1],), None, eps) * weight
-        return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
+        if self.device.type != "cpu":
+            if weight.ndim > 1:  # a weight per head (Qwen3's q|k norm, [heads, D])
+                return torch.nn.functional.rms_norm(x, (x.shape[-1],), None, eps) * weight
+            return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
+        mean_square = (x * x) @ mean_column(x.shape[-1], x.dtype)  # [..., 1]
+        return x * torch.rsqrt(mean_square + eps) * weight
 
     def layer_norm(self, x, weight, bias, eps):
         return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)
