@@ -33,8 +33,8 @@ class Backend:
         return None
 
     # The models' norms and SiLU go through these: written against the array API (layers/) by
-    # default; a backend whose library has a kernel for one (torch) may take it instead, one
-    # call where the written-out form is several, each with its per-call cost
+    # default; a backend may take its own way instead (torch: its library's kernels, one call
+    # where the written-out form is several, each with its cost per call)
     def rms_norm(self, x: Any, weight: Any, eps: float) -> Any:
         """x [..., n] over its root mean square along the last axis, times weight ([n], or
         broadcast to x's shape)."""
