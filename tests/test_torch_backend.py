@@ -1,7 +1,8 @@
 """The torch backend's linear weights on the CPU: packed once by oneDNN, multiplied by with
 oneDNN's product (faster than torch's default on these shapes, see torch_backend.py); each
 product gives torch's own, to float32 rounding, and the weight reads back as it was. Its
-norms and SiLU are torch's own kernels, and give the array-API forms' values."""
+norms and SiLU (torch's kernels; on the CPU the RMS norm's mean square as a product) give the
+array-API forms' values."""
 
 from __future__ import annotations
 

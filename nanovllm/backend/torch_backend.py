@@ -97,7 +97,8 @@ class TorchBackend(Backend):
         return scaled_dot_product_attention if self.device.type == "cpu" else None
 
     # torch's own kernels, one call each where the array-API forms take several. On the CPU
-    # the RMS norm's mean square is a matrix-vector product by a column of 1/n: torch's
+    # the RMS norm's mean square is a matrix-vector product by a column of 1/n (elsewhere the
+    # RMS norm is the array-API form, as before: not timed on a GPU here): torch's
     # reductions (F.rms_norm's mean among them) took 3-6x as long right after a oneDNN product
     # as alone (48 against 15 us for [1, 576]), a product 8 us. In a batch-1 decode step of
     # SmolLM2 the 61 norms took 5.1 ms written out, 2.3 ms as F.rms_norm; the step decoded at
@@ -105,9 +106,7 @@ class TorchBackend(Backend):
     # alternating in one process)
     def rms_norm(self, x, weight, eps):
         if self.device.type != "cpu":
-            if weight.ndim > 1:  # a weight per head (Qwen3's q|k norm, [heads, D])
-                return torch.nn.functional.rms_norm(x, (x.shape[-1],), None, eps) * weight
-            return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
+            return super().rms_norm(x, weight, eps)
         mean_square = (x * x) @ mean_column(x.shape[-1], x.dtype)  # [..., 1]
         return x * torch.rsqrt(mean_square + eps) * weight
 

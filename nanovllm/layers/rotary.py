@@ -94,10 +94,7 @@ class RotaryEmbedding:
         xp = self.xp
         T, heads, head_dim = x.shape
         half = self.half  # dim/2
-        if head_dim == 2 * half:
-            x = xp.reshape(x, (T, heads, 2, half))  # the halves x1, x2 of each head
-            return xp.reshape(x * cos + xp.flip(x, axis=-2) * sin, (T, heads, head_dim))
-        # partial rotary: the features past `dim` pass through
-        rot = xp.reshape(x[..., : 2 * half], (T, heads, 2, half))
+        whole = head_dim == 2 * half  # else partial rotary: the features past `dim` pass through
+        rot = xp.reshape(x if whole else x[..., : 2 * half], (T, heads, 2, half))  # x1, x2
         rot = xp.reshape(rot * cos + xp.flip(rot, axis=-2) * sin, (T, heads, 2 * half))
-        return xp.concat([rot, x[..., 2 * half :]], axis=-1)  # [T, heads, head_dim]
+        return rot if whole else xp.concat([rot, x[..., 2 * half :]], axis=-1)  # [T, heads, hd]
