@@ -32,6 +32,10 @@ class Backend:
         written out against the array API (layers/attention.py)."""
         return None
 
+    # whether fused_attention's kernel also takes a lone decode query whose keys are runs of
+    # pool slots; if not, that query is written out (layers/attention._attend_one_query)
+    fused_attention_lone_query = True
+
     # The models' norms and SiLU go through these: written against the array API (layers/) by
     # default; a backend may take its own way instead (torch: its library's kernels, one call
     # where the written-out form is several, each with its cost per call)

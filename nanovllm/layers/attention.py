@@ -21,10 +21,11 @@ as an additive bias (0 or -inf), made once per step and shared by every layer: o
 where a select by a broadcast boolean mask takes several times as long (numpy, [9, 128, 512]
 scores: 0.10 ms against 0.35-0.67).
 
-A backend with a fused attention kernel (torch's scaled_dot_product_attention, on the CPU)
-takes whole items through it instead (`_attend_fused`): the step's metadata carries the
-kernel, and the items' keys and values are gathered or sliced as above. Layers that softcap
-their scores (Gemma 2) stay written out.
+A backend with a fused attention kernel (torch's scaled_dot_product_attention on the CPU;
+numpy's, which works on the scores in place) takes whole items through it instead
+(`_attend_fused`): the step's metadata carries the kernel, and the items' keys and values are
+gathered or sliced as above. Layers that softcap their scores (Gemma 2) stay written out, and
+so does a lone decode query where the backend says its kernel does not take one (numpy).
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ class AttentionMetadata:
     state: Any = None  # recurrent-state slots of hybrid models (layers/mamba2.StateMetadata)
     # the backend's fused attention for whole items (Backend.fused_attention), None: written out
     fused: Any = None
+    # whether it also takes a lone decode query whose keys are runs of slots (else that goes
+    # through _attend_one_query; Backend.fused_attention_lone_query)
+    fused_lone_query: bool = True
 
 
 def write_kv(backend, k_pool, v_pool, k, v, slot_mapping):
@@ -259,7 +263,9 @@ def paged_attention(
         part_q = q[part.first_row : part.first_row + part.num_rows, ...]  # [num_rows, H, D]
         if part.query_index is not None:  # tiles: the rows that form each item's queries
             part_q = xp.take(part_q, part.query_index, axis=0)  # [S*Q, H, D]
-        if meta.fused is not None and part.bias is not None and softcap is None:
+        lone = part.context_runs is not None and part.query_len == 1
+        fused = meta.fused is not None and part.bias is not None and softcap is None
+        if fused and (meta.fused_lone_query or not lone):
             out = _attend_fused(xp, meta.fused, part_q, k_pool, v_pool, part, scale)
         else:
             out = _attend_part(xp, part_q, k_pool, v_pool, part, scale, softcap)  # [num_rows, H*D]

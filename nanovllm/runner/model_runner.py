@@ -234,7 +234,12 @@ class ModelRunner:
             num_prefill_rows = self.fine_bucket(num_prefill_rows)
         pad = num_decode_rows + num_prefill_rows - len(ids)
         ids, pos, slots = ids + [0] * pad, pos + [0] * pad, slots + [0] * pad
-        meta = AttentionMetadata(backend.index(slots), [], fused=backend.fused_attention())
+        meta = AttentionMetadata(
+            backend.index(slots),
+            [],
+            fused=backend.fused_attention(),
+            fused_lone_query=backend.fused_attention_lone_query,
+        )
         for window in set(self.model.layer_windows) or {None}:
             parts = self._attention_parts(
                 decode, num_decode_rows, prefill, num_prefill_rows, window
