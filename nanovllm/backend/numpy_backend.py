@@ -100,7 +100,7 @@ def attention(q, k, v, bias, scale):
     it allocates one [S, H, Q, K] array where that form allocates four, and on this VM freshly
     allocated memory costs more than the passes over it. SmolLM2, SkylakeX, 2 threads: a
     512-token prefill's attention (4 blocks of 128 queries) took 4.6 against 11.6 ms a layer
-    alone and 7.2-8.6 against 10.2-10.4 in the model's forward; the prefill ran at 523 against
+    alone and 5.4-8.6 against 10.2-10.4 in the model's forward; the prefill ran at 523 against
     471 tok/s (medians of 4 runs alternating in one process, the same tokens)."""
     S, H, Q, D = q.shape
     KV, K = k.shape[1], k.shape[2]
