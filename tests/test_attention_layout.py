@@ -145,7 +145,7 @@ def test_exact_and_tiled_parts_match_naive_attention(backend, step, window):
             got = attend(parts, len(decode), rows, fused)
             np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5, err_msg=f"fused={fused}")
         # a lone decode query goes through the kernel only where the backend says it takes one
-        lone = sum(p.context_runs is not None and p.query_len == 1 for p in singles + grouped)
+        lone = sum(p.lone_query for p in singles + grouped)
         taken = len(singles) + len(grouped) - (0 if lone_query else lone)
         assert fused is None or fused.calls == taken
 

@@ -64,6 +64,11 @@ class AttentionPart:
     # [S, 1, 1, Q, K] in the compute dtype
     bias: Any = None
 
+    @property
+    def lone_query(self) -> bool:
+        """One decode query whose keys are runs of slots (read by _attend_one_query)."""
+        return self.context_runs is not None and self.query_len == 1
+
 
 @dataclass(slots=True)
 class AttentionMetadata:
@@ -171,7 +176,7 @@ def _attend_part(xp, q, k_pool, v_pool, part: AttentionPart, scale: float, softc
     table, R = num_rows output rows, each merging B partial results.
     """
     S, Q, K = part.num_seqs, part.query_len, part.context_len
-    if part.context_runs is not None and Q == 1:
+    if part.lone_query:
         return _attend_one_query(xp, q, k_pool, v_pool, part, scale, softcap)
     H, D = q.shape[1], q.shape[2]
     KV = k_pool.shape[0]
@@ -263,9 +268,8 @@ def paged_attention(
         part_q = q[part.first_row : part.first_row + part.num_rows, ...]  # [num_rows, H, D]
         if part.query_index is not None:  # tiles: the rows that form each item's queries
             part_q = xp.take(part_q, part.query_index, axis=0)  # [S*Q, H, D]
-        lone = part.context_runs is not None and part.query_len == 1
         fused = meta.fused is not None and part.bias is not None and softcap is None
-        if fused and (meta.fused_lone_query or not lone):
+        if fused and (meta.fused_lone_query or not part.lone_query):
             out = _attend_fused(xp, meta.fused, part_q, k_pool, v_pool, part, scale)
         else:
             out = _attend_part(xp, part_q, k_pool, v_pool, part, scale, softcap)  # [num_rows, H*D]
